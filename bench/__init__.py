@@ -1,0 +1,1 @@
+"""detbench's harness: identical inputs through every backend, checks, timing, results, CLI."""

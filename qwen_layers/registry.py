@@ -1,0 +1,226 @@
+"""The one table of implementations: every op, every backend.
+
+An *op* is one step of a Qwen block with a fixed calling convention (see ``OPS``). A *backend* is one
+implementation of an op under a name (``eager``, ``sdpa-flash``, ``triton`` ...). The model, the
+harness, the CLI and the tests all iterate over this table; adding an implementation is one call to
+:func:`register`.
+
+Nothing here falls back silently: :func:`resolve` either returns the implementation you named or
+raises :class:`BackendUnavailable` with the reason it cannot run on the device you asked for.
+
+Built-in entries are loaded lazily the first time the table is read (no work at import time):
+``qwen_layers.backends`` (PyTorch / flash-attn) and ``kernels`` (detbench's Triton kernels, when that
+package provides ``register_backends``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+# op name -> calling convention, shown by `detbench list --json` and in errors.
+OPS: dict[str, str] = {
+    "attention": "fn(q, k, v, *, scale, causal=True, attn_mask=None) -> o; q (B,Hq,S,D), k/v (B,Hkv,S,D), "
+                 "attn_mask bool (B,1,Sq,Sk) True=attend (already includes causality), o (B,Hq,S,D)",
+    "rmsnorm": "fn(x, weight, eps) -> y; normalised over the last dim",
+    "rope": "fn(q, k, cos, sin) -> (q_rot, k_rot); q/k (B,H,S,D), cos/sin (B,S,D), rotate-half convention",
+    "swiglu": "fn(gate, up) -> silu(gate) * up",
+    "linear": "fn(x, weight, bias=None) -> x @ weight.T + bias",
+    "embedding": "fn(ids, weight) -> weight[ids]",
+    "loss": "fn(logits (N,V), labels (N,), ignore_index=-100) -> mean cross entropy over non-ignored rows",
+}
+
+# Providers of built-in entries, imported on first use of the table.
+_PROVIDERS = ("qwen_layers.backends", "kernels")
+
+
+class BackendError(ValueError):
+    """Base class for registry lookup errors."""
+
+
+class UnknownBackend(BackendError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class BackendUnavailable(BackendError, RuntimeError):
+    """The named backend exists but cannot run here; the message says why."""
+
+
+Availability = Callable[[torch.device], "str | None"]
+
+
+def _always(device: torch.device) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    ``available(device)`` returns ``None`` when it can run on that device, otherwise a short reason
+    ("needs a CUDA device", "package flash_attn not installed"). ``deterministic`` is the claim the
+    implementation makes (``True``/``False``/``None`` for "depends"); the harness measures it.
+    ``twin`` names the backend of the same op that differs only in using atomics, if any.
+    """
+
+    op: str
+    name: str
+    fn: Callable = field(repr=False)
+    available: Availability = field(default=_always, repr=False)
+    deterministic: bool | None = None
+    description: str = ""
+    twin: str | None = None
+    origin: str = "third-party"
+
+    def why_not(self, device: torch.device | str | None = None) -> str | None:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        try:
+            return self.available(device)
+        except Exception as e:  # a broken probe is itself a reason
+            return f"availability check failed: {type(e).__name__}: {e}"
+
+    def is_available(self, device: torch.device | str | None = None) -> bool:
+        return self.why_not(device) is None
+
+
+class Registry:
+    """Mapping (op, name) -> Backend. Use the module-level :data:`REGISTRY`."""
+
+    def __init__(self, providers: Iterable[str] = ()) -> None:
+        self._table: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+        self._providers = tuple(providers)
+        self._loaded = False
+        self._lock = threading.RLock()
+
+    # -- loading ------------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True  # set first: providers call register() which re-enters
+            for modname in self._providers:
+                try:
+                    mod = importlib.import_module(modname)
+                except ImportError as e:
+                    if getattr(e, "name", None) == modname:
+                        continue
+                    raise
+                hook = getattr(mod, "register_backends", None)
+                if hook is not None:
+                    hook(self)
+
+    # -- writing ------------------------------------------------------------------------------
+    def register(
+        self,
+        op: str,
+        name: str,
+        fn: Callable | None = None,
+        *,
+        available: Availability | None = None,
+        deterministic: bool | None = None,
+        description: str = "",
+        twin: str | None = None,
+        origin: str = "third-party",
+        replace: bool = False,
+    ):
+        """Register ``fn`` as backend ``name`` of ``op``. Usable as a decorator when ``fn`` is omitted.
+
+        Re-registering an existing name raises unless ``replace=True``.
+        """
+        if op not in OPS:
+            raise UnknownBackend(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
+        if not name or not isinstance(name, str):
+            raise ValueError("backend name must be a non-empty string")
+
+        def add(f: Callable) -> Callable:
+            if not callable(f):
+                raise TypeError(f"backend {op}/{name}: implementation must be callable, got {type(f).__name__}")
+            self._ensure_loaded()
+            with self._lock:
+                if name in self._table[op] and not replace:
+                    raise ValueError(
+                        f"backend {op}/{name} is already registered; pass replace=True to override it "
+                        f"or choose another name"
+                    )
+                self._table[op][name] = Backend(
+                    op=op, name=name, fn=f, available=available or _always,
+                    deterministic=deterministic, description=description, twin=twin, origin=origin,
+                )
+            return f
+
+        return add if fn is None else add(fn)
+
+    def unregister(self, op: str, name: str) -> None:
+        self._ensure_loaded()
+        with self._lock:
+            self.get(op, name)
+            del self._table[op][name]
+
+    # -- reading ------------------------------------------------------------------------------
+    def ops(self) -> list[str]:
+        return list(OPS)
+
+    def names(self, op: str) -> list[str]:
+        self._ensure_loaded()
+        self._check_op(op)
+        return list(self._table[op])
+
+    def backends(self, op: str | None = None) -> list[Backend]:
+        self._ensure_loaded()
+        if op is None:
+            return [b for o in OPS for b in self._table[o].values()]
+        self._check_op(op)
+        return list(self._table[op].values())
+
+    def get(self, op: str, name: str) -> Backend:
+        self._ensure_loaded()
+        self._check_op(op)
+        try:
+            return self._table[op][name]
+        except KeyError:
+            raise UnknownBackend(
+                f"unknown backend {name!r} for op {op!r}; registered: {', '.join(self._table[op]) or '(none)'}"
+            ) from None
+
+    def resolve(self, op: str, name: str, device: torch.device | str | None = None) -> Callable:
+        """The implementation of ``op`` called ``name``, or :class:`BackendUnavailable` with the reason."""
+        b = self.get(op, name)
+        reason = b.why_not(device)
+        if reason is not None:
+            dev = torch.device("cpu") if device is None else torch.device(device)
+            raise BackendUnavailable(f"{op} backend {name!r} cannot run on {dev}: {reason}")
+        return b.fn
+
+    def available(self, op: str, device: torch.device | str | None = None) -> list[str]:
+        return [b.name for b in self.backends(op) if b.is_available(device)]
+
+    def _check_op(self, op: str) -> None:
+        if op not in OPS:
+            raise UnknownBackend(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
+
+
+REGISTRY = Registry(_PROVIDERS)
+
+# Module-level shorthands.
+register = REGISTRY.register
+unregister = REGISTRY.unregister
+get = REGISTRY.get
+resolve = REGISTRY.resolve
+backends = REGISTRY.backends
+names = REGISTRY.names
+
+
+def check_choice(choice: dict[str, str] | None) -> dict[str, str]:
+    """Validate a per-op backend choice ({op: name}); missing ops default to ``eager``."""
+    out = {op: "eager" for op in OPS}
+    for op, name in (choice or {}).items():
+        REGISTRY.get(op, name)  # raises UnknownBackend with the valid names
+        out[op] = name
+    return out
