@@ -87,6 +87,11 @@ def cmd_list(args) -> int:
     return 0
 
 
+# Subcommands defined in other modules: each module has add_parser(subparsers), which registers
+# its subcommand with set_defaults(func=...). The func raises UsageError for bad input.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="detbench",
@@ -101,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.add_argument("-v", "--verbose", action="store_true", help="add a description column")
     p_list.add_argument("--device", help="device to check availability on (default: cuda if present, else cpu)")
     p_list.set_defaults(func=cmd_list)
+
+    import importlib
+
+    for modname in COMMAND_MODULES:
+        importlib.import_module(modname).add_parser(sub)
     return p
 
 

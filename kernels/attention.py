@@ -1,0 +1,5 @@
+"""Triton attention kernel (deterministic) and its atomic twin. Not written yet."""
+
+
+def register(registry) -> None:
+    """Add this op's triton / triton-atomic entries to the registry (none yet)."""
