@@ -1,0 +1,41 @@
+"""What every Triton kernel wrapper shares: where it can run, and input checks with clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Read once when the kernels are defined: @triton.jit decides interpreter-or-compiled at definition
+# time, so this is the mode the kernels in this process actually run in.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else the reason."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "package triton not installed (Linux only: pip install triton)"
+    if device.type == "cuda":
+        if INTERPRET:
+            return "kernels were defined under TRITON_INTERPRET=1 (CPU interpreter); unset it to run on CUDA"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device.type == "cpu":
+        if INTERPRET:
+            return None
+        return "needs a CUDA device, or TRITON_INTERPRET=1 set before start-up to use the (slow) CPU interpreter"
+    return f"no Triton support for device type {device.type!r}"
+
+
+def check_device(*tensors: torch.Tensor, op: str) -> None:
+    """Raise a clear error when the tensors cannot be handed to a Triton kernel here."""
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"{op}: all tensors must be on one device, got {dev} and {t.device}")
+    reason = triton_available(dev)
+    if reason is not None:
+        raise RuntimeError(f"{op} (triton) cannot run on {dev}: {reason}")
