@@ -1,0 +1,117 @@
+"""Local checkpoint loading, on checkpoints the tests write with transformers' save_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.compare import assert_bitwise_equal
+from qwen_layers import CheckpointError, QwenForCausalLM, from_pretrained, get_preset
+
+from .hf_twins import batch, hf_classes, twin_pair
+
+
+@pytest.fixture(scope="module", params=["qwen3-tiny", "qwen2.5-tiny"])
+def saved(request, tmp_path_factory):
+    cfg = get_preset(request.param)
+    hf, _ = twin_pair(cfg)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return cfg, hf, folder
+
+
+def _logits(model, cfg):
+    ids, mask, _ = batch(cfg)
+    with torch.no_grad():
+        if isinstance(model, QwenForCausalLM):
+            return model(ids, mask).logits
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_loads_and_matches_transformers(saved):
+    cfg, _, folder = saved
+    ours = from_pretrained(folder)
+    assert ours.config.family == cfg.family
+    _, model_cls = hf_classes(cfg)
+    theirs = model_cls.from_pretrained(folder, attn_implementation="eager")
+    assert_bitwise_equal(_logits(ours, cfg), _logits(theirs, cfg), "logits after loading")
+    if cfg.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_sharded_checkpoint(saved, tmp_path):
+    cfg, hf, _ = saved
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ours = from_pretrained(tmp_path)
+    ref = from_pretrained(_single(hf, tmp_path.parent / "single"))
+    assert_bitwise_equal(_logits(ours, cfg), _logits(ref, cfg), "sharded vs single-file logits")
+
+
+def _single(hf, path):
+    hf.save_pretrained(path)
+    return path
+
+
+def test_dtype_argument(saved):
+    _, _, folder = saved
+    model = from_pretrained(folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+# ---- errors: one clear message naming the file and the fix ------------------------------------
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        from_pretrained(tmp_path / "nope")
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match=r"config.json: missing.*save_pretrained"):
+        from_pretrained(tmp_path)
+
+
+def test_missing_weights(saved, tmp_path):
+    _, _, folder = saved
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"):
+        from_pretrained(tmp_path)
+
+
+def test_missing_shard(saved, tmp_path):
+    _, hf, _ = saved
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}: listed in model.safetensors.index.json but missing"):
+        from_pretrained(tmp_path)
+
+
+def test_unknown_model_type(saved, tmp_path):
+    _, hf, _ = saved
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config.json: model_type 'llama' is not supported"):
+        from_pretrained(tmp_path)
+
+
+def test_shape_mismatch(saved, tmp_path):
+    _, hf, _ = saved
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*mlp.*' has shape .* but config.json implies"):
+        from_pretrained(tmp_path)
+
+
+def test_bad_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        from_pretrained(tmp_path)
