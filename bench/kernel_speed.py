@@ -1,0 +1,593 @@
+"""Kernel speed: what detbench's deterministic Triton kernels cost next to what they replace.
+
+Measured in one run, so every ratio compares timings taken on the same machine minutes apart:
+
+=====================================  ==========================================  ===============
+measurement                            ratio                                       target
+=====================================  ==========================================  ===============
+attention forward, causal              speed of triton / speed of sdpa-flash       >= 1.0
+attention backward, causal             time of triton / time of triton-atomic      <= 1.10
+linear forward (one 4096^3 matmul)     speed of triton / speed of eager (cuBLAS)   >= 0.9
+rmsnorm forward + backward             bytes/s of triton / bytes/s of a copy       >= 0.8
+=====================================  ==========================================  ===============
+
+Full shapes (bfloat16, a Qwen3-8B layer): attention B=1, Hq=32, Hkv=8, S=4096, D=128; linear
+M=N=K=4096; rmsnorm 16384 rows of 4096. The device copy is ``torch.empty_like(x).copy_(x)`` on the
+rmsnorm input. ``--tiny`` (automatic on the CPU) uses shapes that run in seconds through the Triton
+interpreter in float32 (``tl.dot`` on bfloat16 is broken there, triton issue 11584): it proves the
+code runs, it measures nothing, and its ratios carry no verdict.
+
+Backends are looked up in the registry by name; one that is not registered or cannot run on the
+device is reported as skipped with the registry's reason, and a ratio missing a side says which.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median; it warms up first and clears the L2 cache
+before every call, so inputs need no rotation), or CUDA events when Triton is absent; on the CPU
+``time.perf_counter`` around each call, after warm-up calls, median of the repeats. Inputs are seeded
+normal draws (never zeros). Forward passes are timed as in training (inputs require grad); a
+backward is timed with ``torch.autograd.grad(..., retain_graph=True)`` on one recorded forward, with
+a fixed upstream gradient. FLOPs and bytes are the algorithmic counts (causal attention counts half
+the score matrix; the backward counts 2.5x the forward; bytes are what must be read and written once).
+
+API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func:`print_table`;
+:func:`write_json`. CLI: ``detbench kernel-bench [--tiny] [--device D] [--only SECTIONS] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SECTIONS = ("attention", "matmul", "rmsnorm")
+ATTENTION_BACKENDS = ("triton", "triton-atomic", "sdpa-flash", "eager")
+MATMUL_BACKENDS = ("triton", "triton-atomic", "eager")
+RMSNORM_BACKENDS = ("triton", "eager")
+COPY = "device copy"  # the pseudo-backend of the bandwidth reference
+
+# -------------------------------------------------------------------------------------------------
+# records
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Problem sizes of one run."""
+
+    dtype: str
+    attention: dict  # B, Hq, Hkv, S, D, causal
+    matmul: dict  # M, N, K
+    rmsnorm: dict  # rows, hidden, eps
+
+
+def shapes_for(tiny: bool) -> Shapes:
+    if tiny:
+        return Shapes(
+            dtype="float32",
+            attention={"B": 1, "Hq": 4, "Hkv": 2, "S": 64, "D": 16, "causal": True},
+            matmul={"M": 64, "N": 64, "K": 64},
+            rmsnorm={"rows": 64, "hidden": 128, "eps": 1e-6},
+        )
+    return Shapes(
+        dtype="bfloat16",
+        attention={"B": 1, "Hq": 32, "Hkv": 8, "S": 4096, "D": 128, "causal": True},
+        matmul={"M": 4096, "N": 4096, "K": 4096},
+        rmsnorm={"rows": 16384, "hidden": 4096, "eps": 1e-6},
+    )
+
+
+@dataclass
+class Timing:
+    """One timed call of one backend (fields are the JSON keys; numbers are stored unrounded)."""
+
+    section: str  # attention | matmul | rmsnorm
+    op: str  # registry op ("" for the device copy)
+    backend: str  # registry name, or "device copy"
+    phase: str  # forward | backward | copy
+    status: str  # ok | skipped | error
+    reason: str | None = None  # why skipped / the error
+    median_ms: float | None = None
+    samples: int | None = None  # timed calls behind the median (CPU timer / CUDA events; None: do_bench)
+    flops: float | None = None
+    bytes: float | None = None
+    tflops: float | None = None
+    gbytes_per_s: float | None = None
+    deterministic_claim: bool | None = None  # the registry entry's claim (not measured here)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.section, self.backend, self.phase
+
+
+@dataclass
+class Ratio:
+    """One comparison of two timings from this run against its target."""
+
+    name: str
+    numerator: str  # "section/backend/phase"
+    denominator: str
+    kind: str  # "speed" (denominator time / numerator time) | "time" (numerator / denominator) | "bandwidth"
+    value: float | None
+    target: str | None  # e.g. ">= 0.9"; None for a context-only ratio
+    met: bool | None  # None when there is no value or the run cannot judge (tiny shapes, CPU)
+    note: str | None = None
+
+
+@dataclass
+class KernelBenchResult:
+    environment: dict
+    device: str
+    tiny: bool
+    timer: str
+    shapes: dict
+    timings: list[Timing] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -------------------------------------------------------------------------------------------------
+# timing
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timer:
+    """How calls are timed. CPU: ``warmup`` calls, then the median of ``repeats`` timed calls."""
+
+    warmup: int = 2
+    repeats: int = 5
+    cuda_warmup_ms: int = 25  # do_bench warm-up time
+    cuda_rep_ms: int = 100  # do_bench measuring time
+
+    def describe(self, device: torch.device) -> str:
+        if device.type == "cuda":
+            if _do_bench() is not None:
+                return (f"triton.testing.do_bench(warmup={self.cuda_warmup_ms} ms, rep={self.cuda_rep_ms} ms, "
+                        f"median, L2 cleared per call)")
+            return f"CUDA events, {self.warmup} warm-up calls, median of {self.repeats * 20} calls"
+        return f"time.perf_counter, {self.warmup} warm-up calls, median of {self.repeats} calls"
+
+    def median_ms(self, fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
+        if device.type == "cuda":
+            do_bench = _do_bench()
+            if do_bench is not None:
+                return float(do_bench(fn, warmup=self.cuda_warmup_ms, rep=self.cuda_rep_ms,
+                                      return_mode="median")), None
+            return self._cuda_events(fn, device)
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), len(times)
+
+    def _cuda_events(self, fn, device) -> tuple[float, int]:
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize(device)
+        n = self.repeats * 20
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), n
+
+
+def _do_bench():
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
+
+
+# -------------------------------------------------------------------------------------------------
+# measurements
+# -------------------------------------------------------------------------------------------------
+
+
+def _resolve(op: str, name: str, device: torch.device):
+    """(fn, claim, None) or (None, None, reason) from the registry."""
+    from qwen_layers.registry import REGISTRY, BackendError
+
+    try:
+        backend = REGISTRY.get(op, name)
+        return REGISTRY.resolve(op, name, device), backend.deterministic, None
+    except BackendError as e:
+        return None, None, str(e)
+
+
+def _seeded(shape, seed: int, dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
+
+
+def _measure(section, op, name, phase, fn, device, timer, flops=None, nbytes=None, claim=None) -> Timing:
+    try:
+        ms, n = timer.median_ms(fn, device)
+    except Exception as e:  # a backend that fails is a result, not a crash of the whole run
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return Timing(section, op, name, phase, "error", f"{type(e).__name__}: {msg}"[:300],
+                      deterministic_claim=claim)
+    secs = ms / 1e3
+    return Timing(section, op, name, phase, "ok", None, ms, n, flops, nbytes,
+                  flops / secs / 1e12 if flops and secs > 0 else None,
+                  nbytes / secs / 1e9 if nbytes and secs > 0 else None, claim)
+
+
+def _fwd_bwd_timings(section, op, name, device, timer, make_inputs, call, fwd_counts, bwd_counts, seed):
+    """Time the forward (inputs requiring grad) and the backward of one backend."""
+    fn, claim, reason = _resolve(op, name, device)
+    if fn is None:
+        return [Timing(section, op, name, phase, "skipped", reason) for phase in ("forward", "backward")]
+    inputs = [t.requires_grad_(True) for t in make_inputs()]
+    out = []
+    fwd = _measure(section, op, name, "forward", lambda: call(fn, inputs), device, timer, *fwd_counts, claim)
+    out.append(fwd)
+    if fwd.status != "ok":
+        out.append(Timing(section, op, name, "backward", "skipped", "forward failed", deterministic_claim=claim))
+        return out
+    y = call(fn, inputs)
+    grad = _seeded(y.shape, seed + 99, y.dtype, device)
+    out.append(_measure(section, op, name, "backward",
+                        lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True),
+                        device, timer, *bwd_counts, claim))
+    del y
+    return out
+
+
+def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
+                    backends: tuple[str, ...] = ATTENTION_BACKENDS) -> list[Timing]:
+    """Forward and backward of causal GQA attention for each backend."""
+    a = shapes.attention
+    dtype = getattr(torch, shapes.dtype)
+    B, Hq, Hkv, S, D = a["B"], a["Hq"], a["Hkv"], a["S"], a["D"]
+    scale = D ** -0.5
+    e = torch.finfo(dtype).bits // 8
+    frac = 0.5 if a["causal"] else 1.0
+    fwd_flops = 4 * B * Hq * S * S * D * frac  # QK^T and PV
+    fwd_bytes = (2 * B * Hq * S * D + 2 * B * Hkv * S * D) * e  # read q, k, v; write o
+    bwd_flops = 2.5 * fwd_flops  # five matmuls instead of two
+    bwd_bytes = (4 * B * Hq * S * D + 4 * B * Hkv * S * D) * e  # read q, k, v, o, dO; write dq, dk, dv
+
+    def make():
+        return [_seeded((B, Hq, S, D), seed, dtype, device), _seeded((B, Hkv, S, D), seed + 1, dtype, device),
+                _seeded((B, Hkv, S, D), seed + 2, dtype, device)]
+
+    def call(fn, inputs):
+        q, k, v = inputs
+        return fn(q, k, v, scale=scale, causal=a["causal"])
+
+    out = []
+    for name in backends:
+        out += _fwd_bwd_timings("attention", "attention", name, device, timer, make, call,
+                                (fwd_flops, fwd_bytes), (bwd_flops, bwd_bytes), seed)
+        _release(device)
+    return out
+
+
+def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
+                 backends: tuple[str, ...] = MATMUL_BACKENDS) -> list[Timing]:
+    """Forward of one M x K by K x N product (the ``linear`` op without bias) for each backend."""
+    m = shapes.matmul
+    dtype = getattr(torch, shapes.dtype)
+    M, N, K = m["M"], m["N"], m["K"]
+    e = torch.finfo(dtype).bits // 8
+    flops, nbytes = 2 * M * N * K, (M * K + N * K + M * N) * e
+    x = _seeded((M, K), seed, dtype, device)
+    w = _seeded((N, K), seed + 1, dtype, device, scale=K ** -0.5)
+    out = []
+    for name in backends:
+        fn, claim, reason = _resolve("linear", name, device)
+        if fn is None:
+            out.append(Timing("matmul", "linear", name, "forward", "skipped", reason))
+            continue
+        with torch.no_grad():  # one product: no autograd bookkeeping in the comparison with cuBLAS
+            out.append(_measure("matmul", "linear", name, "forward", lambda: fn(x, w), device, timer,
+                                flops, nbytes, claim))
+        _release(device)
+    return out
+
+
+def bench_rmsnorm(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
+                  backends: tuple[str, ...] = RMSNORM_BACKENDS) -> list[Timing]:
+    """RMSNorm forward and backward for each backend, and a device copy of its input as the roofline."""
+    r = shapes.rmsnorm
+    dtype = getattr(torch, shapes.dtype)
+    R, H, eps = r["rows"], r["hidden"], r["eps"]
+    e = torch.finfo(dtype).bits // 8
+    fwd_bytes = (2 * R * H + H) * e  # read x and the weight, write y
+    bwd_bytes = (3 * R * H + 2 * H) * e  # read x, dy and the weight, write dx and dW
+
+    def make():
+        return [_seeded((R, H), seed, dtype, device), 1.0 + _seeded((H,), seed + 1, dtype, device, scale=0.1)]
+
+    def call(fn, inputs):
+        return fn(inputs[0], inputs[1], eps)
+
+    out = []
+    for name in backends:
+        out += _fwd_bwd_timings("rmsnorm", "rmsnorm", name, device, timer, make, call,
+                                (None, fwd_bytes), (None, bwd_bytes), seed)
+        _release(device)
+    x = _seeded((R, H), seed, dtype, device)
+    out.append(_measure("rmsnorm", "", COPY, "copy", lambda: torch.empty_like(x).copy_(x), device, timer,
+                        None, 2 * R * H * e))
+    return out
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------------------------
+# ratios
+# -------------------------------------------------------------------------------------------------
+
+# (name, numerator, denominator, kind, target op, target value); numerator/denominator are
+# (section, backend, phase) and, for "bandwidth", the numerator's phases are summed.
+RATIO_SPECS: tuple[tuple, ...] = (
+    ("attention forward: triton vs sdpa-flash", ("attention", "triton", "forward"),
+     ("attention", "sdpa-flash", "forward"), "speed", ">=", 1.0),
+    ("attention backward: triton vs triton-atomic", ("attention", "triton", "backward"),
+     ("attention", "triton-atomic", "backward"), "time", "<=", 1.10),
+    ("attention backward: triton vs sdpa-flash", ("attention", "triton", "backward"),
+     ("attention", "sdpa-flash", "backward"), "speed", None, None),
+    ("attention forward: triton vs eager", ("attention", "triton", "forward"),
+     ("attention", "eager", "forward"), "speed", None, None),
+    ("matmul forward: triton vs eager (cuBLAS)", ("matmul", "triton", "forward"),
+     ("matmul", "eager", "forward"), "speed", ">=", 0.9),
+    ("matmul forward: triton vs triton-atomic (split-K)", ("matmul", "triton", "forward"),
+     ("matmul", "triton-atomic", "forward"), "speed", None, None),
+    ("rmsnorm fwd+bwd bytes/s: triton vs device copy", ("rmsnorm", "triton", "forward+backward"),
+     ("rmsnorm", COPY, "copy"), "bandwidth", ">=", 0.8),
+    ("rmsnorm fwd+bwd bytes/s: eager vs device copy", ("rmsnorm", "eager", "forward+backward"),
+     ("rmsnorm", COPY, "copy"), "bandwidth", None, None),
+)
+
+
+def _lookup(timings: dict, key: tuple[str, str, str]) -> tuple[float | None, float | None, str | None]:
+    """(ms, bytes, why-missing) of a timing key; ``forward+backward`` sums both phases."""
+    phases = ("forward", "backward") if key[2] == "forward+backward" else (key[2],)
+    ms = nbytes = 0.0
+    for phase in phases:
+        t = timings.get((key[0], key[1], phase))
+        if t is None:
+            return None, None, f"{key[0]}/{key[1]}/{phase} was not measured in this run"
+        if t.status != "ok":
+            return None, None, f"{key[0]}/{key[1]}/{phase} {t.status}: {t.reason}"
+        ms += t.median_ms
+        nbytes += t.bytes or 0.0
+    return ms, nbytes, None
+
+
+def compute_ratios(timings: list[Timing], judge: bool) -> list[Ratio]:
+    """Every ratio of :data:`RATIO_SPECS` whose sections ran; ``judge=False`` leaves ``met`` None."""
+    by_key = {t.key: t for t in timings}
+    sections = {t.section for t in timings}
+    out = []
+    for name, num, den, kind, op, target in RATIO_SPECS:
+        if num[0] not in sections:
+            continue
+        target_text = f"{op} {target}" if op else None
+        n_ms, n_bytes, why_n = _lookup(by_key, num)
+        d_ms, d_bytes, why_d = _lookup(by_key, den)
+        if why_n or why_d:
+            out.append(Ratio(name, "/".join(num), "/".join(den), kind, None, target_text, None,
+                             "; ".join(w for w in (why_n, why_d) if w)))
+            continue
+        if kind == "speed":
+            value = d_ms / n_ms
+        elif kind == "time":
+            value = n_ms / d_ms
+        else:  # bandwidth: bytes per second of the numerator over the denominator's
+            value = (n_bytes / n_ms) / (d_bytes / d_ms)
+        met, note = None, None
+        if op and judge:
+            met = value >= target if op == ">=" else value <= target
+        elif op:
+            note = "not judged: tiny shapes / not a GPU; the target applies to the full shapes on CUDA"
+        out.append(Ratio(name, "/".join(num), "/".join(den), kind, value, target_text, met, note))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# the run
+# -------------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device, seed: int) -> dict:
+    """What the numbers depend on: device, versions, determinism switches, Triton mode, seed, commit."""
+    env = {
+        "device": str(device),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "seed": seed,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    from kernels import _common
+
+    env["triton_interpreter"] = _common.INTERPRET
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device_name"] = props.name
+        env["sm_count"] = props.multi_processor_count
+        env["compute_capability"] = f"{props.major}.{props.minor}"
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        env["sm_count"] = None
+        env["cpu_threads"] = torch.get_num_threads()
+    env["commit"] = _git_commit()
+    return env
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | None = None,
+                     sections: tuple[str, ...] = SECTIONS, seed: int = 0,
+                     timer: Timer | None = None) -> KernelBenchResult:
+    """Measure every section on ``device`` (default: cuda if present); ``tiny`` defaults to CPU-ness.
+
+    Ratios are judged against their targets only for the full shapes on CUDA.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    tiny = device.type != "cuda" if tiny is None else tiny
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    timer = timer or Timer()
+    shapes = shapes_for(tiny)
+    result = KernelBenchResult(environment(device, seed), str(device), tiny, timer.describe(device), asdict(shapes))
+    benches = {"attention": bench_attention, "matmul": bench_matmul, "rmsnorm": bench_rmsnorm}
+    for section in SECTIONS:
+        if section in sections:
+            result.timings += benches[section](device, shapes, timer, seed)
+    result.ratios = compute_ratios(result.timings, judge=not tiny and device.type == "cuda")
+    return result
+
+
+def write_json(result: KernelBenchResult, path: str | os.PathLike) -> Path:
+    """Write ``result`` as JSON atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def print_table(result: KernelBenchResult, console=None) -> None:
+    """Timings and ratios as rich tables (numbers rounded for printing only)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    env = result.environment
+    title = (f"kernel speed on {env.get('device_name')} ({result.device}), {result.shapes['dtype']}"
+             f"{', tiny shapes' if result.tiny else ''}")
+    t = Table(title=title, caption=escape(result.timer))
+    for col in ("section", "phase", "backend", "median ms", "TFLOP/s", "GB/s", "status"):
+        t.add_column(col, overflow="fold", justify="right" if col in ("median ms", "TFLOP/s", "GB/s") else "left")
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    last = None
+    for x in result.timings:
+        if last is not None and x.section != last:
+            t.add_section()
+        last = x.section
+        status = "[green]ok[/]" if x.status == "ok" else f"[yellow]{x.status}: {escape(x.reason or '')}[/]"
+        t.add_row(x.section, x.phase, x.backend, fmt(x.median_ms, ".4g"), fmt(x.tflops, ".4g"),
+                  fmt(x.gbytes_per_s, ".4g"), status)
+    console.print(t)
+    r = Table(title="ratios (same run)")
+    for col in ("ratio", "kind", "value", "target", "met"):
+        r.add_column(col, overflow="fold")
+    notes = []
+    for x in result.ratios:
+        if x.met is not None:
+            met = "[green]yes[/]" if x.met else "[red]no[/]"
+        elif x.target is None:
+            met = ""
+        else:
+            met = "n/a"
+            if x.note and x.note not in notes:
+                notes.append(x.note)
+        r.add_row(x.name, x.kind, fmt(x.value, ".3f"), x.target or "(context)", met)
+    console.print(r)
+    for note in notes:
+        console.print(f"[dim]n/a: {escape(note)}[/]")
+    if result.tiny:
+        console.print("[dim]tiny shapes: proves the code runs; not a speed measurement[/]")
+
+
+# -------------------------------------------------------------------------------------------------
+# command line
+# -------------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "kernel-bench", help="time the Triton kernels against SDPA flash, cuBLAS and a device copy",
+        description="Time detbench's Triton kernels against what they replace (attention vs SDPA flash "
+                    "and the atomic twin, matmul vs cuBLAS, RMSNorm vs a device copy); all ratios from "
+                    "one run.",
+    )
+    p.add_argument("--device", help="cuda or cpu (default: cuda if present, else cpu)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny float32 shapes that prove the code runs (automatic on cpu)")
+    p.add_argument("--only", help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.set_defaults(func=cmd_kernel_bench)
+
+
+def cmd_kernel_bench(args) -> int:
+    from bench.cli import UsageError, parse_device
+
+    device = parse_device(args.device)
+    sections = SECTIONS
+    if args.only:
+        sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown or not sections:
+            raise UsageError(f"--only {args.only!r}: choose sections from {','.join(SECTIONS)}")
+    if args.json:
+        parent = Path(args.json).resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"--json {args.json}: folder {parent} does not exist; create it first")
+    tiny = True if args.tiny or device.type == "cpu" else False
+    result = run_kernel_bench(device, tiny=tiny, sections=sections, seed=args.seed)
+    print_table(result)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
