@@ -1,0 +1,659 @@
+"""``detbench run``: identical inputs through every backend, checked bit for bit, timed, stored.
+
+The matrix is subject x backend x dtype x mode. For each subject the harness
+
+1. draws the subject's inputs and parameters once (float32, CPU, seeded) and computes a float64
+   reference on the device (``bench.subjects.reference_route``);
+2. for each dtype, runs the all-eager route once under the default mode: the error eager PyTorch
+   makes in that dtype, printed next to each backend's;
+3. for each mode and each backend of the subject's primary op (every available one by default, as
+   the registry lists them), runs one *cell*:
+
+   * run to run: N repeats (fresh copies each), every output and gradient compared with repeat 0;
+   * batch invariance: the first 1, 3 (and 127 for token rows) rows run alone vs the full batch;
+   * accuracy: repeat 0 against the float64 reference;
+   * speed: forward, backward and both (``bench.timing``);
+
+4. compares the cells of one dtype with each other (backend vs backend in a mode, and each backend's
+   torch-det/hf-full result vs its default one).
+
+A backend that raises inside a determinism mode is recorded as *refused* with its reason, any other
+exception as *error*; neither stops the run. Ctrl-C stops it: the records so far are written with
+``status: interrupted`` and the cell it stopped in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench import checks
+from bench.modes import MODES, apply_mode, get_mode, is_refusal
+from bench.results import (
+    RUN_SCHEMA,
+    AccuracyRecord,
+    BackendInfo,
+    BatchRecord,
+    CellRecord,
+    CrossRecord,
+    RepeatRecord,
+    RunResult,
+    RunSettings,
+    SubjectInfo,
+    TimingRecord,
+    capture_environment,
+    check_out_dir,
+    device_label,
+    new_run_id,
+    OutDirError,
+    result_path,
+    write_json_atomic,
+    write_text_atomic,
+)
+from bench.subjects import DTYPES, SUBJECTS, build_case, dtype_name, probe, reference_route
+from bench.timing import time_instance
+
+DEFAULT_REPEATS = 20
+DEFAULT_PRESET = "qwen3-0.6b"
+QUICK_PRESET = "qwen3-tiny"
+# Timed repeats / warm-up calls per phase, by shape profile.
+TIME_DEFAULTS = {"quick": (5, 1), "cpu": (10, 2), "cuda": (50, 5)}
+# Registry origins that are never part of the default backend set.
+_HIDDEN_ORIGINS = {"detbench-reference"}
+
+
+def _usage(msg: str):
+    from bench.cli import UsageError
+
+    return UsageError(msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan: every input checked before anything runs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    settings: RunSettings
+    device: torch.device
+    profile: str
+    config: object
+    backends: dict[str, list[str]]        # subject -> backends of its primary op, in registry order
+    route: dict[str, str]                 # every op -> backend (the primary op is overridden per subject)
+    unsupported: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (op, backend, dtype)
+    skipped: list[str] = field(default_factory=list)
+
+    def cells(self):
+        """The matrix in execution order: subject, dtype, mode, backend."""
+        s = self.settings
+        for subject in s.subjects:
+            for dtype in s.dtypes:
+                for mode in s.modes:
+                    for backend in self.backends[subject]:
+                        yield subject, backend, dtype, mode
+
+    @property
+    def n_cells(self) -> int:
+        s = self.settings
+        return sum(len(self.backends[x]) for x in s.subjects) * len(s.dtypes) * len(s.modes)
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """``--x a,b --x c`` -> [a, b, c] (None when the option was not given)."""
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        out.extend(p.strip() for p in v.split(",") if p.strip())
+    return out
+
+
+def _dedupe(items):
+    return list(dict.fromkeys(items))
+
+
+INTERPRETED_REASON = ("left out of the default set: on this CPU it runs through the Triton interpreter "
+                      "(TRITON_INTERPRET=1), seconds to minutes per call; name it in --backends to run it anyway")
+
+
+def _interpreted(backend, device: torch.device) -> bool:
+    """Whether ``backend`` is a Triton kernel that would run through the CPU interpreter on ``device``."""
+    if device.type != "cpu":
+        return False
+    try:
+        from kernels import _common
+    except ImportError:
+        return False
+    return backend.available is _common.triton_available and _common.INTERPRET
+
+
+def _cuda_hint(reason: str) -> str:
+    return " or use --device cuda on a machine with a GPU" if "cuda" in reason.lower() else ""
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Validate every option against the registry and this machine; UsageError on bad input."""
+    from bench.cli import parse_device
+    from qwen_layers import registry
+    from qwen_layers.config import PRESETS
+
+    device = parse_device(args.device)
+    quick = bool(args.quick)
+    profile = "quick" if quick else device.type
+
+    subjects = _split(args.subjects) or list(SUBJECTS)
+    for s in subjects:
+        if s not in SUBJECTS:
+            raise _usage(f"unknown subject {s!r}; choose from: {', '.join(SUBJECTS)}")
+    subjects = _dedupe(subjects)
+
+    try:
+        dtypes = _dedupe(dtype_name(d) for d in (_split(args.dtypes) or list(DTYPES)))
+    except ValueError as e:
+        raise _usage(f"--dtypes: {e}") from None
+
+    modes = _split(args.modes) or list(MODES)
+    for m in modes:
+        if m not in MODES:
+            raise _usage(f"unknown mode {m!r}; choose from: {', '.join(MODES)}")
+    modes = _dedupe(modes)
+
+    if args.repeats < 2:
+        raise _usage(f"--repeats {args.repeats}: run-to-run checks need at least 2 repeats (default {DEFAULT_REPEATS})")
+    preset = args.preset or (QUICK_PRESET if quick else DEFAULT_PRESET)
+    if preset not in PRESETS:
+        raise _usage(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    t_rep, t_warm = TIME_DEFAULTS[profile]
+    time_repeats = t_rep if args.time_repeats is None else args.time_repeats
+    warmup = t_warm if args.warmup is None else args.warmup
+    if time_repeats < 1 or warmup < 0:
+        raise _usage("--time-repeats must be >= 1 and --warmup >= 0")
+
+    # --route op=backend
+    route = {op: "eager" for op in registry.OPS}
+    user_route: dict[str, str] = {}
+    for item in _split(args.route) or []:
+        op, sep, name = item.partition("=")
+        op, name = op.strip(), name.strip()
+        if not sep or not op or not name:
+            raise _usage(f"--route {item!r}: write OP=BACKEND, e.g. --route linear=eager")
+        if op not in registry.OPS:
+            raise _usage(f"--route {item!r}: unknown op {op!r}; ops are: {', '.join(registry.OPS)}")
+        if name not in registry.names(op):
+            raise _usage(f"--route {item!r}: unknown {op} backend {name!r}; registered: {', '.join(registry.names(op))}")
+        reason = registry.get(op, name).why_not(device)
+        if reason is not None:
+            raise _usage(f"--route {item}: cannot run on {device}: {reason}; choose another {op} backend"
+                         f"{_cuda_hint(reason)}")
+        route[op] = name
+        user_route[op] = name
+
+    # the backend axis
+    requested = _dedupe(_split(args.backends) or []) or None
+    primary_ops = _dedupe(SUBJECTS[s].primary_op for s in subjects)
+    backends: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    if requested is not None:
+        for name in requested:
+            ops = [op for op in primary_ops if name in registry.names(op)]
+            if not ops:
+                known = "; ".join(f"{op}: {', '.join(n for n in registry.names(op) if registry.get(op, n).origin not in _HIDDEN_ORIGINS)}"
+                                  for op in primary_ops)
+                hint = " (planted negative controls need --plant)" if name.startswith("planted") else ""
+                raise _usage(f"unknown backend {name!r} for the selected subjects{hint}; registered: {known}")
+            for op in ops:
+                reason = registry.get(op, name).why_not(device)
+                if reason is not None:
+                    raise _usage(f"--backends {name}: the {op} backend cannot run on {device}: {reason}; "
+                                 f"drop it from --backends{_cuda_hint(reason)}")
+        for s in subjects:
+            op = SUBJECTS[s].primary_op
+            backends[s] = [n for n in requested if n in registry.names(op)]
+            missing = [n for n in requested if n not in registry.names(op)]
+            if missing:
+                skipped.append(f"{s}: its {op} op has no backend {', '.join(missing)}")
+    else:
+        unavailable: dict[str, list[str]] = {}  # reason -> ["op/backend", ...]
+        for s in subjects:
+            op = SUBJECTS[s].primary_op
+            names = []
+            for b in registry.backends(op):
+                if b.origin in _HIDDEN_ORIGINS:
+                    continue
+                reason = b.why_not(device)
+                if reason is None and _interpreted(b, device):
+                    reason = INTERPRETED_REASON
+                if reason is None:
+                    names.append(b.name)
+                elif f"{op}/{b.name}" not in unavailable.setdefault(reason, []):
+                    unavailable[reason].append(f"{op}/{b.name}")
+            backends[s] = names
+        for reason, entries in unavailable.items():
+            if reason == INTERPRETED_REASON:
+                skipped.append(f"{', '.join(entries)}: {reason}")
+            else:
+                skipped.append(f"{', '.join(entries)}: not available on {device} ({reason})")
+    for s in subjects:
+        if not backends[s]:
+            raise _usage(f"subject {s}: none of the chosen backends implements its op "
+                         f"{SUBJECTS[s].primary_op}; add one to --backends or drop {s} from --subjects")
+
+    # dtype support, probed on tiny inputs before the run
+    unsupported: dict[tuple[str, str, str], str] = {}
+    to_probe = {(SUBJECTS[s].primary_op, b) for s in subjects for b in backends[s]}
+    to_probe |= {(op, name) for op, name in user_route.items()}
+    for op, name in sorted(to_probe):
+        for dt in dtypes:
+            reason = probe(op, name, DTYPES[dt], device)
+            if reason is None:
+                continue
+            if (op, name) in user_route.items():
+                raise _usage(f"--route {op}={name} does not support {dt} on {device} ({reason}); "
+                             f"drop {dt} from --dtypes or route {op} elsewhere")
+            if requested is not None:
+                raise _usage(f"{op} backend {name!r} does not support {dt} on {device} ({reason}); "
+                             f"drop {dt} from --dtypes or {name} from --backends")
+            unsupported[(op, name, dt)] = reason
+
+    settings = RunSettings(
+        subjects=subjects, backends=requested, dtypes=dtypes, modes=modes, repeats=args.repeats,
+        device=str(device), preset=preset, quick=quick, seed=args.seed, route=user_route,
+        plant=bool(args.plant), time_repeats=time_repeats, time_warmup=warmup, out=str(args.out),
+    )
+    return Plan(settings, device, profile, PRESETS[preset], backends, route, unsupported, skipped)
+
+
+# ------------------------------------------------------------------------------------------------
+# running one cell
+# ------------------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _verdict(tracker: checks.RepeatTracker, n: int) -> str:
+    bound = checks.bound_sentence(n)
+    if tracker.deterministic:
+        return f"bitwise identical in all {n} repeats ({bound})"
+    w = tracker.worst()
+    distinct = max(st.n_distinct for st in tracker.stats.values())
+    return (f"NOT deterministic: {distinct} distinct results in {n} repeats; {w.name}: "
+            f"{w.max_n_diff}/{_numel(w.shape)} elements differ, max {w.max_ulp} ulp, max abs {w.max_abs:.3g}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str,
+             reference: dict, eager_acc: dict, out: RunResult) -> dict | None:
+    """Run one cell, append its records to ``out``; return repeat 0's results (None on failure)."""
+    s = plan.settings
+    key = dict(subject=subject, backend=backend, dtype=dtype, mode=mode)
+    op = SUBJECTS[subject].primary_op
+    n = s.repeats
+    reason = plan.unsupported.get((op, backend, dtype))
+    if reason is None:
+        for rop, rname in plan.route.items():
+            if rop != op and (rop, rname, dtype) in plan.unsupported:
+                reason = f"--route {rop}={rname}: {plan.unsupported[(rop, rname, dtype)]}"
+    if reason is not None:
+        out.cells.append(CellRecord(**key, status="unsupported", reason=reason, repeats=0, deterministic=None,
+                                    missable_fraction=None, batch_invariant=None,
+                                    verdict=f"not run: {backend} does not support {dtype} here ({reason})"))
+        return None
+
+    route = {**plan.route, op: backend}
+    t0 = time.perf_counter()
+    stage = "setup"
+    recs_rep, recs_batch, recs_acc, recs_time = [], [], [], []
+    tracker = checks.RepeatTracker()
+    batch_ok = None
+    cuda_init = False
+    first = None
+    try:
+        with apply_mode(mode) as state:
+            cuda_init = state.cuda_initialised
+            inst = case.instantiate(DTYPES[dtype], plan.device, route)
+            stage = "run-to-run repeats"
+            for _ in range(n):
+                torch.manual_seed(s.seed)
+                res = inst.run()
+                if first is None:
+                    first = res
+                tracker.add(res)
+            for st in tracker.stats.values():
+                recs_rep.append(RepeatRecord(
+                    **key, tensor=st.name, shape=st.shape, tensor_dtype=st.dtype, repeats=st.repeats,
+                    n_equal_to_first=st.n_equal_to_first, n_distinct=st.n_distinct, max_n_diff=st.max_n_diff,
+                    n_total=_numel(st.shape), max_abs=st.max_abs, max_ulp=st.max_ulp, nan=st.nan, inf=st.inf,
+                    first_mismatch=st.first_mismatch))
+
+            stage = "batch invariance"
+            row_tensors = list(case.row_outputs) + [f"grad.{k}" for k in case.grad_inputs if k in case.batched_inputs]
+            batch_ok = True
+            for k in case.batch_sizes():
+                torch.manual_seed(s.seed)
+                sub = inst.run(rows=k)
+                for name in row_tensors:
+                    if name not in sub or name not in first:
+                        continue
+                    d = checks.diff_stats(sub[name], first[name][:k])
+                    batch_ok &= d.equal
+                    recs_batch.append(BatchRecord(**key, tensor=name, rows=k, full_rows=case.rows, equal=d.equal,
+                                                  n_diff=d.n_diff, n_total=d.n_total, max_abs=d.max_abs,
+                                                  max_ulp=d.max_ulp))
+                del sub
+            if not case.batch_sizes():
+                batch_ok = None
+
+            stage = "accuracy"
+            for name, t in first.items():
+                if name not in reference:
+                    continue
+                a = checks.accuracy(t, reference[name])
+                e = eager_acc.get(name)
+                nan, inf = checks.count_nonfinite(t)
+                recs_acc.append(AccuracyRecord(
+                    **key, tensor=name, rel_l2=a.rel_l2, max_ulp=a.max_ulp, max_abs=a.max_abs,
+                    eager_rel_l2=e.rel_l2 if e else float("nan"), eager_max_ulp=e.max_ulp if e else float("nan"),
+                    nan=nan, inf=inf))
+
+            stage = "timing"
+            work = case.work(case.rows, torch.tensor([], dtype=DTYPES[dtype]).element_size())
+            for phase, tm in time_instance(inst, s.time_repeats, s.time_warmup).items():
+                flops = {"fwd": work.flops_fwd, "bwd": work.flops_bwd}.get(phase, work.flops_fwd + work.flops_bwd)
+                nbytes = {"fwd": work.bytes_fwd, "bwd": work.bytes_bwd}.get(phase, work.bytes_fwd + work.bytes_bwd)
+                recs_time.append(TimingRecord(**key, phase=phase, median_s=tm.median_s, q1_s=tm.q1_s, q3_s=tm.q3_s,
+                                              min_s=tm.min_s, repeats=tm.repeats, warmup=tm.warmup, clock=tm.clock,
+                                              flops=flops, bytes=nbytes))
+            del inst
+        status, why = "ok", None
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a backend failing must not stop the run
+        refused = mode != "default" and is_refusal(e)
+        status = "refused" if refused else "error"
+        why = _first_line(e) if refused else f"during {stage}: {_first_line(e)}"
+        if stage == "run-to-run repeats":
+            recs_rep = []
+            first = None
+    elapsed = time.perf_counter() - t0
+
+    ran = tracker.repeats if status == "ok" or recs_rep else 0
+    deterministic = tracker.deterministic if recs_rep else None
+    nonfinite = any(r.nan or r.inf for r in recs_rep)
+    if status == "ok":
+        verdict = _verdict(tracker, n)
+        if nonfinite:
+            verdict += "; NaN/inf in " + ", ".join(r.tensor for r in recs_rep if r.nan or r.inf)
+    elif status == "refused":
+        verdict = f"refused: {why}"
+    else:
+        verdict = f"error {why}"
+        if recs_rep:
+            verdict += f" (run to run: {_verdict(tracker, n)})"
+    out.cells.append(CellRecord(
+        **key, status=status, reason=why, repeats=ran, deterministic=deterministic,
+        missable_fraction=checks.missable_fraction(ran) if deterministic else None,
+        batch_invariant=batch_ok if stage in ("accuracy", "timing") else None,
+        verdict=verdict, nonfinite=nonfinite, cuda_initialised_at_mode_entry=cuda_init, seconds=elapsed))
+    out.repeats.extend(recs_rep)
+    out.batch.extend(recs_batch)
+    out.accuracy.extend(recs_acc)
+    out.timings.extend(recs_time)
+    return first if status == "ok" else None
+
+
+def cross_records(subject: str, dtype: str, firsts: dict[tuple[str, str], dict]) -> list[CrossRecord]:
+    """Compare repeat 0 of the cells of one subject and dtype: backends within a mode, modes within a backend."""
+    keys = list(firsts)
+    pairs = []
+    for i, (b1, m1) in enumerate(keys):
+        for b2, m2 in keys[i + 1:]:
+            if m1 == m2 or (b1 == b2 and "default" in (m1, m2)):
+                pairs.append(((b1, m1), (b2, m2)))
+    recs = []
+    for a, b in pairs:
+        ra, rb = firsts[a], firsts[b]
+        differing, max_abs, max_ulp, max_rel = [], 0.0, 0, 0.0
+        for name in ra:
+            if name not in rb:
+                continue
+            d = checks.diff_stats(ra[name], rb[name])
+            if not d.equal:
+                differing.append(name)
+                max_abs, max_ulp = max(max_abs, d.max_abs), max(max_ulp, d.max_ulp)
+                max_rel = max(max_rel, checks.rel_l2(ra[name], rb[name]))
+        recs.append(CrossRecord(subject=subject, dtype=dtype, a_backend=a[0], a_mode=a[1], b_backend=b[0],
+                                b_mode=b[1], equal=not differing, differing=differing, max_abs=max_abs,
+                                max_ulp=max_ulp, max_rel_l2=max_rel))
+    return recs
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole run
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def planted_backends(enabled: bool):
+    """Register bench.planted's negative controls for the duration of the block (if ``enabled``)."""
+    if not enabled:
+        yield []
+        return
+    from bench.planted import PLANTED, register_planted
+    from qwen_layers import registry
+
+    before = {(op, n) for op, n in PLANTED if n in registry.names(op)}
+    try:
+        yield register_planted()
+    finally:
+        for op, n in PLANTED:
+            if (op, n) not in before and n in registry.names(op):
+                registry.unregister(op, n)
+
+
+def _subject_info(plan: Plan, case) -> SubjectInfo:
+    subj = case.subject
+    sizes = {name: torch.tensor([], dtype=dt).element_size() for name, dt in DTYPES.items()}
+    works = {name: case.work(case.rows, e) for name, e in sizes.items()}
+    w = next(iter(works.values()))
+    route = {**plan.route}
+    return SubjectInfo(
+        subject=subj.name, primary_op=subj.primary_op, rowwise=subj.rowwise, description=subj.description,
+        preset=plan.settings.preset, shapes=case.shapes(), rows=case.rows, batch_sizes=case.batch_sizes(),
+        route=route, flops_fwd=w.flops_fwd, flops_bwd=w.flops_bwd,
+        bytes_fwd={k: v.bytes_fwd for k, v in works.items()}, bytes_bwd={k: v.bytes_bwd for k, v in works.items()},
+        bound=subj.bound, notes=case.notes,
+    )
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_result(plan: Plan, command: list[str]) -> RunResult:
+    from qwen_layers import registry
+
+    s = plan.settings
+    env = capture_environment(plan.device, seeds={"seed": s.seed, "params": s.seed, "inputs": s.seed + 1,
+                                                  "upstream": s.seed + 2, "torch_manual_seed": s.seed})
+    used = {(SUBJECTS[x].primary_op, b) for x in s.subjects for b in plan.backends[x]} | set(plan.route.items())
+    infos = [BackendInfo(op=b.op, name=b.name, deterministic_claim=b.deterministic, twin=b.twin, origin=b.origin,
+                         description=b.description) for b in registry.backends() if (b.op, b.name) in used]
+    return RunResult(schema=RUN_SCHEMA, run_id=new_run_id(), started=_now(), finished=None, status="running",
+                     stopped_at=None, error=None, command=command, settings=s, environment=env,
+                     modes=[get_mode(m).to_dict() for m in s.modes], backends=infos, skipped=list(plan.skipped))
+
+
+def execute(plan: Plan, result: RunResult, progress=None) -> RunResult:
+    """Run the plan, filling ``result`` in place. KeyboardInterrupt marks it interrupted (not raised)."""
+    s = plan.settings
+    task = progress.add_task("detbench run", total=plan.n_cells) if progress is not None else None
+    where = "before the first cell"
+    done = 0
+
+    try:
+        for subject in s.subjects:
+            where = f"{subject}: building inputs and the float64 reference"
+            if progress is not None:
+                progress.update(task, description=f"{subject}: float64 reference")
+            case = build_case(subject, plan.config, plan.profile, s.seed)
+            result.subjects.append(_subject_info(plan, case))
+            with reference_route() as ref_route, apply_mode("default"):
+                torch.manual_seed(s.seed)
+                reference = case.instantiate(torch.float64, plan.device, ref_route).run()
+            for dtype in s.dtypes:
+                where = f"{subject} / {dtype}: eager baseline"
+                eager_acc = {}
+                try:
+                    with apply_mode("default"):
+                        torch.manual_seed(s.seed)
+                        eager = case.instantiate(DTYPES[dtype], plan.device, {op: "eager" for op in plan.route}).run()
+                    eager_acc = {k: checks.accuracy(v, reference[k]) for k, v in eager.items() if k in reference}
+                    del eager
+                except Exception as e:  # eager itself failing: say so in every accuracy record (NaN)
+                    result.skipped.append(f"{subject} {dtype}: eager baseline failed: {_first_line(e)}")
+                firsts: dict[tuple[str, str], dict] = {}
+                for mode in s.modes:
+                    for backend in plan.backends[subject]:
+                        done += 1
+                        where = f"{subject} / {backend} / {dtype} / {mode} (cell {done} of {plan.n_cells})"
+                        if progress is not None:
+                            progress.update(task, description=f"{subject} {backend} {dtype} {mode}")
+                        first = run_cell(plan, case, subject, backend, dtype, mode, reference, eager_acc, result)
+                        if first is not None:
+                            firsts[(backend, mode)] = first
+                        if progress is not None:
+                            progress.update(task, advance=1)
+                result.cross.extend(cross_records(subject, dtype, firsts))
+                del firsts
+            del reference, case
+        result.status = "complete"
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        result.stopped_at = f"interrupted during {where}; {done - 1 if done else 0} of {plan.n_cells} cells complete"
+    except Exception as e:
+        result.status = "failed"
+        result.stopped_at = f"failed during {where}"
+        result.error = "".join(traceback.format_exception_only(type(e), e)).strip()
+        raise
+    finally:
+        result.finished = _now()
+    return result
+
+
+def save(result: RunResult, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and its Markdown summary ``<stem>.md``, atomically, never overwriting."""
+    from bench.report import render_markdown
+
+    path = result_path(out_dir, "run", device_label(result.environment), result.run_id)
+    json_path = write_json_atomic(path, result)
+    md_path = write_text_atomic(path.with_suffix(".md"), render_markdown(result, json_name=json_path.name))
+    return json_path, md_path
+
+
+def equivalent_command(s: RunSettings) -> list[str]:
+    """The ``detbench run`` command line that asks for exactly these settings."""
+    cmd = ["detbench", "run", "--subjects", ",".join(s.subjects), "--dtypes", ",".join(s.dtypes),
+           "--modes", ",".join(s.modes), "--repeats", str(s.repeats), "--device", s.device.split(":")[0],
+           "--preset", s.preset, "--seed", str(s.seed), "--time-repeats", str(s.time_repeats),
+           "--warmup", str(s.time_warmup), "--out", s.out]
+    if s.backends is not None:
+        cmd[2:2] = ["--backends", ",".join(s.backends)]
+    if s.quick:
+        cmd.append("--quick")
+    if s.plant:
+        cmd.append("--plant")
+    for op, name in s.route.items():
+        cmd += ["--route", f"{op}={name}"]
+    return cmd
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.report import make_console, print_run
+
+    console = make_console()
+    with planted_backends(args.plant):
+        plan = make_plan(args)
+        try:
+            out_dir = check_out_dir(args.out)
+        except OutDirError as e:
+            raise _usage(str(e)) from None
+        result = new_result(plan, equivalent_command(plan.settings))
+        console.print(f"[bold]detbench run[/] on {plan.device} ({result.environment.device_name}): "
+                      f"{plan.n_cells} cells, {plan.settings.repeats} repeats each, preset {plan.settings.preset}"
+                      f"{' (quick shapes)' if plan.settings.quick else ''}", highlight=False)
+        progress = None
+        if args.progress:
+            progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console, transient=True)
+        failed = None
+        try:
+            with progress if progress is not None else contextlib.nullcontext():
+                execute(plan, result, progress)
+        except Exception as e:  # recorded in the result; re-raised after it is written
+            failed = e
+        json_path, md_path = save(result, out_dir)
+    print_run(result, console)
+    console.print(f"result: {json_path}\nsummary: {md_path}", highlight=False)
+    if failed is not None:
+        console.print(f"[red]run failed {result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
+        raise failed
+    if result.status == "interrupted":
+        console.print(f"[yellow]{result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
+        return 130
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run identical inputs through every backend: determinism, batch invariance, accuracy, speed",
+        description="Run each subject (a Qwen op on its own) through every backend of its primary op, in "
+                    "each dtype and determinism mode: run-to-run repeats, batch invariance, error against a "
+                    "float64 reference next to eager PyTorch's, and time. Writes results/run-*.json and a "
+                    "Markdown summary next to it.")
+    p.add_argument("--subjects", action="append", metavar="LIST",
+                   help=f"comma-separated subjects (default: all): {', '.join(SUBJECTS)}")
+    p.add_argument("--backends", action="append", metavar="LIST",
+                   help="backends of each subject's primary op (default: every available one; see detbench list). "
+                        "Primary ops: " + ", ".join(f"{x.name}: {x.primary_op}" for x in SUBJECTS.values()))
+    p.add_argument("--dtypes", action="append", metavar="LIST", help="fp32,bf16,fp16 (default: all three)")
+    p.add_argument("--modes", action="append", metavar="LIST",
+                   help=f"determinism modes (default: all): {', '.join(MODES)}")
+    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                   help=f"run-to-run repeats per cell (default {DEFAULT_REPEATS})")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present, else cpu)")
+    p.add_argument("--preset", help=f"model preset for the shapes (default {DEFAULT_PRESET}; {QUICK_PRESET} with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny preset and tiny shapes (the linear subject keeps K=4096 x 2048 rows); under 2 minutes "
+                        "on 2 CPU cores")
+    p.add_argument("--route", action="append", metavar="OP=BACKEND",
+                   help="backend of an op that is not the subject's primary op, e.g. --route linear=triton "
+                        "(repeatable or comma-separated)")
+    p.add_argument("--plant", action="store_true",
+                   help="add bench.planted's deliberately nondeterministic / batch-variant backends (negative controls)")
+    p.add_argument("--seed", type=int, default=0, help="seed of parameters, inputs and upstream gradients (default 0)")
+    p.add_argument("--time-repeats", type=int, default=None,
+                   help="timed calls per phase (default: 5 with --quick, 10 on cpu, 50 on cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per phase (default 1/2/5)")
+    p.add_argument("--out", default="results", help="directory for the result files (default ./results)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,306 @@
+"""The harness's checks can fail: planted faults are caught by the same code that passes eager.
+
+Shapes are shrunk (``small_shapes``) so the whole file runs in well under a minute on one core.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import checks, harness, subjects
+from bench.cli import UsageError, build_parser
+from bench.planted import PLANTED, register_planted
+from qwen_layers import registry
+from qwen_layers.config import PRESETS
+
+SMALL = {
+    "rmsnorm": (160,), "rope": (4, 16), "attention": (4, 16), "attention-block": (4, 16), "mlp": (160,),
+    "decoder-layer": (4, 16), "lm-head-loss": (160,), "embedding": (4, 16), "linear": (160,),
+}
+
+
+@pytest.fixture
+def small_shapes(monkeypatch):
+    monkeypatch.setitem(subjects.SIZES, "quick", dict(SMALL))
+    monkeypatch.setattr(subjects, "QUICK_LINEAR_K", 256)
+
+
+@pytest.fixture
+def scoped_backends():
+    """Register backends for one test and remove them afterwards (the registry is process-wide)."""
+    added = []
+
+    def add(op, name, fn, **kw):
+        registry.register(op, name, fn, origin="test", replace=True, **kw)
+        added.append((op, name))
+
+    yield add
+    for op, name in added:
+        registry.unregister(op, name)
+
+
+@pytest.fixture
+def planted():
+    before = {(op, n) for op, n in PLANTED if n in registry.names(op)}
+    names = register_planted()
+    yield
+    for op, n in names:
+        if (op, n) not in before:
+            registry.unregister(op, n)
+
+
+def run_matrix(*argv):
+    args = build_parser().parse_args(["run", "--quick", "--device", "cpu", "--time-repeats", "1", "--warmup", "0",
+                                      "--no-progress", *argv])
+    plan = harness.make_plan(args)
+    result = harness.new_result(plan, [])
+    return harness.execute(plan, result)
+
+
+def cell(result, subject, backend, dtype="fp32", mode="default"):
+    (c,) = [c for c in result.cells if (c.subject, c.backend, c.dtype, c.mode) == (subject, backend, dtype, mode)]
+    return c
+
+
+def differing(result, subject, backend, dtype="fp32", mode="default"):
+    return {r.tensor for r in result.repeats if (r.subject, r.backend, r.dtype, r.mode) == (subject, backend, dtype, mode)
+            and r.n_equal_to_first != r.repeats}
+
+
+# ------------------------------------------------------------------------------------------------
+# the check primitives
+# ------------------------------------------------------------------------------------------------
+
+
+def test_missable_fraction_is_computed_from_n():
+    assert checks.missable_fraction(1) is None
+    assert checks.missable_fraction(20) == pytest.approx(1 - 0.05 ** (1 / 19))
+    assert checks.missable_fraction(2) == pytest.approx(0.95)
+    assert checks.missable_fraction(100) < checks.missable_fraction(20) < checks.missable_fraction(5)
+    assert "15%" in checks.bound_sentence(20) and "N=20" in checks.bound_sentence(20)
+
+
+def _from_bits(values, dtype=torch.float32, int_dtype=torch.int32):
+    return torch.tensor(values, dtype=int_dtype).view(dtype)
+
+
+def test_bitwise_checks_tell_nan_payloads_and_signed_zeros_apart():
+    qnan, payload_nan = _from_bits([0x7FC00000]), _from_bits([0x7FC00001])
+    assert torch.isnan(qnan).all() and torch.isnan(payload_nan).all()
+    assert not checks.diff_stats(qnan, payload_nan).equal
+    assert checks.diff_stats(qnan, qnan.clone()).equal  # same NaN bits: equal
+    zero, neg_zero = torch.tensor([0.0]), torch.tensor([-0.0])
+    assert not checks.diff_stats(zero, neg_zero).equal
+    assert checks.fingerprint(zero) != checks.fingerprint(neg_zero)
+    assert checks.fingerprint(qnan) != checks.fingerprint(payload_nan)
+
+    tracker = checks.RepeatTracker()
+    for t in (qnan, qnan.clone(), payload_nan, zero, neg_zero, qnan.clone()):
+        tracker.add({"out": t})
+    st = tracker.stats["out"]
+    assert (st.repeats, st.n_equal_to_first, st.n_distinct) == (6, 3, 4)
+    assert st.nan == 1 and not tracker.deterministic
+    assert st.first_mismatch["repeat"] == 2 and st.first_mismatch["n_diff"] == 1
+
+
+def test_diff_stats_counts_and_measures():
+    a = torch.tensor([1.0, 2.0, 3.0, float("inf")])
+    b = a.clone()
+    b[1] = torch.nextafter(b[1], torch.tensor(10.0))
+    b[3] = float("nan")
+    d = checks.diff_stats(a, b)
+    assert (d.equal, d.n_diff, d.n_total, d.max_ulp, d.nonfinite_diff) == (False, 2, 4, 1, 1)
+    assert d.max_abs == pytest.approx(2.0 ** -22)
+
+
+def test_accuracy_counts_ulps_of_the_dtype():
+    ref = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    exact = ref.to(torch.bfloat16)
+    assert checks.accuracy(exact, ref).max_ulp == 0.0 and checks.accuracy(exact, ref).rel_l2 == 0.0
+    off = exact.clone()
+    off[0] = torch.nextafter(off[0], torch.tensor(2.0, dtype=torch.bfloat16))
+    acc = checks.accuracy(off, ref)
+    assert acc.max_ulp == pytest.approx(1.0) and acc.rel_l2 > 0
+    nan = exact.clone()
+    nan[1] = float("nan")
+    assert math.isnan(checks.accuracy(nan, ref).rel_l2)
+
+
+# ------------------------------------------------------------------------------------------------
+# subjects: identical inputs, fresh copies
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_subject_runs_forward_and_backward_with_identical_inputs(small_shapes):
+    route = {op: "eager" for op in registry.OPS}
+    for name in subjects.SUBJECTS:
+        case = subjects.build_case(name, PRESETS["qwen3-tiny"], "quick", seed=0)
+        inst = case.instantiate(torch.bfloat16, torch.device("cpu"), route)
+        for k, v in case.inputs.items():
+            expect = v.to(torch.bfloat16) if v.is_floating_point() else v
+            assert torch.equal(inst.inputs[k], expect), f"{name}: input {k} is not the cast float32 master"
+        r1, r2 = inst.run(), inst.run()
+        assert r1.keys() == r2.keys() and any(k.startswith("grad.") for k in r1), name
+        for k in r1:  # fresh copies each repeat: nothing accumulates
+            assert torch.equal(checks.bits(r1[k]), checks.bits(r2[k])), f"{name}: {k} changed between repeats"
+        assert all(p.grad is None for p in inst.module.parameters()), name
+        if case.batch_sizes():
+            sub = inst.run(rows=case.batch_sizes()[0])
+            for k in case.row_outputs:
+                assert sub[k].shape[0] == case.batch_sizes()[0]
+
+
+def test_reference_route_is_scoped_and_float64():
+    with subjects.reference_route() as route:
+        assert route["attention"] == subjects.REFERENCE_BACKEND
+        assert subjects.REFERENCE_BACKEND in registry.names("loss")
+    assert subjects.REFERENCE_BACKEND not in registry.names("loss")
+
+
+# ------------------------------------------------------------------------------------------------
+# the matrix: negative controls
+# ------------------------------------------------------------------------------------------------
+
+
+def test_planted_faults_are_caught_by_the_code_that_passes_eager(small_shapes, planted):
+    res = run_matrix("--subjects", "linear,rmsnorm,attention,lm-head-loss", "--dtypes", "fp32", "--modes", "default",
+                     "--repeats", "8", "--backends",
+                     "eager,planted-nondet,planted-nondet-bwd,planted-batch-variant,planted-nondet-dw")
+    assert res.status == "complete"
+    for subject in ("linear", "rmsnorm", "attention", "lm-head-loss"):
+        c = cell(res, subject, "eager")
+        assert c.status == "ok" and c.deterministic is True, (subject, c.verdict)
+        assert "8 repeats" in c.verdict and c.missable_fraction == pytest.approx(checks.missable_fraction(8))
+    assert cell(res, "rmsnorm", "eager").batch_invariant is True
+
+    assert cell(res, "linear", "planted-nondet").deterministic is False
+    assert "out" in differing(res, "linear", "planted-nondet")
+    assert "NOT deterministic" in cell(res, "linear", "planted-nondet").verdict
+    assert differing(res, "linear", "planted-nondet-bwd") == {"grad.weight"}  # forward and dX untouched
+    assert differing(res, "rmsnorm", "planted-nondet-dw") == {"grad.norm.weight"}
+    assert "grad.v" in differing(res, "attention", "planted-nondet-bwd")
+
+    variant = cell(res, "linear", "planted-batch-variant")
+    assert variant.deterministic is True and variant.batch_invariant is False
+    bad = {(b.rows, b.tensor) for b in res.batch if b.backend == "planted-batch-variant" and not b.equal}
+    assert (1, "out") in bad and (3, "out") in bad
+
+
+def test_planted_loss_is_caught(small_shapes, planted):
+    res = run_matrix("--subjects", "lm-head-loss", "--dtypes", "fp32", "--modes", "default", "--repeats", "5",
+                     "--backends", "planted-nondet")
+    assert cell(res, "lm-head-loss", "planted-nondet").deterministic is False
+    assert "loss" in differing(res, "lm-head-loss", "planted-nondet")
+
+
+def test_accuracy_is_reported_next_to_eager(small_shapes):
+    res = run_matrix("--subjects", "mlp", "--dtypes", "fp32,bf16", "--modes", "default", "--repeats", "2",
+                     "--backends", "eager")
+    acc = {(a.dtype, a.tensor): a for a in res.accuracy}
+    fp32, bf16 = acc[("fp32", "out")], acc[("bf16", "out")]
+    assert 0 < fp32.rel_l2 < 1e-5 and 1e-4 < bf16.rel_l2 < 5e-2
+    for a in acc.values():  # the eager backend is the eager baseline
+        assert a.rel_l2 == a.eager_rel_l2 and a.max_ulp == a.eager_max_ulp
+    timing = {t.phase: t for t in res.timings}
+    assert set(timing) == {"fwd", "bwd", "fwd+bwd"} and all(t.median_s > 0 for t in timing.values())
+    assert timing["fwd"].flops == res.subjects[0].flops_fwd > 0
+
+
+def test_refusals_errors_and_nan_are_reported_not_raised(small_shapes, scoped_backends):
+    def refuses(x, weight, bias=None):
+        if torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError("test_linear does not have a deterministic implementation, but you set "
+                               "'torch.use_deterministic_algorithms(True)'")
+        return F.linear(x, weight, bias)
+
+    def broken(x, weight, bias=None):
+        if x.shape[0] > 64:  # passes the small dtype probe, fails on the subject's shape
+            raise ValueError("shape too large for this test kernel")
+        return F.linear(x, weight, bias)
+
+    def nan_out(x, weight, bias=None):
+        y = F.linear(x, weight, bias)
+        mask = torch.zeros_like(y, dtype=torch.bool)
+        mask[..., 0] = True
+        return y + torch.where(mask, torch.tensor(float("nan"), dtype=y.dtype), torch.tensor(0.0, dtype=y.dtype))
+
+    scoped_backends("linear", "test-refuses", refuses)
+    scoped_backends("linear", "test-broken", broken)
+    scoped_backends("linear", "test-nan", nan_out)
+    res = run_matrix("--subjects", "linear", "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "3",
+                     "--backends", "test-refuses,test-broken,test-nan,eager")
+    assert res.status == "complete"
+    assert cell(res, "linear", "test-refuses").status == "ok"
+    refused = cell(res, "linear", "test-refuses", mode="torch-det")
+    assert refused.status == "refused" and "deterministic implementation" in refused.reason
+    assert refused.verdict.startswith("refused:")
+    broken_cell = cell(res, "linear", "test-broken")
+    assert broken_cell.status == "error" and "shape too large" in broken_cell.reason
+    nan_cell = cell(res, "linear", "test-nan")
+    assert nan_cell.status == "ok" and nan_cell.nonfinite and nan_cell.deterministic is True
+    assert "NaN" in nan_cell.verdict
+    assert any(math.isnan(a.rel_l2) for a in res.accuracy if a.backend == "test-nan")
+    assert cell(res, "linear", "eager", mode="torch-det").status == "ok"  # the run went on
+
+
+def test_ctrl_c_marks_the_run_interrupted(small_shapes, scoped_backends):
+    def interrupt(x, weight, bias=None):
+        if x.shape[0] > 64:
+            raise KeyboardInterrupt
+        return F.linear(x, weight, bias)
+
+    scoped_backends("linear", "test-interrupt", interrupt)
+    res = run_matrix("--subjects", "linear", "--dtypes", "fp32", "--modes", "default", "--repeats", "2",
+                     "--backends", "eager,test-interrupt")
+    assert res.status == "interrupted"
+    assert "linear / test-interrupt / fp32 / default" in res.stopped_at and "1 of 2 cells complete" in res.stopped_at
+    assert [c.backend for c in res.cells] == ["eager"]
+
+
+def test_backends_come_from_the_registry(small_shapes, scoped_backends):
+    scoped_backends("rmsnorm", "test-extra", lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    scoped_backends("rmsnorm", "test-elsewhere", lambda x, w, eps: x, available=lambda d: "needs a test accelerator")
+    args = build_parser().parse_args(["run", "--quick", "--device", "cpu", "--subjects", "rmsnorm"])
+    plan = harness.make_plan(args)
+    assert "test-extra" in plan.backends["rmsnorm"] and "test-elsewhere" not in plan.backends["rmsnorm"]
+    assert any("test-elsewhere" in s and "needs a test accelerator" in s for s in plan.skipped)
+    args = build_parser().parse_args(["run", "--quick", "--device", "cpu", "--subjects", "rmsnorm",
+                                      "--backends", "test-elsewhere"])
+    with pytest.raises(UsageError, match="needs a test accelerator; drop it from --backends"):
+        harness.make_plan(args)
+
+
+def test_route_sends_other_ops_to_the_named_backend(small_shapes, scoped_backends):
+    calls = []
+
+    def counting(x, weight, bias=None):
+        calls.append(x.shape)
+        return F.linear(x, weight, bias)
+
+    scoped_backends("linear", "test-counting", counting)
+    res = run_matrix("--subjects", "attention-block", "--dtypes", "fp32", "--modes", "default", "--repeats", "2",
+                     "--backends", "eager", "--route", "linear=test-counting")
+    assert calls, "the attention block's projections did not use the routed linear backend"
+    assert res.settings.route == {"linear": "test-counting"}
+    assert res.subjects[0].route["linear"] == "test-counting"
+
+
+def test_triton_backends_are_picked_up_by_name_and_their_twin_ratio_reported(small_shapes, monkeypatch):
+    """Triton entries need no harness change: named, they run; their twin gives a cost ratio."""
+    from bench.report import Index, cost_rows
+
+    if "triton" not in registry.names("rmsnorm") or registry.get("rmsnorm", "triton").why_not("cpu"):
+        pytest.skip("no runnable Triton rmsnorm here")
+    twin = registry.get("rmsnorm", "triton").twin
+    monkeypatch.setitem(subjects.SIZES["quick"], "rmsnorm", (8,))  # the interpreter is slow: 8 rows
+    res = run_matrix("--subjects", "rmsnorm", "--dtypes", "fp32", "--modes", "default", "--repeats", "2",
+                     "--backends", ",".join(["triton"] + ([twin] if twin else [])))
+    c = cell(res, "rmsnorm", "triton")
+    assert c.status == "ok" and c.deterministic is True, c.verdict
+    acc = {a.tensor: a for a in res.accuracy if a.backend == "triton"}
+    assert acc["out"].rel_l2 < 1e-5
+    if twin:
+        (row,) = [r for r in cost_rows(Index(res)) if r["backend"] == "triton"]
+        assert row["twin"] == twin and row["twin_ratio"][0] > 0

@@ -1,0 +1,160 @@
+"""``detbench run`` / ``detbench report`` from the command line: bad input, files written, re-rendering."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import subjects
+from bench.cli import main
+from bench.results import load_run
+from qwen_layers import registry
+
+from .test_harness import SMALL
+
+FAST = ["--quick", "--device", "cpu", "--time-repeats", "1", "--warmup", "0", "--no-progress"]
+
+
+@pytest.fixture
+def small_shapes(monkeypatch):
+    monkeypatch.setitem(subjects.SIZES, "quick", dict(SMALL))
+    monkeypatch.setattr(subjects, "QUICK_LINEAR_K", 256)
+
+
+@pytest.fixture
+def fp32_only_backend():
+    def fp32_only(x, weight, bias=None):
+        if x.dtype != torch.float32:
+            raise TypeError(f"test-fp32-only takes float32, got {x.dtype}")
+        return F.linear(x, weight, bias)
+
+    registry.register("linear", "test-fp32-only", fp32_only, origin="test", replace=True)
+    yield
+    registry.unregister("linear", "test-fp32-only")
+
+
+def one_line_error(capsys, argv, *needles):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("detbench: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--subjects", "softmax"], ["unknown subject 'softmax'", "choose from: rmsnorm"]),
+    (["--backends", "warp-speed"], ["unknown backend 'warp-speed'", "registered:"]),
+    (["--backends", "planted-nondet"], ["unknown backend 'planted-nondet'", "need --plant"]),
+    (["--dtypes", "fp8"], ["unknown dtype 'fp8'", "fp32, bf16, fp16"]),
+    (["--modes", "strict"], ["unknown mode 'strict'", "default, torch-det, hf-full"]),
+    (["--backends", "sdpa-cudnn", "--subjects", "attention"], ["sdpa-cudnn", "drop it from --backends"]),
+    (["--repeats", "1"], ["at least 2 repeats"]),
+    (["--preset", "qwen9"], ["unknown preset 'qwen9'", "qwen3-0.6b"]),
+    (["--route", "linear"], ["write OP=BACKEND"]),
+    (["--route", "matmul=eager"], ["unknown op 'matmul'"]),
+    (["--route", "linear=warp-speed"], ["unknown linear backend 'warp-speed'"]),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, needles):
+    one_line_error(capsys, ["run", "--device", "cpu", "--quick", *argv], *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(capsys):
+    one_line_error(capsys, ["run", "--device", "cuda"], "no CUDA device", "--device cpu")
+
+
+def test_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    one_line_error(capsys, ["run", "--subjects", "rmsnorm", "--backends", "eager", "--out", str(blocker / "sub"), *FAST],
+                   "cannot create results directory", "pass --out a writable directory")
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_dtype_a_backend_does_not_support(capsys, fp32_only_backend):
+    one_line_error(capsys, ["run", "--subjects", "linear", "--backends", "test-fp32-only", "--dtypes", "fp32,bf16", *FAST],
+                   "'test-fp32-only' does not support bf16", "drop bf16 from --dtypes or test-fp32-only from --backends")
+
+
+def test_default_backend_set_marks_unsupported_dtypes(capsys, tmp_path, small_shapes, fp32_only_backend):
+    assert main(["run", "--subjects", "linear", "--dtypes", "fp32,bf16", "--modes", "default", "--repeats", "2",
+                 "--out", str(tmp_path), *FAST]) == 0
+    (path,) = tmp_path.glob("*.json")
+    res = load_run(path)
+    by = {(c.backend, c.dtype): c for c in res.cells}
+    assert by[("test-fp32-only", "bf16")].status == "unsupported"
+    assert "takes float32" in by[("test-fp32-only", "bf16")].reason
+    assert by[("test-fp32-only", "fp32")].status == "ok" and by[("eager", "bf16")].status == "ok"
+
+
+def test_report_bad_input(capsys, tmp_path):
+    one_line_error(capsys, ["report", str(tmp_path / "missing.json")], "no such file")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    one_line_error(capsys, ["report", str(bad)], "is not JSON")
+
+
+def test_run_writes_result_and_summary_and_report_rerenders(capsys, tmp_path, small_shapes):
+    out = tmp_path / "results"
+    rc = main(["run", "--subjects", "linear,rmsnorm", "--backends", "eager,planted-nondet", "--plant",
+               "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "4", "--out", str(out), *FAST])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "planted-nondet" not in registry.names("linear")  # --plant is scoped to the run
+    (path,) = out.glob("run-*-cpu-*.json")
+    assert path.with_suffix(".md").exists()
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    res = load_run(path)
+    assert res.status == "complete" and res.settings.plant and res.environment.device_type == "cpu"
+    verdicts = {(c.subject, c.backend, c.mode): c for c in res.cells}
+    assert verdicts[("linear", "planted-nondet", "default")].deterministic is False
+    assert verdicts[("linear", "eager", "default")].deterministic is True
+    assert "DIFFERS" in printed and "linear: linear backends" in printed and str(path) in printed
+
+    md = path.with_suffix(".md").read_text()
+    assert "## linear" in md and "**DIFFERS" in md and "## Cost of determinism" in md
+    assert res.command[:2] == ["detbench", "run"] and "--plant" in res.command
+
+    assert main(["report", str(path), "--markdown", "-"]) == 0
+    assert capsys.readouterr().out.strip() == md.strip()
+    assert main(["report", str(path)]) == 0
+    assert "cost of determinism" in capsys.readouterr().out
+
+    # a second run never overwrites the first
+    assert main(["run", "--subjects", "rmsnorm", "--backends", "eager", "--dtypes", "fp32", "--modes", "default",
+                 "--repeats", "2", "--out", str(out), *FAST]) == 0
+    assert len(list(out.glob("run-*.json"))) == 2
+    json.loads(path.read_text())
+
+
+def test_interrupted_run_writes_what_it_measured(capsys, tmp_path, small_shapes):
+    def interrupt(x, weight, bias=None):
+        if x.shape[0] > 64:
+            raise KeyboardInterrupt
+        return F.linear(x, weight, bias)
+
+    registry.register("linear", "test-interrupt", interrupt, origin="test", replace=True)
+    try:
+        rc = main(["run", "--subjects", "linear", "--backends", "eager,test-interrupt", "--dtypes", "fp32",
+                   "--modes", "default", "--repeats", "2", "--out", str(tmp_path), *FAST])
+    finally:
+        registry.unregister("linear", "test-interrupt")
+    assert rc == 130
+    (path,) = tmp_path.glob("*.json")
+    res = load_run(path)
+    assert res.status == "interrupted" and "test-interrupt" in res.stopped_at
+    assert "interrupted during" in capsys.readouterr().out
+
+
+def test_plots_when_matplotlib_is_installed(tmp_path, small_shapes, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["run", "--subjects", "rmsnorm", "--backends", "eager", "--dtypes", "fp32,bf16", "--repeats", "2",
+                 "--out", str(tmp_path), *FAST]) == 0
+    (path,) = tmp_path.glob("*.json")
+    assert main(["report", str(path), "--no-table", "--plots", str(tmp_path / "plots")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert pngs == [f"{path.stem}-cost.png", f"{path.stem}-error-vs-speed.png"]

@@ -1,0 +1,112 @@
+"""Determinism modes set what they say and restore everything, even on error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.modes import MODE_ENV_VARS, MODES, UnknownMode, apply_mode, determinism_state, get_mode, is_refusal
+
+
+@pytest.fixture(autouse=True)
+def clean_state(monkeypatch):
+    """Start each test from PyTorch's defaults with none of the mode variables set; restore after."""
+    before = determinism_state()
+    for k in MODE_ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(before["deterministic_algorithms"], warn_only=before["warn_only"])
+    torch.backends.cudnn.deterministic = before["cudnn_deterministic"]
+    torch.backends.cudnn.benchmark = before["cudnn_benchmark"]
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_mode_sets_its_switches_inside(name):
+    mode = MODES[name]
+    with apply_mode(name) as state:
+        assert state.mode is mode
+        assert torch.are_deterministic_algorithms_enabled() is mode.deterministic_algorithms
+        assert torch.is_deterministic_algorithms_warn_only_enabled() is mode.warn_only
+        assert torch.backends.cudnn.deterministic is mode.cudnn_deterministic
+        assert torch.backends.cudnn.benchmark is mode.cudnn_benchmark
+        for k, v in mode.env.items():
+            assert os.environ[k] == v
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_mode_restores_everything_even_on_error(name, monkeypatch):
+    # A non-default starting point: deterministic with warn_only, cudnn.benchmark on, one variable set
+    # to a user value and the others absent.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":1:1")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = True
+    before = determinism_state()
+    with pytest.raises(RuntimeError, match="boom"):
+        with apply_mode(name):
+            assert determinism_state() != before
+            raise RuntimeError("boom")
+    assert determinism_state() == before
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":1:1"
+    for k in MODE_ENV_VARS:
+        if k != "CUBLAS_WORKSPACE_CONFIG":
+            assert k not in os.environ, f"{k} leaked out of mode {name}"
+
+
+def test_nested_modes_restore_in_order():
+    with apply_mode("hf-full"):
+        with apply_mode("default"):
+            assert not torch.are_deterministic_algorithms_enabled()
+            assert os.environ["CUDA_LAUNCH_BLOCKING"] == "1"  # default leaves the environment alone
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_unknown_mode_names_the_choices():
+    with pytest.raises(UnknownMode, match="choose from: default, torch-det, hf-full"):
+        get_mode("strict")
+    with pytest.raises(UnknownMode):
+        with apply_mode("strict"):
+            pass
+
+
+def test_refusal_is_recognised():
+    assert is_refusal(RuntimeError("index_add_cuda_ does not have a deterministic implementation, but you set "
+                                   "'torch.use_deterministic_algorithms(True)'"))
+    assert is_refusal(RuntimeError("Deterministic behavior was enabled with either `torch.use_deterministic_"
+                                   "algorithms(True)` ... you must set CUBLAS_WORKSPACE_CONFIG=:4096:8"))
+    assert not is_refusal(ValueError("shapes do not match"))
+
+
+def test_hf_full_matches_transformers_enable_full_determinism():
+    """Run transformers' own enable_full_determinism in a child process and compare what it set."""
+    pytest.importorskip("transformers")
+    code = (
+        "import json, os, torch\n"
+        "keys = set(os.environ)\n"
+        "from transformers.trainer_utils import enable_full_determinism\n"
+        "before = dict(os.environ)\n"
+        "enable_full_determinism(0)\n"
+        "env = {k: v for k, v in os.environ.items() if before.get(k) != v}\n"
+        "print(json.dumps({'env': env, 'det': torch.are_deterministic_algorithms_enabled(),\n"
+        "  'warn_only': torch.is_deterministic_algorithms_warn_only_enabled(),\n"
+        "  'cudnn_det': torch.backends.cudnn.deterministic, 'cudnn_bench': torch.backends.cudnn.benchmark}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in MODE_ENV_VARS}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hf = json.loads(out.stdout.strip().splitlines()[-1])
+    mode = MODES["hf-full"]
+    for k, v in hf["env"].items():
+        if k in ("PYTHONHASHSEED",):  # seeding is the harness's job, not the mode's
+            continue
+        assert mode.env.get(k) == v, f"transformers sets {k}={v}, hf-full sets {mode.env.get(k)}"
+    assert mode.deterministic_algorithms is hf["det"]
+    assert mode.warn_only is hf["warn_only"]
+    assert mode.cudnn_deterministic is hf["cudnn_det"]
+    assert mode.cudnn_benchmark is hf["cudnn_bench"]
