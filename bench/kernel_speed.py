@@ -34,18 +34,16 @@ API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
-import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from bench.results import capture_environment, write_json_atomic
 
 SECTIONS = ("attention", "matmul", "rmsnorm")
 ATTENTION_BACKENDS = ("triton", "triton-atomic", "sdpa-flash", "eager")
@@ -412,54 +410,6 @@ def compute_ratios(timings: list[Timing], judge: bool) -> list[Ratio]:
 # -------------------------------------------------------------------------------------------------
 
 
-def environment(device: torch.device, seed: int) -> dict:
-    """What the numbers depend on: device, versions, determinism switches, Triton mode, seed, commit."""
-    env = {
-        "device": str(device),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "seed": seed,
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_deterministic": torch.backends.cudnn.deterministic,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    from kernels import _common
-
-    env["triton_interpreter"] = _common.INTERPRET
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["device_name"] = props.name
-        env["sm_count"] = props.multi_processor_count
-        env["compute_capability"] = f"{props.major}.{props.minor}"
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
-        env["sm_count"] = None
-        env["cpu_threads"] = torch.get_num_threads()
-    env["commit"] = _git_commit()
-    return env
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
 def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | None = None,
                      sections: tuple[str, ...] = SECTIONS, seed: int = 0,
                      timer: Timer | None = None) -> KernelBenchResult:
@@ -478,7 +428,8 @@ def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | N
         raise ValueError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     timer = timer or Timer()
     shapes = shapes_for(tiny)
-    result = KernelBenchResult(environment(device, seed), str(device), tiny, timer.describe(device), asdict(shapes))
+    env = asdict(capture_environment(device, seeds={"inputs": seed}))
+    result = KernelBenchResult(env, str(device), tiny, timer.describe(device), asdict(shapes))
     benches = {"attention": bench_attention, "matmul": bench_matmul, "rmsnorm": bench_rmsnorm}
     for section in SECTIONS:
         if section in sections:
@@ -488,21 +439,8 @@ def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | N
 
 
 def write_json(result: KernelBenchResult, path: str | os.PathLike) -> Path:
-    """Write ``result`` as JSON atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``result`` as JSON atomically (bench.results' writer; an existing file is replaced)."""
+    return write_json_atomic(path, result, exclusive=False)
 
 
 def print_table(result: KernelBenchResult, console=None) -> None:

@@ -108,6 +108,30 @@ def _key_range(
 
 
 @_jit
+def _query_head(pid_bh, S, H_Q, GROUP, HEAD_DIM: tl.constexpr):
+    """For program axis ``pid_bh = b * Hq + h``: (b, offset of its q rows, offset of its kv head's rows)."""
+    b = pid_bh // H_Q
+    h_kv = (pid_bh % H_Q) // GROUP
+    q_base = pid_bh.to(tl.int64) * S * HEAD_DIM
+    kv_base = (b * (H_Q // GROUP) + h_kv).to(tl.int64) * S * HEAD_DIM
+    return b, q_base, kv_base
+
+
+@_jit
+def _load_kv(
+    K,  # keys, (B, Hkv, S, D) contiguous
+    V,  # values, (B, Hkv, S, D) contiguous
+    kv_base, offs_n, offs_d, S,
+    HEAD_DIM: tl.constexpr,
+):
+    """The key and value rows ``offs_n`` of one kv head (zeros past S), and their element offsets."""
+    kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=offs_n[:, None] < S, other=0.0)
+    v = tl.load(V + kv_off, mask=offs_n[:, None] < S, other=0.0)
+    return kv_off, k, v
+
+
+@_jit
 def _attn_fwd_kernel(
     Q,  # queries, (B, Hq, S, D) contiguous
     K,  # keys, (B, Hkv, S, D) contiguous
@@ -124,10 +148,7 @@ def _attn_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)  # b * Hq + h
-    b = pid_bh // H_Q
-    h_kv = (pid_bh % H_Q) // GROUP
-    q_base = pid_bh.to(tl.int64) * S * HEAD_DIM
-    kv_base = (b * (H_Q // GROUP) + h_kv).to(tl.int64) * S * HEAD_DIM
+    b, q_base, kv_base = _query_head(pid_bh, S, H_Q, GROUP, HEAD_DIM)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -139,9 +160,7 @@ def _attn_fwd_kernel(
     lo, hi = _key_range(KV_LO, KV_HI, b, (pid_m + 1) * BLOCK_M, S, BLOCK_N, CAUSAL, HAS_KEEP)
     for start_n in range(lo, hi, BLOCK_N):  # fixed order: left to right
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=offs_n[:, None] < S, other=0.0)
-        v = tl.load(V + kv_off, mask=offs_n[:, None] < S, other=0.0)
+        _, k, v = _load_kv(K, V, kv_base, offs_n, offs_d, S, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         valid = _valid(KEEP, b, offs_m[:, None], offs_n[None, :], S, CAUSAL, HAS_KEEP)
         s = tl.where(valid, s, float("-inf"))
@@ -214,9 +233,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=offs_n[:, None] < S, other=0.0)
-    v = tl.load(V + kv_off, mask=offs_n[:, None] < S, other=0.0)
+    kv_off, k, v = _load_kv(K, V, kv_base, offs_n, offs_d, S, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
@@ -276,10 +293,7 @@ def _attn_bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)  # b * Hq + h
-    b = pid_bh // H_Q
-    h_kv = (pid_bh % H_Q) // GROUP
-    q_base = pid_bh.to(tl.int64) * S * HEAD_DIM
-    kv_base = (b * (H_Q // GROUP) + h_kv).to(tl.int64) * S * HEAD_DIM
+    b, q_base, kv_base = _query_head(pid_bh, S, H_Q, GROUP, HEAD_DIM)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -293,9 +307,7 @@ def _attn_bwd_dq_kernel(
     lo, hi = _key_range(KV_LO, KV_HI, b, (pid_m + 1) * BLOCK_M, S, BLOCK_N, CAUSAL, HAS_KEEP)
     for start_n in range(lo, hi, BLOCK_N):  # fixed order: left to right, no atomics
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=offs_n[:, None] < S, other=0.0)
-        v = tl.load(V + kv_off, mask=offs_n[:, None] < S, other=0.0)
+        _, k, v = _load_kv(K, V, kv_base, offs_n, offs_d, S, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         valid = _valid(KEEP, b, offs_m[:, None], offs_n[None, :], S, CAUSAL, HAS_KEEP)
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
@@ -469,19 +481,21 @@ def _key_padding_args(keep: torch.Tensor | None):
     return keep.to(torch.int8).contiguous(), kv_lo, kv_hi
 
 
+def _keep_args(keep, kv_lo, kv_hi, dummy: torch.Tensor) -> tuple:
+    """The kernels' KEEP, KV_LO, KV_HI arguments; without a mask ``dummy`` (never read) stands in for each."""
+    return (keep, kv_lo, kv_hi) if keep is not None else (dummy, dummy, dummy)
+
+
 def _attn_forward(q, k, v, scale, causal, keep, kv_lo, kv_hi, cfg: AttentionConfig):
     b, hq, s, d = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((b, hq, s), device=q.device, dtype=torch.float32)
-    has_keep = keep is not None
-    dummy = lse  # never read when HAS_KEEP is false
     grid = (triton.cdiv(s, cfg.fwd_block_m), b * hq)
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse,
-        keep if has_keep else dummy, kv_lo if has_keep else dummy, kv_hi if has_keep else dummy,
+        q, k, v, o, lse, *_keep_args(keep, kv_lo, kv_hi, lse),
         scale * LOG2E, s, hq, hq // k.shape[1],
         HEAD_DIM=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        CAUSAL=causal, HAS_KEEP=has_keep, DOT_PRECISION=cfg.dot_precision,
+        CAUSAL=causal, HAS_KEEP=keep is not None, DOT_PRECISION=cfg.dot_precision,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
@@ -490,11 +504,10 @@ def _attn_forward(q, k, v, scale, causal, keep, kv_lo, kv_hi, cfg: AttentionConf
 def _attn_backward(do, q, k, v, o, lse, scale, causal, keep, kv_lo, kv_hi, atomic: bool, cfg: AttentionConfig):
     b, hq, s, d = q.shape
     hkv = k.shape[1]
-    has_keep = keep is not None
     delta = torch.empty_like(lse)
-    dummy = delta
-    keep_args = (keep if has_keep else dummy, kv_lo if has_keep else dummy, kv_hi if has_keep else dummy)
-    common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_KEEP=has_keep, DOT_PRECISION=cfg.dot_precision)
+    dummy = delta  # stands in for tensors a kernel never reads
+    keep_args = _keep_args(keep, kv_lo, kv_hi, dummy)
+    common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_KEEP=keep is not None, DOT_PRECISION=cfg.dot_precision)
 
     _attn_bwd_delta_kernel[(triton.cdiv(s, cfg.dq_block_m), b * hq)](
         o, do, delta, s, HEAD_DIM=d, BLOCK_M=cfg.dq_block_m, num_warps=cfg.dq_warps, num_stages=1,

@@ -67,7 +67,7 @@ class RopeConfig:
 CONFIG = RopeConfig()
 
 # -------------------------------------------------------------------------------------------------
-# forward kernel (and the tile rotation the backward shares)
+# the kernel: one rotation for the forward and, transposed, for the backward
 # -------------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -115,55 +115,38 @@ if triton is not None:
         return c1, c2, s1, s2
 
     @triton.jit
-    def _rope_fwd_kernel(
-        q_ptr,  # q (B, Hq, S, D)
-        k_ptr,  # k (B, Hkv, S, D)
+    def _rope_kernel(
+        q_ptr,  # q (B, Hq, S, D); backward: upstream gradient of rotated q
+        k_ptr,  # k (B, Hkv, S, D); backward: upstream gradient of rotated k
         cos_ptr,  # cos (B or 1, S, D); batch stride 0 when shared
         sin_ptr,  # sin (B or 1, S, D); batch stride 0 when shared
-        qo_ptr,  # rotated q (B, Hq, S, D)
-        ko_ptr,  # rotated k (B, Hkv, S, D)
+        qo_ptr,  # rotated q (B, Hq, S, D); backward: gradient of q
+        ko_ptr,  # rotated k (B, Hkv, S, D); backward: gradient of k
         S, HQ, HKV, HALF,
         sqb, sqh, sqs, skb, skh, sks,
         scb, scs, ssb, sss,
         sqob, sqoh, sqos, skob, skoh, skos,
         BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
+        BACKWARD: tl.constexpr,
     ):
-        """One program per (b, s): x_rot = x * cos + rotate_half(x) * sin for all q and k heads."""
+        """One program per (b, s), all q and k heads.
+
+        Forward: x_rot = x * cos + rotate_half(x) * sin, i.e. out1 = x1 * c1 - x2 * s1, out2 = x2 * c2 + x1 * s2.
+        BACKWARD, the transposed rotation: dx1 = dy1 * c1 + dy2 * s2, dx2 = dy2 * c2 - dy1 * s1.
+        """
         pid = tl.program_id(0).to(tl.int64)
         b = pid // S
         s = pid % S
         c1, c2, s1, s2 = _load_tables(cos_ptr, sin_ptr, b, s, scb, scs, ssb, sss, HALF, BLOCK_D)
-        _rotate_heads(q_ptr, qo_ptr, b, s, HQ, HALF, sqb, sqh, sqs, sqob, sqoh, sqos, c1, c2, -s1, s2,
+        if BACKWARD:
+            p1 = s2
+            p2 = -s1
+        else:
+            p1 = -s1
+            p2 = s2
+        _rotate_heads(q_ptr, qo_ptr, b, s, HQ, HALF, sqb, sqh, sqs, sqob, sqoh, sqos, c1, c2, p1, p2,
                       BLOCK_HQ, BLOCK_D)
-        _rotate_heads(k_ptr, ko_ptr, b, s, HKV, HALF, skb, skh, sks, skob, skoh, skos, c1, c2, -s1, s2,
-                      BLOCK_HKV, BLOCK_D)
-
-    # ---------------------------------------------------------------------------------------------
-    # backward kernel
-    # ---------------------------------------------------------------------------------------------
-
-    @triton.jit
-    def _rope_bwd_kernel(
-        dq_ptr,  # upstream gradient of rotated q (B, Hq, S, D)
-        dk_ptr,  # upstream gradient of rotated k (B, Hkv, S, D)
-        cos_ptr,  # cos (B or 1, S, D)
-        sin_ptr,  # sin (B or 1, S, D)
-        dqo_ptr,  # gradient of q (B, Hq, S, D)
-        dko_ptr,  # gradient of k (B, Hkv, S, D)
-        S, HQ, HKV, HALF,
-        sqb, sqh, sqs, skb, skh, sks,
-        scb, scs, ssb, sss,
-        sqob, sqoh, sqos, skob, skoh, skos,
-        BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """The transposed rotation: dx1 = dy1 * c1 + dy2 * s2, dx2 = dy2 * c2 - dy1 * s1."""
-        pid = tl.program_id(0).to(tl.int64)
-        b = pid // S
-        s = pid % S
-        c1, c2, s1, s2 = _load_tables(cos_ptr, sin_ptr, b, s, scb, scs, ssb, sss, HALF, BLOCK_D)
-        _rotate_heads(dq_ptr, dqo_ptr, b, s, HQ, HALF, sqb, sqh, sqs, sqob, sqoh, sqos, c1, c2, s2, -s1,
-                      BLOCK_HQ, BLOCK_D)
-        _rotate_heads(dk_ptr, dko_ptr, b, s, HKV, HALF, skb, skh, sks, skob, skoh, skos, c1, c2, s2, -s1,
+        _rotate_heads(k_ptr, ko_ptr, b, s, HKV, HALF, skb, skh, sks, skob, skoh, skos, c1, c2, p1, p2,
                       BLOCK_HKV, BLOCK_D)
 
 
@@ -217,19 +200,19 @@ def _table_strides(t: torch.Tensor, batch: int) -> tuple[int, int]:
     return (t.stride(0) if t.shape[0] == batch and batch > 1 else 0), t.stride(1)
 
 
-def _launch(kernel, q, k, cos, sin, q_out, k_out, config: RopeConfig) -> None:
+def _launch(q, k, cos, sin, q_out, k_out, config: RopeConfig, backward: bool) -> None:
     B, HQ, S, D = q.shape
     HKV = k.shape[1]
     if B * S == 0:
         return
     bhq, bhkv, bd = triton.next_power_of_2(HQ), triton.next_power_of_2(HKV), triton.next_power_of_2(D // 2)
-    kernel[(B * S,)](
+    _rope_kernel[(B * S,)](
         q, k, cos, sin, q_out, k_out,
         S, HQ, HKV, D // 2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         *_table_strides(cos, B), *_table_strides(sin, B),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        BLOCK_HQ=bhq, BLOCK_HKV=bhkv, BLOCK_D=bd, num_warps=config.num_warps(max(bhq, bhkv) * bd),
+        BLOCK_HQ=bhq, BLOCK_HKV=bhkv, BLOCK_D=bd, BACKWARD=backward, num_warps=config.num_warps(max(bhq, bhkv) * bd),
     )
 
 
@@ -237,7 +220,7 @@ def rope_forward(q, k, cos, sin, config: RopeConfig = CONFIG) -> tuple[torch.Ten
     """Launch the forward; outputs are contiguous (B, H, S, D) in the promoted dtype of x and the tables."""
     q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
     k_out = torch.empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype), device=k.device)
-    _launch(_rope_fwd_kernel, q, k, cos, sin, q_out, k_out, config)
+    _launch(q, k, cos, sin, q_out, k_out, config, backward=False)
     return q_out, k_out
 
 
@@ -245,7 +228,7 @@ def rope_backward(dq, dk, cos, sin, q_dtype, k_dtype, config: RopeConfig = CONFI
     """Launch the backward; gradients are contiguous in q's and k's dtypes."""
     dq_in = torch.empty(dq.shape, dtype=q_dtype, device=dq.device)
     dk_in = torch.empty(dk.shape, dtype=k_dtype, device=dk.device)
-    _launch(_rope_bwd_kernel, dq, dk, cos, sin, dq_in, dk_in, config)
+    _launch(dq, dk, cos, sin, dq_in, dk_in, config, backward=True)
     return dq_in, dk_in
 
 

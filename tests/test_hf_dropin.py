@@ -12,9 +12,11 @@ import copy
 import pytest
 import torch
 
-from bench.compare import assert_bitwise_equal, bitwise_equal, mismatch
-from kernels import _common
+from bench.compare import assert_bitwise_equal, bitwise_equal
 from qwen_layers.registry import REGISTRY, UnknownBackend
+
+from . import kernel_checks as kc
+from .kernel_checks import DEVICE, assert_repeats_bitwise, repeat_mismatches
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install -e '.[hf]')")
 pytest.importorskip("triton", reason="package triton not installed (Linux only)")
@@ -23,9 +25,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config  # noqa:
 
 from kernels import hf  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(_common.triton_available(DEVICE) is not None,
-                                reason=f"triton kernels cannot run here: {_common.triton_available(DEVICE)}")
+pytestmark = kc.requires_triton
 
 FAMILIES = {"qwen3": Qwen3Config, "qwen2": Qwen2Config}
 B, S, VOCAB = 3, 8, 256
@@ -85,6 +85,12 @@ def forward_backward(model, ids, mask, labels):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def step_outputs(model, batch) -> dict:
+    """One training step's logits, loss and gradients as one {name: tensor} mapping."""
+    logits, loss, grads = forward_backward(model, *batch)
+    return {"logits": logits, "loss": loss, **{f"grad of {n}": g for n, g in grads.items()}}
+
+
 @pytest.fixture(scope="module")
 def detbench_attention():
     """transformers knows "detbench" (Triton attention) while this module's tests run."""
@@ -115,13 +121,8 @@ def dropin_run(request, detbench_attention):
 
 
 def assert_close_to_reference(out, ref64, eager, what):
-    err = (out.double() - ref64).abs().max().item()
-    eager_err = (eager.double() - ref64).abs().max().item()
-    floor = FLOOR_ULPS * torch.finfo(torch.float32).eps * ref64.abs().max().item()
-    assert err <= FACTOR * eager_err + floor, (
-        f"{what}: max error {err:.3e} vs float64 exceeds {FACTOR} x eager's {eager_err:.3e} + floor {floor:.3e}; "
-        f"detbench vs eager: {mismatch(out, eager)}"
-    )
+    kc.assert_close_to_reference(out, ref64, eager, what, factor=FACTOR, floor_ulps=FLOOR_ULPS,
+                                 rounding_dtype=torch.float32)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -167,13 +168,7 @@ def test_repeats_are_bitwise_equal(detbench_attention):
     model = build("qwen3", detbench_attention)
     batch = padded_batch()
     with hf.apply_detbench_kernels(model):
-        first = forward_backward(model, *batch)
-        for i in range(1, REPEATS):
-            logits, loss, grads = forward_backward(model, *batch)
-            assert_bitwise_equal(first[0], logits, f"logits, repeat {i}")
-            assert_bitwise_equal(first[1], loss, f"loss, repeat {i}")
-            for name, g in grads.items():
-                assert_bitwise_equal(first[2][name], g, f"grad of {name}, repeat {i}")
+        assert_repeats_bitwise(lambda: step_outputs(model, batch), None, "the patched training step", REPEATS)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -202,12 +197,10 @@ def test_repeat_check_catches_a_planted_rmsnorm(planted_rmsnorm):
     model = build("qwen3", "eager")
     batch = padded_batch()
     with hf.apply_detbench_kernels(model, rmsnorm=planted_rmsnorm, swiglu=False, rope=False):
-        first = forward_backward(model, *batch)[2]
-        differ = False
-        for _ in range(REPEATS + 2):
-            grads = forward_backward(model, *batch)[2]
-            differ = differ or any(not bitwise_equal(first[n], grads[n]) for n in grads if "norm" in n)
-    assert differ, "the repeat check did not flag a backend whose dW is summed in random order"
+        found = repeat_mismatches(lambda: step_outputs(model, batch), repeats=REPEATS + 3)  # first + 5 repeats
+    heads = [f.split(":", 1)[0] for f in found]  # "repeat {i} grad of {name}"
+    assert any(" grad of " in h and "norm" in h for h in heads), (
+        "the repeat check did not flag a backend whose dW is summed in random order")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

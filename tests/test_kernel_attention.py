@@ -17,24 +17,18 @@ import functools
 import pytest
 import torch
 
-from bench.compare import assert_bitwise_equal, bitwise_equal, mismatch
+from bench.compare import assert_bitwise_equal, bitwise_equal
 from bench.planted import attention_nondet_bwd
 from kernels import attention as ka
 from qwen_layers.backends import causal_mask, eager_attention, repeat_kv
 from qwen_layers.registry import REGISTRY, BackendUnavailable
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from . import kernel_checks as kc
+from .kernel_checks import DEVICE, REPEATS, assert_batch_invariant, assert_repeats_bitwise, repeat_mismatches
 
-_reason = REGISTRY.get("attention", "triton").why_not(DEVICE)
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"attention/triton: {_reason}")
+pytestmark = kc.requires_triton
 
-BF16 = pytest.param(
-    torch.bfloat16, id="bfloat16",
-    marks=pytest.mark.skipif(DEVICE.type != "cuda",
-                             reason="tl.dot on bfloat16 is broken in the Triton interpreter (triton issue 11584)"),
-)
-DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float16, id="float16"), BF16]
-REPEATS = 20
+DTYPES = kc.DOT_DTYPES  # bfloat16 on CUDA only (tl.dot)
 NAMES = ("o", "dq", "dk", "dv")
 # 16 x 16 tiles everywhere: S=33 spans 3 query and 3 key blocks (the last one a 1-row tail).
 SMALL = ka.AttentionConfig(16, 16, 2, 1, 16, 16, 2, 1, 16, 16, 2, 1)
@@ -60,9 +54,7 @@ def make(b, hq, hkv, s, d, dtype, seed=0):
 
 def run(fn, q, k, v, do, **kw):
     """Forward and backward once: (o, dq, dk, dv), detached."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    o = fn(*leaves, scale=q.shape[-1] ** -0.5, **kw)
-    return (o.detach(), *torch.autograd.grad(o, leaves, do))
+    return kc.forward_backward(fn, (q, k, v), do, scale=q.shape[-1] ** -0.5, **kw)
 
 
 def reference(q, k, v, *, scale, causal=True, attn_mask=None):
@@ -225,32 +217,20 @@ def test_right_padding_does_not_change_a_sequence():
 # ------------------------------------------------------------------------------------------------
 
 
-def repeat_mismatches(fn, inputs, repeats=REPEATS, **kw):
-    """Run ``repeats`` times with a fixed upstream gradient; {name: Mismatch} of runs unlike the first."""
-    first = run(fn, *inputs, **kw)
-    bad = {}
-    for _ in range(repeats - 1):
-        for name, a, b in zip(NAMES, first, run(fn, *inputs, **kw)):
-            m = mismatch(b, a)
-            if not m.equal and name not in bad:
-                bad[name] = m
-    return bad
-
-
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "padded"])
 def test_repeat_bitwise_equal(masked):
     """20 runs, fixed upstream gradient: output and all grads bitwise equal to the first run."""
     inputs = make(2, 4, 2, 17, 16, torch.float16, seed=7)
     kw = {"attn_mask": padding_mask([17, 5], 17)} if masked else {}
-    bad = repeat_mismatches(ka.attention, inputs, **kw)
-    assert not bad, f"not deterministic over {REPEATS} runs: " + "; ".join(f"{n}: {m}" for n, m in bad.items())
+    assert_repeats_bitwise(lambda: run(ka.attention, *inputs, **kw), NAMES, "attention/triton")
 
 
 def test_repeat_check_catches_planted_nondeterminism():
     """Negative control: the same check flags the planted backend whose dV order changes per call."""
     inputs = make(2, 4, 2, 17, 16, torch.float32, seed=7)
-    bad = repeat_mismatches(attention_nondet_bwd, inputs)
-    assert "dv" in bad, f"the repeat check missed the planted nondeterministic dV over {REPEATS} runs"
+    found = repeat_mismatches(lambda: run(attention_nondet_bwd, *inputs), NAMES)
+    assert any(" dv:" in f for f in found), (
+        f"the repeat check missed the planted nondeterministic dV over {REPEATS} runs")
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "padded"])
@@ -258,11 +238,10 @@ def test_batch_invariant(masked):
     """f(x)[:k] == f(x[:k]) bitwise for the output and every grad, k = 1, 2 of a batch of 3."""
     q, k, v, do = make(3, 4, 2, 17, 16, torch.float16, seed=8)
     mask = padding_mask([17, 6, 11], 17) if masked else None
-    whole = run(ka.attention, q, k, v, do, attn_mask=mask)
-    for n in (1, 2):
-        part = run(ka.attention, q[:n], k[:n], v[:n], do[:n], attn_mask=None if mask is None else mask[:n])
-        for name, a, b in zip(NAMES, whole, part):
-            assert_bitwise_equal(a[:n], b, f"{name}[:{n}]")
+    def run_rows(rows):
+        return run(ka.attention, q[rows], k[rows], v[rows], do[rows], attn_mask=None if mask is None else mask[rows])
+
+    assert_batch_invariant(run_rows, [slice(0, 1), slice(0, 2)], NAMES, "attention/triton")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,10 +343,8 @@ def test_configs_are_fixed_and_recorded():
 
 
 def test_registry_entries():
-    det, atomic = REGISTRY.get("attention", "triton"), REGISTRY.get("attention", "triton-atomic")
-    assert (det.fn, det.deterministic, det.twin, det.origin) == (ka.attention, True, "triton-atomic", "built-in")
-    assert (atomic.fn, atomic.deterministic, atomic.twin, atomic.origin) == (
-        ka.attention_atomic, False, "triton", "built-in")
+    det, atomic = kc.assert_twin_entries("attention")
+    assert (det.fn, atomic.fn) == (ka.attention, ka.attention_atomic)
     assert det.why_not(DEVICE) is None and atomic.why_not(DEVICE) is None
 
 

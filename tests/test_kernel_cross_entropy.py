@@ -14,18 +14,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.compare import assert_bitwise_equal, mismatch
+from bench.compare import assert_bitwise_equal
 from bench.planted import loss_nondet
 from kernels import cross_entropy as ce
 from qwen_layers.registry import REGISTRY
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from . import kernel_checks as kc
+from .kernel_checks import DEVICE, REPEATS, assert_each_raises, assert_repeats_bitwise, repeat_mismatches
 
-_reason = REGISTRY.get("loss", "triton").why_not(DEVICE)
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"loss/triton: {_reason}")
+pytestmark = kc.requires_triton
 
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.float16, torch.bfloat16)]
-REPEATS = 20
+NAMES = ("loss", "d logits")
 # A 64-wide vocabulary chunk, so that V = 257 walks five chunks, the last one a single column.
 SMALL_CHUNKS = ce.CEConfig(block_v=64, num_warps=2, reduce_block=16, reduce_num_warps=1)
 
@@ -66,12 +66,7 @@ def assert_close_to_reference(got, eager_out, ref, what: str):
     The floor: at these sizes eager is sometimes exact by luck; one rounding step at the largest
     magnitude is the least any implementation can promise.
     """
-    err = (got.double() - ref.double()).abs().max().item()
-    eager_err = (eager_out.double() - ref.double()).abs().max().item()
-    floor = 2 * torch.finfo(got.dtype).eps * ref.double().abs().max().item()
-    assert err <= 2 * eager_err + floor, (
-        f"{what}: max abs error {err:.3e} vs float64 exceeds 2 x eager's {eager_err:.3e} + floor {floor:.3e}"
-    )
+    kc.assert_close_to_reference(got, ref, eager_out, what, factor=2.0, floor_ulps=2.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "triton-atomic"])
@@ -135,23 +130,10 @@ def test_all_rows_ignored_matches_torch(backend, n):
 # -------------------------------------------------------------------------------------------------
 
 
-def repeat_mismatches(fn, logits, labels, repeats: int = REPEATS) -> list[str]:
-    """Run ``repeats`` times; describe every output that ever differs from the first run's bits."""
-    first = run(fn, logits, labels)
-    found = []
-    for i in range(1, repeats):
-        for name, a, f in zip(("loss", "d logits"), run(fn, logits, labels), first):
-            m = mismatch(a, f)
-            if not m.equal:
-                found.append(f"repeat {i} {name}: {m}")
-    return found
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_run_to_run_bitwise(dtype):
     logits, labels = make(17, 150, dtype)
-    found = repeat_mismatches(ce.cross_entropy, logits, labels)
-    assert not found, f"loss/triton differs across {REPEATS} repeats:\n" + "\n".join(found)
+    assert_repeats_bitwise(lambda: run(ce.cross_entropy, logits, labels), NAMES, "loss/triton")
 
 
 def test_run_to_run_check_catches_planted_nondeterminism():
@@ -161,7 +143,7 @@ def test_run_to_run_check_catches_planted_nondeterminism():
     than 34% of them, so 20 repeats all agreeing by chance has odds below 1e-9.
     """
     logits, labels = make(64, 150, torch.float32, std=30.0)
-    found = repeat_mismatches(loss_nondet, logits, labels)
+    found = repeat_mismatches(lambda: run(loss_nondet, logits, labels), NAMES)
     assert any(" loss:" in f for f in found), f"planted loss nondeterminism not caught in {REPEATS} repeats"
 
 
@@ -171,9 +153,7 @@ def test_run_to_run_check_catches_planted_nondeterminism():
 
 
 def test_registry_entries():
-    det, twin = REGISTRY.get("loss", "triton"), REGISTRY.get("loss", "triton-atomic")
-    assert (det.deterministic, det.twin, det.origin) == (True, "triton-atomic", "built-in")
-    assert (twin.deterministic, twin.twin, twin.origin) == (False, "triton", "built-in")
+    kc.assert_twin_entries("loss")
 
 
 def test_non_contiguous_logits():
@@ -209,7 +189,4 @@ def test_bad_inputs(case, error, message):
         "two devices": (x, y.to("meta")),
         "no triton device": (x.to("meta"), y.to("meta")),
     }[case]
-    for fn in (ce.cross_entropy, ce.cross_entropy_atomic):
-        with pytest.raises(error) as info:
-            fn(*args)
-        assert message in str(info.value)
+    assert_each_raises((ce.cross_entropy, ce.cross_entropy_atomic), args, error, message)

@@ -15,24 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.compare import assert_bitwise_equal, mismatch
+from bench.compare import assert_bitwise_equal
 from bench.planted import linear_batch_variant, linear_nondet_bwd
 from kernels import matmul as mm
 from qwen_layers.registry import REGISTRY
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from . import kernel_checks as kc
+from .kernel_checks import DEVICE, REPEATS, assert_each_raises, assert_repeats_bitwise, repeat_mismatches
 
-_reason = REGISTRY.get("linear", "triton").why_not(DEVICE)
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"linear/triton: {_reason}")
+pytestmark = kc.requires_triton
 
-BF16 = pytest.param(
-    torch.bfloat16, id="bfloat16",
-    marks=pytest.mark.skipif(DEVICE.type != "cuda",
-                             reason="tl.dot on bfloat16 is broken in the Triton interpreter (triton issue 11584)"),
-)
-DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float16, id="float16"), BF16]
+DTYPES = kc.DOT_DTYPES  # bfloat16 on CUDA only (tl.dot)
 K, N = 80, 72  # neither a multiple of any block_k / block_n in CONFIGS
-REPEATS = 20
 # A tile small enough that these sizes span many output tiles, K steps and row tiles.
 SMALL_TILES = mm.TileConfig(16, 16, 16, 2, num_warps=2, num_stages=2, input_precision="ieee",
                             split_k=3, sum_block_m=16, sum_block_n=16)
@@ -51,10 +45,7 @@ def make(m: int, dtype: torch.dtype, k: int = K, n: int = N, seed: int = 0, bias
 
 def run(fn, x, w, b, g):
     """Forward and backward once: (y, dx, dw[, db]) as detached tensors."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w) + ((b,) if b is not None else ())]
-    y = fn(*leaves)
-    grads = torch.autograd.grad(y, leaves, g)
-    return (y.detach(), *grads)
+    return kc.forward_backward(fn, (x, w) + ((b,) if b is not None else ()), g)
 
 
 NAMES = ("y", "dx", "dw", "db")
@@ -68,12 +59,7 @@ def assert_close_to_reference(got, eager, ref, what: str):
     on these tiny sizes eager is sometimes exact by luck, and one rounding step of the output dtype at
     the largest magnitude is the least any implementation can promise.
     """
-    err = (got.double() - ref).abs().max().item()
-    eager_err = (eager.double() - ref).abs().max().item()
-    floor = 2 * torch.finfo(got.dtype).eps * ref.abs().max().item()
-    assert err <= 2 * eager_err + floor, (
-        f"{what}: max abs error {err:.3e} vs float64 exceeds 2 x eager's {eager_err:.3e} + floor {floor:.3e}"
-    )
+    kc.assert_close_to_reference(got, ref, eager, what, factor=2.0, floor_ulps=2.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "triton-atomic"])
@@ -121,29 +107,16 @@ def test_leading_dims_no_bias_and_non_contiguous():
 # -------------------------------------------------------------------------------------------------
 
 
-def repeat_mismatches(fn, x, w, b, g, repeats: int = REPEATS) -> list[str]:
-    """Run ``repeats`` times; describe every output that ever differs from the first run's bits."""
-    first = run(fn, x, w, b, g)
-    found = []
-    for i in range(1, repeats):
-        for name, a, f in zip(NAMES, run(fn, x, w, b, g), first):
-            m = mismatch(a, f)
-            if not m.equal:
-                found.append(f"repeat {i} {name}: {m}")
-    return found
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_run_to_run_bitwise(dtype):
     x, w, b, g = make(127, dtype)
-    found = repeat_mismatches(mm.linear, x, w, b, g)
-    assert not found, f"linear/triton differs across {REPEATS} repeats:\n" + "\n".join(found)
+    assert_repeats_bitwise(lambda: run(mm.linear, x, w, b, g), NAMES, "linear/triton")
 
 
 def test_run_to_run_check_catches_planted_nondeterminism():
     """Negative control: the same check flags a linear whose dW sums row chunks in random order."""
     x, w, _, g = make(127, torch.float32, bias=False)
-    found = repeat_mismatches(linear_nondet_bwd, x, w, None, g)
+    found = repeat_mismatches(lambda: run(linear_nondet_bwd, x, w, None, g), NAMES)
     assert any(" dw:" in f for f in found), f"planted dW nondeterminism not caught in {REPEATS} repeats"
 
 
@@ -157,16 +130,8 @@ def test_run_to_run_check_catches_planted_nondeterminism():
 
 def batch_variance(fn, x, w, b, g, rows_list) -> list[str]:
     """Differences between rows computed within the whole batch and the same rows computed alone."""
-    whole = run(fn, x, w, b, g)
-    found = []
-    for rows in rows_list:
-        alone = run(fn, x[rows], w, b, g[rows])
-        for name in ("y", "dx"):  # dW and db sum over the rows: they depend on the batch by nature
-            i = NAMES.index(name)
-            m = mismatch(alone[i], whole[i][rows])
-            if not m.equal:
-                found.append(f"{name}[{rows.start}:{rows.stop}]: {m}")
-    return found
+    # dW and db sum over the rows: they depend on the batch by nature, so only y and dx are compared.
+    return kc.batch_variance(lambda rows: run(fn, x[rows], w, b, g[rows]), rows_list, NAMES, ("y", "dx"))
 
 
 @pytest.mark.parametrize("config", ["pinned", "16x16x16"])
@@ -192,9 +157,7 @@ def test_batch_invariance_check_catches_planted_batch_variance():
 
 
 def test_registry_entries():
-    det, twin = REGISTRY.get("linear", "triton"), REGISTRY.get("linear", "triton-atomic")
-    assert (det.deterministic, det.twin, det.origin) == (True, "triton-atomic", "built-in")
-    assert (twin.deterministic, twin.twin, twin.origin) == (False, "triton", "built-in")
+    kc.assert_twin_entries("linear")
 
 
 @pytest.mark.parametrize("case, error, message", [
@@ -219,7 +182,4 @@ def test_bad_inputs(case, error, message):
         "two devices": (x, w.to("meta"), b),
         "no triton device": (x.to("meta"), w.to("meta"), b.to("meta")),
     }[case]
-    for fn in (mm.linear, mm.linear_atomic):
-        with pytest.raises(error) as info:
-            fn(*args)
-        assert message in str(info.value)
+    assert_each_raises((mm.linear, mm.linear_atomic), args, error, message)

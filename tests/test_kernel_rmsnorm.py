@@ -10,23 +10,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.compare import assert_bitwise_equal, bitwise_equal, mismatch
+from bench.compare import assert_bitwise_equal
 from bench.planted import rmsnorm_nondet_dw
-from kernels import _common
 from qwen_layers.backends import eager_rmsnorm
 from qwen_layers.registry import REGISTRY
+
+from . import kernel_checks as kc
+from .kernel_checks import DEVICE, REPEATS, assert_batch_invariant, assert_repeats_bitwise, repeat_mismatches
 
 pytest.importorskip("triton", reason="package triton not installed (Linux only)")
 
 from kernels.rmsnorm import CONFIG, RMSNormConfig, rmsnorm, rmsnorm_atomic  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(_common.triton_available(DEVICE) is not None,
-                                reason=f"triton kernels cannot run here: {_common.triton_available(DEVICE)}")
+pytestmark = kc.requires_triton
 
 N = 40  # not a power of two: the column mask is exercised
 EPS = 1e-6
-REPEATS = 20
+NAMES = ("y", "dx", "dW")
 # Small chunks so that a few dozen rows exercise several backward programs and several reduction levels.
 SMALL = RMSNormConfig(rows_per_program=4, reduce_chunk=3, reduce_block_n=16)
 
@@ -46,13 +46,8 @@ def assert_close_to_reference(out, ref64, eager, what, rounding_dtype=None):
     """``rounding_dtype``: the dtype whose rounding dominates the error (default: the output's)."""
     rounding_dtype = rounding_dtype or out.dtype
     factor, floor_ulps = TOLERANCE[rounding_dtype]
-    err = (out.double() - ref64).abs().max().item()
-    eager_err = (eager.double() - ref64).abs().max().item()
-    floor = floor_ulps * torch.finfo(rounding_dtype).eps * ref64.abs().max().item()
-    assert err <= factor * eager_err + floor, (
-        f"{what}: max error {err:.3e} vs float64 exceeds {factor} x eager's {eager_err:.3e} + floor {floor:.3e}; "
-        f"kernel vs eager: {mismatch(out, eager.to(out.dtype))}"
-    )
+    kc.assert_close_to_reference(out, ref64, eager, what, factor=factor, floor_ulps=floor_ulps,
+                                 rounding_dtype=rounding_dtype)
 
 
 def make_inputs(rows, dtype, wdtype=None, seed=0):
@@ -66,11 +61,7 @@ def make_inputs(rows, dtype, wdtype=None, seed=0):
 
 def run(fn, x, w, dy, **kw):
     """Output, dx and dW of ``fn`` for upstream gradient ``dy``."""
-    x = x.detach().clone().requires_grad_(True)
-    w = w.detach().clone().requires_grad_(True)
-    y = fn(x, w, EPS, **kw)
-    y.backward(dy)
-    return y.detach(), x.grad, w.grad
+    return kc.forward_backward(fn, (x, w), dy, EPS, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -79,7 +70,7 @@ def test_matches_float64_reference(dtype, rows):
     x, w, dy = make_inputs(rows, dtype)
     ref = run(eager_rmsnorm, x.double(), w.double(), dy.double())
     eager = run(eager_rmsnorm, x, w, dy)
-    for name, out, r, e in zip(("y", "dx", "dW"), run(rmsnorm, x, w, dy), ref, eager):
+    for name, out, r, e in zip(NAMES, run(rmsnorm, x, w, dy), ref, eager):
         assert out.dtype == e.dtype, name
         assert_close_to_reference(out, r, e, f"{name} {dtype} rows={rows}")
 
@@ -89,7 +80,7 @@ def test_mixed_dtypes_follow_eager_promotion():
     x, w, dy = make_inputs(17, torch.bfloat16, torch.float32)
     eager = run(eager_rmsnorm, x, w, dy)
     ref = run(eager_rmsnorm, x.double(), w.double(), dy.double())
-    for name, out, r, e in zip(("y", "dx", "dW"), run(rmsnorm, x, w, dy), ref, eager):
+    for name, out, r, e in zip(NAMES, run(rmsnorm, x, w, dy), ref, eager):
         assert out.dtype == e.dtype, f"{name}: {out.dtype} vs eager {e.dtype}"
         # The float32 y and dW inherit the bf16 rounding of h = cast(x * rstd): judged as bf16 results.
         assert_close_to_reference(out, r, e, name, rounding_dtype=torch.bfloat16)
@@ -99,28 +90,23 @@ def test_mixed_dtypes_follow_eager_promotion():
 def test_repeats_are_bitwise_equal(dtype):
     """20 runs, fixed upstream gradient: y, dx and dW bitwise equal to the first run."""
     x, w, dy = make_inputs(29, dtype, seed=3)  # 8 backward programs, two reduction levels with SMALL
-    first = run(rmsnorm, x, w, dy, config=SMALL)
-    for i in range(1, REPEATS):
-        for name, a, b in zip(("y", "dx", "dW"), first, run(rmsnorm, x, w, dy, config=SMALL)):
-            assert_bitwise_equal(a, b, f"{name}, repeat {i} of {REPEATS}")
+    assert_repeats_bitwise(lambda: run(rmsnorm, x, w, dy, config=SMALL), NAMES, "rmsnorm/triton")
 
 
 def test_repeat_check_catches_planted_nondeterministic_dw():
     """Negative control: the same check flags a backend whose dW sums row chunks in random order."""
     x, w, dy = make_inputs(127, torch.float32, seed=3)
-    first = run(rmsnorm_nondet_dw, x, w, dy)
-    assert any(not bitwise_equal(first[2], run(rmsnorm_nondet_dw, x, w, dy)[2]) for _ in range(REPEATS - 1))
+    found = repeat_mismatches(lambda: run(rmsnorm_nondet_dw, x, w, dy), NAMES)
+    assert any(" dW:" in f for f in found), f"planted dW nondeterminism not caught in {REPEATS} repeats"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rows_are_batch_invariant(dtype):
     """y[:k] and dx[:k] of a 127-row batch are bitwise those of the first k rows alone."""
     x, w, dy = make_inputs(127, dtype, seed=4)
-    y_all, dx_all, _ = run(rmsnorm, x, w, dy)
-    for k in (1, 3, 17):
-        y_k, dx_k, _ = run(rmsnorm, x[:k], w, dy[:k])
-        assert_bitwise_equal(y_all[:k], y_k, f"y, first {k} of 127 rows")
-        assert_bitwise_equal(dx_all[:k], dx_k, f"dx, first {k} of 127 rows")
+    # dW sums over the rows: it depends on the batch by nature, so only y and dx are compared.
+    assert_batch_invariant(lambda rows: run(rmsnorm, x[rows], w, dy[rows]), [slice(0, k) for k in (1, 3, 17)],
+                           NAMES, "rmsnorm/triton", compared=("y", "dx"))
 
 
 @pytest.mark.parametrize("config", [CONFIG, SMALL], ids=["default", "small-chunks"])
@@ -155,7 +141,7 @@ def test_atomic_twin_is_correct(dtype):
     x, w, dy = make_inputs(67, dtype, seed=8)
     ref = run(eager_rmsnorm, x.double(), w.double(), dy.double())
     eager = run(eager_rmsnorm, x, w, dy)
-    for name, out, r, e in zip(("y", "dx", "dW"), run(rmsnorm_atomic, x, w, dy, config=SMALL), ref, eager):
+    for name, out, r, e in zip(NAMES, run(rmsnorm_atomic, x, w, dy, config=SMALL), ref, eager):
         assert_close_to_reference(out, r, e, f"atomic twin {name}")
 
 
@@ -164,7 +150,7 @@ def test_non_contiguous_input_gives_the_same_bits():
     x, w, dy = make_inputs(6, torch.float32, seed=9)
     xt = x.t().contiguous().t()  # same values, column-major storage
     assert not xt.is_contiguous()
-    for name, a, b in zip(("y", "dx", "dW"), run(rmsnorm, x, w, dy), run(rmsnorm, xt, w, dy)):
+    for name, a, b in zip(NAMES, run(rmsnorm, x, w, dy), run(rmsnorm, xt, w, dy)):
         assert_bitwise_equal(a, b, name)
     x3 = torch.randn(2, 5, N, device=DEVICE)
     assert_bitwise_equal(rmsnorm(x3[:, ::2], w, EPS), rmsnorm(x3[:, ::2].contiguous(), w, EPS), "strided rows")
@@ -200,7 +186,5 @@ def test_mixed_devices_raise():
 
 
 def test_registry_entries():
-    det, atomic = REGISTRY.get("rmsnorm", "triton"), REGISTRY.get("rmsnorm", "triton-atomic")
-    assert (det.deterministic, det.twin, det.origin) == (True, "triton-atomic", "built-in")
-    assert (atomic.deterministic, atomic.twin, atomic.origin) == (False, "triton", "built-in")
+    det, _ = kc.assert_twin_entries("rmsnorm")
     assert det.is_available(DEVICE) and REGISTRY.resolve("rmsnorm", "triton", DEVICE) is rmsnorm

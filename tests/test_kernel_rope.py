@@ -10,20 +10,19 @@ import pytest
 import torch
 
 from bench.compare import assert_bitwise_equal, mismatch
-from kernels import _common
 from qwen_layers.backends import eager_rope
 from qwen_layers.registry import REGISTRY
+
+from . import kernel_checks as kc
+from .kernel_checks import DEVICE, assert_batch_invariant, assert_repeats_bitwise
 
 pytest.importorskip("triton", reason="package triton not installed (Linux only)")
 
 from kernels.rope import rope  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(_common.triton_available(DEVICE) is not None,
-                                reason=f"triton kernels cannot run here: {_common.triton_available(DEVICE)}")
+pytestmark = kc.requires_triton
 
 HQ, HKV, D = 6, 2, 16  # 6 query heads: the head tile (8) is partly masked
-REPEATS = 20
 
 # Allowed error = FACTOR x (eager's error in the same dtype) + FLOOR ulps at the reference's largest
 # magnitude, against float64. Eager rounds x * cos, rotate_half(x) * sin and their sum (three
@@ -37,13 +36,7 @@ TOLERANCE = {torch.float32: (2.0, 4.0), torch.float16: (2.0, 1.0), torch.bfloat1
 
 def assert_close_to_reference(out, ref64, eager, what):
     factor, floor_ulps = TOLERANCE[out.dtype]
-    err = (out.double() - ref64).abs().max().item()
-    eager_err = (eager.double() - ref64).abs().max().item()
-    floor = floor_ulps * torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert err <= factor * eager_err + floor, (
-        f"{what}: max error {err:.3e} vs float64 exceeds {factor} x eager's {eager_err:.3e} + floor {floor:.3e}; "
-        f"kernel vs eager: {mismatch(out, eager.to(out.dtype))}"
-    )
+    kc.assert_close_to_reference(out, ref64, eager, what, factor=factor, floor_ulps=floor_ulps)
 
 
 def tables(b, s, dtype, seed=0, equal_halves=True):
@@ -73,11 +66,7 @@ def make_inputs(b, s, dtype, seed=0, cos_batch=None, equal_halves=True, transpos
 
 def run(fn, q, k, cos, sin, dq, dk):
     """q_rot, k_rot, dq and dk of ``fn`` for the upstream gradients (dq, dk)."""
-    q = q.detach().clone().requires_grad_(True)
-    k = k.detach().clone().requires_grad_(True)
-    qo, ko = fn(q, k, cos, sin)
-    torch.autograd.backward((qo, ko), (dq, dk))
-    return qo.detach(), ko.detach(), q.grad, k.grad
+    return kc.forward_backward(fn, (q, k), (dq, dk), cos, sin)
 
 
 NAMES = ("q_rot", "k_rot", "dq", "dk")
@@ -108,21 +97,15 @@ def test_general_tables_and_backward_transpose():
 def test_repeats_are_bitwise_equal(dtype):
     """20 runs, fixed upstream gradients: both outputs and both gradients bitwise equal to the first."""
     inputs = make_inputs(2, 3, dtype, seed=2)
-    first = run(rope, *inputs)
-    for i in range(1, REPEATS):
-        for name, a, b in zip(NAMES, first, run(rope, *inputs)):
-            assert_bitwise_equal(a, b, f"{name}, repeat {i} of {REPEATS}")
+    assert_repeats_bitwise(lambda: run(rope, *inputs), NAMES, "rope/triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_batch_is_invariant(dtype):
     """The first k sequences of a batch of 5 are bitwise those of the k sequences alone."""
     q, k, cos, sin, dq, dk = make_inputs(5, 9, dtype, seed=3, cos_batch=5)
-    full = run(rope, q, k, cos, sin, dq, dk)
-    for n in (1, 3):
-        alone = run(rope, q[:n], k[:n], cos[:n], sin[:n], dq[:n], dk[:n])
-        for name, a, b in zip(NAMES, full, alone):
-            assert_bitwise_equal(a[:n], b, f"{name}, first {n} of 5 sequences")
+    assert_batch_invariant(lambda rows: run(rope, *(t[rows] for t in (q, k, cos, sin, dq, dk))),
+                           [slice(0, 1), slice(0, 3)], NAMES, "rope/triton")
 
 
 def test_strided_views_are_read_in_place_with_the_same_bits():

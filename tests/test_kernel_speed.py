@@ -101,7 +101,7 @@ def test_cli_writes_json_atomically(tmp_path):
     data = json.loads(out.read_text())
     assert set(data) == {"environment", "device", "tiny", "timer", "shapes", "timings", "ratios"}
     assert data["tiny"] is True and {t["section"] for t in data["timings"]} == {"matmul"}
-    assert {"torch", "triton", "seed", "commit", "sm_count"} <= set(data["environment"])
+    assert {"torch", "triton", "seeds", "detbench_commit", "sm_count"} <= set(data["environment"])  # bench.results
     assert [p.name for p in tmp_path.iterdir()] == ["speed.json"], "temporary file left behind"
 
 

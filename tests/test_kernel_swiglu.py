@@ -10,20 +10,20 @@ import pytest
 import torch
 
 from bench.compare import assert_bitwise_equal, mismatch
-from kernels import _common
 from qwen_layers.backends import eager_swiglu
 from qwen_layers.registry import REGISTRY
+
+from . import kernel_checks as kc
+from .kernel_checks import DEVICE, assert_batch_invariant, assert_repeats_bitwise
 
 pytest.importorskip("triton", reason="package triton not installed (Linux only)")
 
 from kernels.swiglu import SwiGLUConfig, swiglu  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(_common.triton_available(DEVICE) is not None,
-                                reason=f"triton kernels cannot run here: {_common.triton_available(DEVICE)}")
+pytestmark = kc.requires_triton
 
 WIDTH = 37  # odd: the last block is partly masked
-REPEATS = 20
+NAMES = ("y", "dgate", "dup")
 SMALL = SwiGLUConfig(block=64, num_warps=4)  # several programs even for a few rows
 
 # Allowed error = FACTOR x (eager's error in the same dtype) + FLOOR ulps at the reference's largest
@@ -39,13 +39,7 @@ TOLERANCE = {torch.float32: (2.0, 8.0), torch.float16: (2.0, 1.0), torch.bfloat1
 
 def assert_close_to_reference(out, ref64, eager, what):
     factor, floor_ulps = TOLERANCE[out.dtype]
-    err = (out.double() - ref64).abs().max().item()
-    eager_err = (eager.double() - ref64).abs().max().item()
-    floor = floor_ulps * torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert err <= factor * eager_err + floor, (
-        f"{what}: max error {err:.3e} vs float64 exceeds {factor} x eager's {eager_err:.3e} + floor {floor:.3e}; "
-        f"kernel vs eager: {mismatch(out, eager.to(out.dtype))}"
-    )
+    kc.assert_close_to_reference(out, ref64, eager, what, factor=factor, floor_ulps=floor_ulps)
 
 
 def make_inputs(rows, dtype, seed=0):
@@ -56,11 +50,7 @@ def make_inputs(rows, dtype, seed=0):
 
 def run(fn, gate, up, dy, **kw):
     """Output, d gate and d up of ``fn`` for upstream gradient ``dy``."""
-    gate = gate.detach().clone().requires_grad_(True)
-    up = up.detach().clone().requires_grad_(True)
-    y = fn(gate, up, **kw)
-    y.backward(dy)
-    return y.detach(), gate.grad, up.grad
+    return kc.forward_backward(fn, (gate, up), dy, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -69,7 +59,7 @@ def test_matches_float64_reference(dtype, rows):
     gate, up, dy = make_inputs(rows, dtype)
     ref = run(eager_swiglu, gate.double(), up.double(), dy.double())
     eager = run(eager_swiglu, gate, up, dy)
-    for name, out, r, e in zip(("y", "dgate", "dup"), run(swiglu, gate, up, dy), ref, eager):
+    for name, out, r, e in zip(NAMES, run(swiglu, gate, up, dy), ref, eager):
         assert out.dtype == e.dtype, name
         assert_close_to_reference(out, r, e, f"{name} {dtype} rows={rows}")
 
@@ -78,28 +68,22 @@ def test_matches_float64_reference(dtype, rows):
 def test_repeats_are_bitwise_equal(dtype):
     """20 runs, fixed upstream gradient: y, d gate and d up bitwise equal to the first run."""
     gate, up, dy = make_inputs(17, dtype, seed=1)
-    first = run(swiglu, gate, up, dy, config=SMALL)
-    for i in range(1, REPEATS):
-        for name, a, b in zip(("y", "dgate", "dup"), first, run(swiglu, gate, up, dy, config=SMALL)):
-            assert_bitwise_equal(a, b, f"{name}, repeat {i} of {REPEATS}")
+    assert_repeats_bitwise(lambda: run(swiglu, gate, up, dy, config=SMALL), NAMES, "swiglu/triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rows_are_batch_invariant(dtype):
     """Outputs and gradients of the first k of 127 rows are bitwise those of the k rows alone."""
     gate, up, dy = make_inputs(127, dtype, seed=2)
-    full = run(swiglu, gate, up, dy, config=SMALL)
-    for k in (1, 3, 17):
-        alone = run(swiglu, gate[:k], up[:k], dy[:k], config=SMALL)
-        for name, a, b in zip(("y", "dgate", "dup"), full, alone):
-            assert_bitwise_equal(a[:k], b, f"{name}, first {k} of 127 rows")
+    assert_batch_invariant(lambda rows: run(swiglu, gate[rows], up[rows], dy[rows], config=SMALL),
+                           [slice(0, k) for k in (1, 3, 17)], NAMES, "swiglu/triton")
 
 
 def test_non_contiguous_inputs_give_the_same_bits():
     gate, up, dy = make_inputs(6, torch.float32, seed=3)
     gate_t, up_t = gate.t().contiguous().t(), up.t().contiguous().t()  # column-major copies
     assert not gate_t.is_contiguous()
-    for name, a, b in zip(("y", "dgate", "dup"), run(swiglu, gate, up, dy), run(swiglu, gate_t, up_t, dy.t().t())):
+    for name, a, b in zip(NAMES, run(swiglu, gate, up, dy), run(swiglu, gate_t, up_t, dy.t().t())):
         assert_bitwise_equal(a, b, name)
 
 
