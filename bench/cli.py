@@ -89,7 +89,7 @@ def cmd_list(args) -> int:
 
 # Subcommands defined in other modules: each module has add_parser(subparsers), which registers
 # its subcommand with set_defaults(func=...). The func raises UsageError for bad input.
-COMMAND_MODULES: tuple[str, ...] = ("bench.kernel_speed", "bench.harness", "bench.report")
+COMMAND_MODULES: tuple[str, ...] = ("bench.kernel_speed", "bench.harness", "bench.report", "bench.sft", "bench.pinpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:

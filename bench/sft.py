@@ -1,0 +1,1029 @@
+"""``detbench sft``: repeat the same supervised fine-tuning steps and see whether the repeats agree.
+
+One *configuration* is a model, an attention backend, a determinism mode, a dtype and a learning
+rate. For each configuration the same seeded weights are trained ``repeats`` times for ``steps``
+AdamW steps on the same batches in the same order (see :mod:`bench.data`), and the repeats are
+compared bit for bit: the loss and the gradient norm of every step, and every parameter at the end.
+
+Models (``--model``):
+
+==========================  ========================================================================
+``qwen3-tiny``              a detbench preset (``qwen_layers.config.PRESETS``), seeded random weights
+``path/to/ckpt``            a local Hugging Face Qwen checkpoint folder, loaded into detbench's model
+``hf:qwen3-tiny``           transformers' Qwen3/Qwen2 model built from the preset's config, holding
+                            the same seeded weights as the detbench model
+``hf:path/to/ckpt``         transformers' ``from_pretrained`` on a local folder (no network)
+==========================  ========================================================================
+
+The attention axis names registry backends for detbench models (``eager``, ``sdpa``,
+``sdpa-math`` ...) and ``attn_implementation`` values for transformers models (``eager``, ``sdpa``,
+``flash_attention_2`` when flash-attn is installed, ``detbench`` for detbench's Triton attention via
+:mod:`kernels.hf`, ``detbench-<backend>`` for another registry backend through the same interface).
+
+A training step is what an SFT recipe does: ``zero_grad``, forward with labels (mean cross entropy
+over the response tokens), backward, gradient clipping to norm ``clip`` (1.0 by default; the norm
+before clipping is what is recorded), ``AdamW.step``. The module-level :func:`sft_step` is that step;
+``detbench pinpoint`` runs the very same function.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.util
+import math
+import sys
+import time
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from bench.data import DataError, SFTBatch, batch_for_step, read_token_file, synthetic_batches
+from qwen_layers.config import PRESETS, QwenConfig
+
+SCHEMA = "detbench.sft/1"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+class SFTError(ValueError):
+    """A setting that cannot be used; the message says which and how to fix it (the CLI exits 2)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text.strip().lower()]
+    except KeyError:
+        raise SFTError(f"unknown dtype {text!r}; choose from: float32 (fp32), bfloat16 (bf16), float16 (fp16), "
+                       f"float64 (fp64)") from None
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise SFTError(f"{what} {text!r}: give a comma-separated list without empty entries, e.g. a,b")
+    return list(dict.fromkeys(items))  # keep order, drop duplicates
+
+
+def parse_lrs(text: str) -> list[float]:
+    """``"1e-5,3e-4"`` -> [1e-05, 0.0003]; every entry must be a finite positive number."""
+    out = []
+    for item in parse_list(text, "--lr"):
+        try:
+            lr = float(item)
+        except ValueError:
+            raise SFTError(f"--lr {text!r}: {item!r} is not a number; write learning rates like 1e-5,3e-4") from None
+        if not math.isfinite(lr) or lr <= 0:
+            raise SFTError(f"--lr {text!r}: {item!r} must be a finite positive number, e.g. 1e-5")
+        out.append(lr)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``--model`` named: a preset or a checkpoint folder, in detbench's model or transformers'."""
+
+    text: str
+    transformers: bool
+    config: QwenConfig
+    preset: str | None = None
+    path: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.text
+
+
+def parse_model(text: str) -> ModelSpec:
+    """Resolve ``--model``; raises :class:`SFTError` (unknown name, not a checkpoint folder)."""
+    from qwen_layers.checkpoint import CheckpointError, read_config
+
+    hf = text.startswith(HF_PREFIX)
+    name = text[len(HF_PREFIX):] if hf else text
+    if not name:
+        raise SFTError(f"--model {text!r}: name a preset or a checkpoint folder after 'hf:', e.g. hf:qwen3-tiny")
+    if hf and not _transformers_installed():
+        raise SFTError(f"--model {text!r} needs transformers, which is not installed; pip install 'detbench[hf]' "
+                       f"or drop the 'hf:' prefix to use detbench's own Qwen model")
+    if name in PRESETS:
+        return ModelSpec(text, hf, PRESETS[name], preset=name)
+    path = Path(name)
+    if path.exists():
+        try:
+            config = read_config(path)
+        except CheckpointError as e:
+            raise SFTError(f"--model {text!r} is not a checkpoint folder: {e}") from None
+        return ModelSpec(text, hf, config, path=str(path))
+    raise SFTError(f"unknown model {name!r}: not a detbench preset ({', '.join(PRESETS)}) and no such checkpoint "
+                   f"folder")
+
+
+def _transformers_installed() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hf_attention_choices() -> list[str]:
+    """attn_implementation values this tool knows how to ask transformers for."""
+    names = ["eager", "sdpa"]
+    if importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash_attention_2")
+    names.append("detbench")
+    return names
+
+
+def check_attention(spec: ModelSpec, name: str, device: torch.device) -> None:
+    """Raise :class:`SFTError` unless attention ``name`` exists for this model and can run on ``device``."""
+    from qwen_layers.registry import REGISTRY, BackendError
+
+    if not spec.transformers:
+        try:
+            REGISTRY.resolve("attention", name, device)
+        except BackendError as e:
+            raise SFTError(f"--attention {name!r}: {e}") from None
+        return
+    if name in ("eager", "sdpa"):
+        return
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise SFTError("--attention flash_attention_2: package flash_attn is not installed "
+                           "(pip install 'detbench[flash]' on a CUDA machine)")
+        if device.type != "cuda":
+            raise SFTError("--attention flash_attention_2 needs a CUDA device; use --device cuda")
+        return
+    if name == "detbench" or name.startswith("detbench-"):
+        backend = "triton" if name == "detbench" else name[len("detbench-"):]
+        if importlib.util.find_spec("kernels.hf") is None:
+            raise SFTError(f"--attention {name}: kernels/hf.py (register_attention) is not available in this checkout")
+        try:
+            REGISTRY.resolve("attention", backend, device)
+        except BackendError as e:
+            raise SFTError(f"--attention {name}: {e}") from None
+        return
+    raise SFTError(f"--attention {name!r} is not an attn_implementation detbench can ask transformers for; choose "
+                   f"from: {', '.join(hf_attention_choices())}, or detbench-<registry backend>")
+
+
+@dataclass(frozen=True)
+class Plant:
+    """``--plant PATH=op/backend``: route ``op`` of the module at ``PATH`` (and below) to ``backend``."""
+
+    path: str
+    op: str
+    backend: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '<root>'}={self.op}/{self.backend}"
+
+
+ROOT_NAMES = ("", "<root>", ".")
+
+
+def parse_plant(text: str) -> Plant:
+    """``MODULE_PATH=op/backend``; an empty path (or ``<root>``) is the whole model, e.g. ``=loss/planted-nondet``."""
+    path, eq, choice = text.partition("=")
+    op, slash, backend = choice.partition("/")
+    if not eq or not slash or not op.strip() or not backend.strip():
+        raise SFTError(f"--plant {text!r}: write MODULE_PATH=op/backend, e.g. "
+                       f"model.layers.1.mlp.down_proj=linear/planted-nondet (an empty path is the whole model)")
+    path = path.strip()
+    return Plant("" if path in ROOT_NAMES else path, op.strip(), backend.strip())
+
+
+# Which op each detbench module class routes through the registry (for checking --plant targets).
+def _ops_used(module: nn.Module) -> set[str]:
+    from qwen_layers import model as qm
+
+    table = {qm.Linear: {"linear"}, qm.Embedding: {"embedding"}, qm.RMSNorm: {"rmsnorm"},
+             qm.Attention: {"attention", "rope"}, qm.MLP: {"swiglu"}, qm.QwenForCausalLM: {"loss"}}
+    used: set[str] = set()
+    for m in module.modules():
+        for cls, ops in table.items():
+            if isinstance(m, cls):
+                used |= ops
+    return used
+
+
+@contextlib.contextmanager
+def planted_registered(enabled: bool = True) -> Iterator[None]:
+    """bench.planted's negative controls in the registry for the duration of the block (removed after,
+    unless they were registered before it)."""
+    if not enabled:
+        yield
+        return
+    from bench.planted import PLANTED, register_planted
+    from qwen_layers import registry
+
+    before = {(op, n) for op, n in PLANTED if n in registry.names(op)}
+    try:
+        register_planted()
+        yield
+    finally:
+        for op, n in PLANTED:
+            if (op, n) not in before and n in registry.names(op):
+                registry.unregister(op, n)
+
+
+def apply_plants(model: nn.Module, plants: Iterable[Plant], device: torch.device) -> None:
+    """Route each plant's op below its module path to its backend.
+
+    Planted backends (``planted-*``) must be in the registry: run inside :func:`planted_registered`.
+    """
+    from qwen_layers.model import Routed, set_backends
+    from qwen_layers.registry import OPS, REGISTRY, BackendError
+
+    plants = list(plants)
+    if not plants:
+        return
+    if not isinstance(model, Routed):
+        raise SFTError("--plant needs a detbench model (its ops resolve through the registry); transformers "
+                       "models (hf:...) cannot be planted")
+    for p in plants:
+        if p.op not in OPS:
+            raise SFTError(f"--plant {p}: unknown op {p.op!r}; ops are: {', '.join(OPS)}")
+        try:
+            REGISTRY.resolve(p.op, p.backend, device)
+        except BackendError as e:
+            raise SFTError(f"--plant {p}: {e}") from None
+        try:
+            target = model.get_submodule(p.path)
+        except AttributeError:
+            raise SFTError(f"--plant {p}: the model has no module {p.path!r}; module paths look like "
+                           f"model.layers.0.mlp.down_proj (see print(model))") from None
+        if p.op not in _ops_used(target):
+            raise SFTError(f"--plant {p}: module {p.path!r} ({type(target).__name__}) does not run op {p.op!r}; "
+                           f"it runs: {', '.join(sorted(_ops_used(target))) or 'no routed op'}")
+        set_backends(target, {p.op: p.backend})
+
+
+def _hf_classes(config: QwenConfig):
+    if config.family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2Config, Qwen2ForCausalLM
+
+
+def _hf_attn_name(name: str) -> str:
+    """Register detbench's transformers attention when asked for; return the attn_implementation."""
+    if name == "detbench" or name.startswith("detbench-"):
+        from kernels.hf import register_attention
+
+        backend = "triton" if name == "detbench" else name[len("detbench-"):]
+        return register_attention(backend, name=name)
+    return name
+
+
+def _keep_inv_freq_fp32(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)`` that keeps rotary ``inv_freq`` buffers in float32 (as from_pretrained does)."""
+    saved = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    model = model.to(dtype)
+    for n, b in saved.items():
+        owner, _, attr = n.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, b)
+    return model
+
+
+def build(
+    spec: ModelSpec,
+    *,
+    attention: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+    plants: Sequence[Plant] = (),
+) -> nn.Module:
+    """The model ``spec`` names, in ``dtype`` on ``device``, in train mode, with ``attention``.
+
+    Presets get detbench's seeded weights (:func:`qwen_layers.model.build_model`); ``hf:`` presets
+    get the very same weights in transformers' class. Raises :class:`SFTError`.
+    """
+    from qwen_layers.checkpoint import CheckpointError, from_pretrained
+    from qwen_layers.model import build_model
+
+    device = torch.device(device)
+    if not spec.transformers:
+        if spec.preset is not None:
+            model = build_model(spec.config, seed=seed, dtype=dtype, device=device, backends={"attention": attention})
+        else:
+            try:
+                model = from_pretrained(spec.path, backends={"attention": attention}, dtype=dtype, device=device)
+            except CheckpointError as e:
+                raise SFTError(f"--model {spec.text!r}: {e}") from None
+        apply_plants(model, plants, device)
+        return model.train()
+    if plants:
+        apply_plants(nn.Module(), plants, device)  # raises the "cannot plant transformers models" error
+    attn = _hf_attn_name(attention)
+    if spec.preset is not None:
+        config_cls, model_cls = _hf_classes(spec.config)
+        d = spec.config.to_hf_dict()
+        d.pop("model_type")
+        d.pop("architectures")
+        hf_config = config_cls(**d)
+        hf_config._attn_implementation = attn
+        with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global generator
+            model = model_cls(hf_config)
+        seeded = build_model(spec.config, seed=seed)
+        model.load_state_dict(seeded.state_dict())
+        model = _keep_inv_freq_fp32(model, dtype).to(device)
+        return model.train()
+    from transformers import AutoModelForCausalLM
+
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec.path, attn_implementation=attn, dtype=dtype,
+                                                         local_files_only=True)
+        except TypeError:  # transformers < 4.56 calls it torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(spec.path, attn_implementation=attn, torch_dtype=dtype,
+                                                         local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SFTError(f"--model {spec.text!r}: transformers cannot load it: {str(e).splitlines()[0]}") from None
+    return model.to(device).train()
+
+
+# ------------------------------------------------------------------------------------------------
+# one training step
+# ------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                   weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over every parameter (PyTorch picks its default foreach/for-loop implementation)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: SFTBatch,
+             clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SFT step; returns (loss, gradient norm before clipping) as detached tensors.
+
+    ``clip <= 0`` disables clipping (the norm is still computed). Gradient clipping and the AdamW
+    update run inside ``bench.pinpoint.phase("optimizer")`` so that the pinpointer files them there.
+    """
+    from bench.pinpoint import phase
+
+    optimizer.zero_grad(set_to_none=True)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    loss = out.loss
+    loss.backward()
+    with phase("optimizer"):
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        optimizer.step()
+    return loss.detach(), norm.detach()
+
+
+def value_bits(t: torch.Tensor) -> str:
+    """A scalar tensor's exact bit pattern as ``dtype:hex`` (``float32:3f800000``): what the repeats are compared by."""
+    from bench.compare import bits
+
+    width = t.element_size() * 2
+    return f"{dtype_name(t.dtype)}:{int(bits(t.detach().reshape(())).item()) & ((1 << (4 * width)) - 1):0{width}x}"
+
+
+def fmt_exact(x: float, dtype: torch.dtype | str = torch.float32) -> str:
+    """Shortest decimal that round-trips to the same value in ``dtype`` (all digits that matter)."""
+    import numpy as np
+
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    if name == "float64" or not math.isfinite(x):
+        return repr(x)
+    if name == "float16":
+        return np.format_float_scientific(np.float16(x), unique=True)
+    return np.format_float_scientific(np.float32(x), unique=True)  # bf16 values are exact in float32
+
+
+# ------------------------------------------------------------------------------------------------
+# records (field names are the JSON keys)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParamDiff:
+    """Final parameters of one repeat compared with repeat 0's."""
+
+    repeat: int                 # 0-based repeat index compared with repeat 0
+    tensors_differ: int
+    tensors_total: int
+    elements_differ: int
+    elements_total: int
+    max_abs: float              # largest |a - b| over all parameters (0.0 when identical)
+    worst_param: str | None     # the parameter holding max_abs
+
+
+@dataclass
+class ConfigResult:
+    """One configuration (attention x mode x dtype x lr), all its repeats, and the comparison."""
+
+    attention: str
+    mode: str
+    dtype: str
+    lr: float
+    steps: int
+    repeats: int
+    status: str                          # ok | refused (mode refused an op) | error
+    reason: str | None = None
+    losses: list[list[float]] = field(default_factory=list)       # [repeat][step], exact values
+    loss_bits: list[list[str]] = field(default_factory=list)      # [repeat][step], "dtype:hex"
+    grad_norms: list[list[float]] = field(default_factory=list)   # before clipping
+    grad_norm_bits: list[list[str]] = field(default_factory=list)
+    grad_digests: list[list[str]] = field(default_factory=list)   # [repeat][step]: fingerprint of every gradient
+    step_equal: list[bool] = field(default_factory=list)          # [step]: loss, grad norm and gradients equal in all repeats
+    step_differs: list[list[str]] = field(default_factory=list)   # [step]: which of loss/gnorm/grads differ
+    first_divergent_step: int | None = None                       # 1-based; None: no step differs
+    loss_spread: list[float] = field(default_factory=list)        # [step]: max - min over repeats (float64)
+    grad_norm_spread: list[float] = field(default_factory=list)
+    param_diff: list[ParamDiff] = field(default_factory=list)     # repeats 1.. vs repeat 0
+    identical: bool | None = None                                 # every step and every final parameter equal
+    verdict: str = ""
+    loss_dtype: str = "float32"
+    seconds: float = 0.0
+
+    def key(self) -> str:
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}.get(self.dtype, self.dtype)
+        return f"{self.attention} {self.mode} {dtype} lr={self.lr:g}"
+
+
+@dataclass
+class SFTSettings:
+    model: str
+    model_kind: str                      # detbench | transformers
+    preset: str | None
+    checkpoint: str | None
+    attention: list[str]
+    modes: list[str]
+    dtypes: list[str]
+    lrs: list[float]
+    steps: int
+    repeats: int
+    batch_size: int
+    seq_len: int | None
+    data: str                            # "synthetic" or the token file path
+    n_batches: int
+    seed: int
+    data_seed: int
+    betas: list[float]
+    weight_decay: float
+    clip: float
+    device: str
+    plants: list[str]
+    out: str | None
+
+
+@dataclass
+class SFTResult:
+    schema: str
+    run_id: str
+    started: str
+    finished: str | None
+    status: str                          # complete
+    command: list[str]
+    settings: SFTSettings
+    environment: Any                     # bench.results.Environment
+    modes: list[dict[str, Any]]
+    model_config: dict[str, Any]
+    batches: list[dict[str, Any]]
+    configs: list[ConfigResult]
+
+
+# ------------------------------------------------------------------------------------------------
+# running repeats
+# ------------------------------------------------------------------------------------------------
+
+
+def _param_diff(repeat: int, ref: dict[str, torch.Tensor], model: nn.Module) -> ParamDiff:
+    from bench.compare import bits
+
+    td = ed = et = 0
+    worst, worst_name = 0.0, None
+    params = dict(model.named_parameters())
+    for name, a in ref.items():
+        b = params[name].detach()
+        et += a.numel()
+        n = int((bits(a) != bits(b)).sum())
+        if n:
+            td += 1
+            ed += n
+            d = float((a.double() - b.double()).abs().nan_to_num(nan=math.inf).max())
+            if d > worst or worst_name is None:
+                worst, worst_name = d, name
+    return ParamDiff(repeat, td, len(ref), ed, et, worst, worst_name)
+
+
+def train_repeats(
+    model: nn.Module,
+    init_state: dict[str, torch.Tensor],
+    batches: list[SFTBatch],
+    *,
+    steps: int,
+    repeats: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    seed: int = 0,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``repeats`` times from ``init_state``; returns the raw per-repeat measurements.
+
+    Before each repeat the parameters are reset to ``init_state``, a fresh AdamW is made and the global
+    generators are seeded with ``seed`` (inside ``fork_rng``, so the caller's generator state is
+    restored afterwards).
+    """
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in batches]
+    losses, loss_bits, norms, norm_bits, digests, diffs = [], [], [], [], [], []
+    ref: dict[str, torch.Tensor] | None = None
+    loss_dtype = None
+    params = dict(model.named_parameters())
+    for r in range(repeats):
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(init_state[name])
+        opt = make_optimizer(model, lr=lr, betas=betas, weight_decay=weight_decay)
+        rl, rlb, rn, rnb, rg = [], [], [], [], []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for k in range(steps):
+                loss, norm = sft_step(model, opt, batch_for_step(batches, k), clip)
+                rl.append(float(loss.item()))
+                rlb.append(value_bits(loss))
+                rn.append(float(norm.item()))
+                rnb.append(value_bits(norm))
+                rg.append(grad_digest(model))
+                loss_dtype = dtype_name(loss.dtype)
+                if on_step is not None:
+                    on_step()
+        losses.append(rl), loss_bits.append(rlb), norms.append(rn), norm_bits.append(rnb), digests.append(rg)
+        if r == 0:
+            ref = {n: p.detach().clone() for n, p in params.items()}
+        else:
+            diffs.append(_param_diff(r, ref, model))
+        del opt
+    return {"losses": losses, "loss_bits": loss_bits, "grad_norms": norms, "grad_norm_bits": norm_bits,
+            "grad_digests": digests, "param_diff": diffs, "loss_dtype": loss_dtype or "float32"}
+
+
+def grad_digest(model: nn.Module) -> str:
+    """One hex digest of every parameter's gradient (after clipping), by name, from bench.pinpoint's
+    fingerprints (two differing gradients collide with probability <= 2^-33): it sees a gradient
+    difference that the gradient norm rounds away and the optimizer absorbs."""
+    import hashlib
+
+    from bench.pinpoint import fingerprints
+
+    named = [(n, p.grad) for n, p in model.named_parameters()]
+    h = hashlib.blake2b(digest_size=12)
+    for (name, _), fp in zip(named, fingerprints([g for _, g in named])):
+        h.update(repr((name, fp)).encode())
+    return h.hexdigest()
+
+
+def compare_repeats(res: ConfigResult) -> ConfigResult:
+    """Fill the comparison fields of ``res`` from its per-repeat measurements."""
+    k_steps = len(res.losses[0]) if res.losses else 0
+    res.step_equal, res.step_differs, res.loss_spread, res.grad_norm_spread = [], [], [], []
+    for k in range(k_steps):
+        differs = [what for what, table in (("loss", res.loss_bits), ("gnorm", res.grad_norm_bits),
+                                            ("grads", res.grad_digests))
+                   if table and len({table[r][k] for r in range(len(res.losses))}) > 1]
+        res.step_differs.append(differs)
+        res.step_equal.append(not differs)
+        ls = [res.losses[r][k] for r in range(len(res.losses))]
+        ns = [res.grad_norms[r][k] for r in range(len(res.losses))]
+        res.loss_spread.append(_spread(ls))
+        res.grad_norm_spread.append(_spread(ns))
+    res.first_divergent_step = next((k + 1 for k, eq in enumerate(res.step_equal) if not eq), None)
+    params_equal = all(d.tensors_differ == 0 for d in res.param_diff)
+    res.identical = all(res.step_equal) and params_equal
+    n = len(res.losses)
+    if res.identical:
+        res.verdict = (f"bitwise identical in {n} repeats x {k_steps} steps (losses, grad norms, gradients, "
+                       f"final parameters)")
+    elif res.first_divergent_step is not None:
+        what = "/".join(res.step_differs[res.first_divergent_step - 1])
+        res.verdict = (f"repeats diverge at step {res.first_divergent_step} of {k_steps} ({what} differ; {n} "
+                       f"repeats)")
+    else:
+        res.verdict = f"losses and grad norms equal over {n} repeats, but the final parameters differ"
+    return res
+
+
+def _spread(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) != len(values):
+        return math.nan if len({repr(v) for v in values}) > 1 else 0.0
+    return max(finite) - min(finite)
+
+
+def run_config(
+    model: nn.Module,
+    init_state: dict[str, torch.Tensor],
+    batches: list[SFTBatch],
+    *,
+    attention: str,
+    mode: str,
+    dtype: torch.dtype,
+    lr: float,
+    steps: int,
+    repeats: int,
+    betas=(0.9, 0.999),
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    seed: int = 0,
+    on_step: Callable[[], None] | None = None,
+) -> ConfigResult:
+    """Run one configuration under its determinism mode and compare its repeats."""
+    from bench.modes import apply_mode, is_refusal
+
+    res = ConfigResult(attention=attention, mode=mode, dtype=dtype_name(dtype), lr=lr, steps=steps,
+                       repeats=repeats, status="ok")
+    t0 = time.perf_counter()
+    try:
+        with apply_mode(mode):
+            raw = train_repeats(model, init_state, batches, steps=steps, repeats=repeats, lr=lr, betas=betas,
+                                weight_decay=weight_decay, clip=clip, seed=seed, on_step=on_step)
+    except RuntimeError as e:
+        res.status = "refused" if is_refusal(e) else "error"
+        res.reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        res.verdict = ("mode refused an op: " if res.status == "refused" else "failed: ") + res.reason
+        res.seconds = time.perf_counter() - t0
+        return res
+    res.losses, res.loss_bits = raw["losses"], raw["loss_bits"]
+    res.grad_norms, res.grad_norm_bits = raw["grad_norms"], raw["grad_norm_bits"]
+    res.grad_digests = raw["grad_digests"]
+    res.param_diff, res.loss_dtype = raw["param_diff"], raw["loss_dtype"]
+    res.seconds = time.perf_counter() - t0
+    return compare_repeats(res)
+
+
+@dataclass
+class Plan:
+    """Everything checked before the first step runs (so bad input never leaves a partial result)."""
+
+    spec: ModelSpec
+    attention: list[str]
+    modes: list[str]
+    dtypes: list[torch.dtype]
+    lrs: list[float]
+    steps: int
+    repeats: int
+    batches: list[SFTBatch]
+    device: torch.device
+    plants: list[Plant]
+    settings: SFTSettings
+
+    @property
+    def n_configs(self) -> int:
+        return len(self.attention) * len(self.modes) * len(self.dtypes) * len(self.lrs)
+
+
+def make_plan(
+    *,
+    model: str,
+    attention: str | Sequence[str] = "eager",
+    modes: str | Sequence[str] = "default",
+    dtypes: str | Sequence[str] = "float32",
+    lrs: str | Sequence[float] = "1e-5",
+    steps: int = 10,
+    repeats: int = 3,
+    batch_size: int = 4,
+    seq_len: int = 64,
+    data: str | None = None,
+    n_batches: int | None = None,
+    seed: int = 0,
+    data_seed: int = 0,
+    betas: Sequence[float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    device: torch.device | str = "cpu",
+    plants: Sequence[str | Plant] = (),
+    out: str | None = "results",
+) -> Plan:
+    """Parse and check every setting; raises :class:`SFTError` / :class:`bench.data.DataError`."""
+    from bench.modes import MODES
+
+    device = torch.device(device)
+    if steps < 1:
+        raise SFTError(f"--steps must be at least 1, got {steps}")
+    if repeats < 1:
+        raise SFTError(f"--repeats must be at least 1, got {repeats}")
+    if batch_size < 1:
+        raise SFTError(f"--batch-size must be at least 1, got {batch_size}")
+    if n_batches is not None and n_batches < 1:
+        raise SFTError(f"--batches must be at least 1, got {n_batches}")
+    if not math.isfinite(clip):
+        raise SFTError(f"--clip must be finite (0 disables clipping), got {clip}")
+    betas = tuple(float(b) for b in betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise SFTError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {betas}")
+    spec = parse_model(model)
+    attention = parse_list(attention, "--attention") if isinstance(attention, str) else list(attention)
+    modes = parse_list(modes, "--mode") if isinstance(modes, str) else list(modes)
+    dtype_names = parse_list(dtypes, "--dtype") if isinstance(dtypes, str) else list(dtypes)
+    lrs = parse_lrs(lrs) if isinstance(lrs, str) else [float(x) for x in lrs]
+    if not lrs or any(not math.isfinite(x) or x <= 0 for x in lrs):
+        raise SFTError(f"--lr must be finite positive numbers, got {lrs}")
+    for m in modes:
+        if m not in MODES:
+            raise SFTError(f"--mode {m!r}: unknown mode; choose from: {', '.join(MODES)}")
+    dtype_list = [parse_dtype(d) for d in dtype_names]
+    for a in attention:
+        check_attention(spec, a, device)
+    plant_list = [p if isinstance(p, Plant) else parse_plant(p) for p in plants]
+    if plant_list:
+        # Check the plant paths against a model of the same structure without drawing weights.
+        if spec.transformers:
+            apply_plants(nn.Module(), plant_list, device)
+        from qwen_layers.model import QwenForCausalLM
+
+        with torch.device("meta"):
+            skeleton = QwenForCausalLM(spec.config)
+        with planted_registered():
+            apply_plants(skeleton, plant_list, device)
+    if data is not None:
+        batches = read_token_file(data, vocab_size=spec.config.vocab_size, batch_size=batch_size,
+                                  max_len=spec.config.max_position_embeddings)
+        if n_batches is not None:
+            batches = batches[:n_batches]
+    else:
+        if seq_len > spec.config.max_position_embeddings:
+            raise SFTError(f"--seq-len {seq_len} exceeds the model's {spec.config.max_position_embeddings} positions")
+        batches = synthetic_batches(spec.config.vocab_size, n_batches=n_batches or steps, batch_size=batch_size,
+                                    seq_len=seq_len, seed=data_seed)
+    settings = SFTSettings(
+        model=spec.text, model_kind="transformers" if spec.transformers else "detbench", preset=spec.preset,
+        checkpoint=spec.path, attention=attention, modes=modes, dtypes=[dtype_name(d) for d in dtype_list],
+        lrs=lrs, steps=steps, repeats=repeats, batch_size=batch_size, seq_len=None if data else seq_len,
+        data=str(data) if data else "synthetic", n_batches=len(batches), seed=seed, data_seed=data_seed,
+        betas=list(betas), weight_decay=weight_decay, clip=clip, device=str(device),
+        plants=[str(p) for p in plant_list], out=out,
+    )
+    return Plan(spec, attention, modes, dtype_list, lrs, steps, repeats, batches, device, plant_list, settings)
+
+
+def run_plan(plan: Plan, on_step: Callable[[], None] | None = None,
+             on_config: Callable[[ConfigResult], None] | None = None) -> list[ConfigResult]:
+    """Run the configuration matrix: attention x mode x dtype x lr (models are built once per
+    attention x dtype; every configuration starts from the same seeded weights)."""
+    s = plan.settings
+    results = []
+    with planted_registered(bool(plan.plants)):
+        _run_matrix(plan, results, on_step, on_config)
+    return results
+
+
+def _run_matrix(plan: Plan, results: list, on_step, on_config) -> None:
+    s = plan.settings
+    for dtype in plan.dtypes:
+        for attention in plan.attention:
+            model = build(plan.spec, attention=attention, dtype=dtype, device=plan.device, seed=s.seed,
+                          plants=plan.plants)
+            init_state = {n: p.detach().clone() for n, p in model.named_parameters()}
+            for mode in plan.modes:
+                for lr in plan.lrs:
+                    res = run_config(model, init_state, plan.batches, attention=attention, mode=mode, dtype=dtype,
+                                     lr=lr, steps=plan.steps, repeats=plan.repeats, betas=tuple(s.betas),
+                                     weight_decay=s.weight_decay, clip=s.clip, seed=s.seed, on_step=on_step)
+                    results.append(res)
+                    if on_config is not None:
+                        on_config(res)
+            del model, init_state
+
+
+def run(plan: Plan, *, command: Sequence[str] = (), on_step=None, on_config=None) -> SFTResult:
+    """Run ``plan`` and return the whole record (nothing is written; see :func:`save`)."""
+    from bench.modes import MODES
+    from bench.results import capture_environment, new_run_id
+
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    env = capture_environment(plan.device, seeds={"model": plan.settings.seed, "data": plan.settings.data_seed})
+    configs = run_plan(plan, on_step=on_step, on_config=on_config)
+    return SFTResult(
+        schema=SCHEMA, run_id=new_run_id(), started=started,
+        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), status="complete",
+        command=list(command), settings=plan.settings, environment=env,
+        modes=[MODES[m].to_dict() for m in plan.modes],
+        model_config={k: v for k, v in plan.spec.config.__dict__.items()},
+        batches=[b.describe() for b in plan.batches], configs=configs,
+    )
+
+
+def save(result: SFTResult, out_dir: str | Path) -> Path:
+    """Write ``result`` atomically to a new file in ``out_dir`` (``sft-<date>-<time>-<device>-<id>.json``)."""
+    from bench.results import check_out_dir, device_label, result_path, write_json_atomic
+
+    out = check_out_dir(out_dir)
+    path = result_path(out, "sft", device_label(result.environment), result.run_id)
+    return write_json_atomic(path, result)
+
+
+# ------------------------------------------------------------------------------------------------
+# printing
+# ------------------------------------------------------------------------------------------------
+
+
+def step_table(res: ConfigResult):
+    """Rich table: one row per step, the loss of every repeat (all digits that matter, differing ones in
+    red), ``=`` where loss, grad norm and every gradient are bitwise equal in all repeats (else which of
+    them differ), and the spreads."""
+    from rich.table import Table
+
+    t = Table(title=f"{res.key()}: {res.verdict}", title_justify="left")
+    t.add_column("step", justify="right")
+    for r in range(len(res.losses)):
+        t.add_column(f"loss r{r}", justify="right")
+    t.add_column("bits", justify="center")
+    t.add_column("loss spread", justify="right")
+    t.add_column("gnorm spread", justify="right")
+    for k in range(len(res.step_equal)):
+        ref_bits = res.loss_bits[0][k]
+        cells = []
+        for r in range(len(res.losses)):
+            text = fmt_exact(res.losses[r][k], res.loss_dtype)
+            cells.append(text if res.loss_bits[r][k] == ref_bits else f"[red]{text}[/]")
+        mark = "[green]=[/]" if res.step_equal[k] else f"[red]{','.join(res.step_differs[k])}[/]"
+        t.add_row(str(k + 1), *cells, mark, f"{res.loss_spread[k]:.2e}", f"{res.grad_norm_spread[k]:.2e}")
+    return t
+
+
+def _params_cell(res: ConfigResult) -> str:
+    if not res.param_diff:
+        return "(1 repeat)"
+    worst = max(res.param_diff, key=lambda d: d.elements_differ)
+    if worst.tensors_differ == 0:
+        return "equal"
+    return f"{worst.tensors_differ}/{worst.tensors_total} differ, max {max(d.max_abs for d in res.param_diff):.1e}"
+
+
+def summary_table(results: list[ConfigResult], repeats: int, steps: int):
+    """Rich table: one row per configuration, then each configuration's verdict sentence."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"detbench sft: {repeats} repeats x {steps} steps per configuration", title_justify="left")
+    t.add_column("configuration", no_wrap=True)
+    t.add_column("repeats", no_wrap=True)
+    t.add_column("max dloss", justify="right", no_wrap=True)
+    t.add_column("max dgnorm", justify="right", no_wrap=True)
+    t.add_column("final params", min_width=10)
+    lines = []
+    for res in results:
+        if res.status != "ok":
+            t.add_row(res.key(), f"[yellow]{res.status}[/]", "-", "-", "-")
+        else:
+            agree = ("[green]identical[/]" if res.identical else
+                     f"[red]diverge @{res.first_divergent_step}[/]" if res.first_divergent_step else "[red]params differ[/]")
+            t.add_row(res.key(), agree, f"{max(res.loss_spread):.2e}", f"{max(res.grad_norm_spread):.2e}",
+                      _params_cell(res))
+        lines.append(escape(f"{res.key()}: {res.verdict}"))
+    return Group(t, *lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def add_common_model_args(p) -> None:
+    """Arguments shared by ``detbench sft`` and ``detbench pinpoint``."""
+    p.add_argument("--model", default="qwen3-tiny",
+                   help="preset, checkpoint folder, hf:preset or hf:folder (default qwen3-tiny)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
+    p.add_argument("--seq-len", type=int, default=64, help="longest synthetic sequence (default 64)")
+    p.add_argument("--data", help="JSONL token file (one list of ids per line, or {input_ids, loss_mask})")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed (default 0)")
+    p.add_argument("--plant", action="append", default=[], metavar="MODULE_PATH=op/backend",
+                   help="route one module's op to a backend, e.g. model.layers.1.mlp.down_proj=linear/planted-nondet "
+                        "(repeatable)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sft", help="repeat SFT steps and compare the repeats bit for bit",
+                       description="Train the same seeded model on the same batches R times for K AdamW steps, over "
+                                   "a matrix of attention backend x mode x dtype x learning rate, and compare every "
+                                   "step's loss and gradient norm and the final parameters bit for bit.")
+    add_common_model_args(p)
+    p.add_argument("--attention", default="eager",
+                   help="comma-separated attention backends (registry names, or attn_implementation for hf: models)")
+    p.add_argument("--mode", default="default", help="comma-separated determinism modes: default, torch-det, hf-full")
+    p.add_argument("--dtype", default="float32", help="comma-separated dtypes: fp32, bf16, fp16 (default fp32)")
+    p.add_argument("--lr", default="1e-5", help="comma-separated learning rates, e.g. 1e-5,3e-4 (default 1e-5)")
+    p.add_argument("--steps", "-k", type=int, default=10, help="training steps per repeat (default 10)")
+    p.add_argument("--repeats", "-r", type=int, default=3, help="repeats per configuration (default 3)")
+    p.add_argument("--batches", type=int, help="distinct batches, cycled (default: one per step)")
+    p.add_argument("--betas", default="0.9,0.999", help="AdamW betas (default 0.9,0.999)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0.0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm, 0 disables (default 1.0)")
+    p.add_argument("--out", default="results", help="results directory (default results/)")
+    p.add_argument("--no-save", action="store_true", help="do not write a result file")
+    p.add_argument("--json", action="store_true", help="print the result record as JSON instead of tables")
+    p.add_argument("--summary-only", action="store_true", help="print only the summary table, not every step")
+    p.set_defaults(func=cmd_sft)
+
+
+def parse_betas(text: str) -> tuple[float, float]:
+    try:
+        vals = tuple(float(x) for x in parse_list(text, "--betas"))
+    except ValueError:
+        raise SFTError(f"--betas {text!r}: write two numbers, e.g. 0.9,0.999") from None
+    if len(vals) != 2:
+        raise SFTError(f"--betas {text!r}: write two numbers, e.g. 0.9,0.999")
+    return vals
+
+
+def plan_from_args(args, **overrides) -> Plan:
+    """A :class:`Plan` from parsed CLI arguments; bad input becomes ``bench.cli.UsageError``."""
+    from bench.cli import UsageError, parse_device
+
+    device = parse_device(args.device)
+    try:
+        kw = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, data=args.data, seed=args.seed,
+                  data_seed=args.data_seed, device=device, plants=args.plant)
+        kw.update(overrides)
+        return make_plan(**kw)
+    except (SFTError, DataError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_sft(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.cli import UsageError
+
+    try:
+        betas = parse_betas(args.betas)
+    except SFTError as e:
+        raise UsageError(str(e)) from None
+    plan = plan_from_args(args, attention=args.attention, modes=args.mode, dtypes=args.dtype, lrs=args.lr,
+                          steps=args.steps, repeats=args.repeats, n_batches=args.batches, betas=betas,
+                          weight_decay=args.weight_decay, clip=args.clip, out=None if args.no_save else args.out)
+    out_dir = None
+    if not args.no_save:
+        from bench.results import OutDirError, check_out_dir
+
+        try:
+            out_dir = check_out_dir(args.out)
+        except OutDirError as e:
+            raise UsageError(str(e)) from None
+    console = Console()
+    total = plan.n_configs * plan.repeats * plan.steps
+    if not args.json:
+        s = plan.settings
+        console.print(f"[bold]detbench sft[/] {s.model} on {s.device}: {plan.n_configs} configuration(s) x "
+                      f"{plan.repeats} repeats x {plan.steps} steps; {len(plan.batches)} batch(es) of "
+                      f"{s.batch_size} ({s.data}); AdamW betas {tuple(s.betas)}, weight decay {s.weight_decay}, "
+                      f"clip {s.clip}" + (f"; planted: {', '.join(s.plants)}" if s.plants else ""))
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True, disable=args.json) as progress:
+            task = progress.add_task("SFT steps", total=total)
+
+            def on_config(res: ConfigResult) -> None:
+                if not args.json and not args.summary_only and res.status == "ok":
+                    progress.console.print(step_table(res))
+
+            result = run(plan, command=sys.argv, on_step=lambda: progress.advance(task), on_config=on_config)
+    except SFTError as e:
+        raise UsageError(str(e)) from None
+    path = save(result, out_dir) if out_dir is not None else None
+    if args.json:
+        from bench.results import to_json
+
+        json.dump(to_json(result), sys.stdout, indent=1)
+        print()
+        return 0
+    console.print(summary_table(result.configs, plan.repeats, plan.steps))
+    if path is not None:
+        console.print(f"result: {path}")
+    return 0

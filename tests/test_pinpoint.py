@@ -1,0 +1,554 @@
+"""``bench.pinpoint``: replay and trace-compare name the op that is nondeterministic, and nothing else.
+
+Negative controls: bench/planted.py backends planted in exactly one place of the tiny model, and a
+custom aten op that adds OS-random noise (nondeterminism at aten level, as a GPU atomic would be).
+
+How sure the planted tests are. A planted backend sums n = 4 partial results in an order drawn from
+the OS on every call; two evaluations of one call agree only if their orders give the same bits.
+:class:`OrderSpy` records every call's partial results and computes, by evaluating all n! orders,
+the exact probability q that two independent evaluations of that call agree. A method misses only
+if every compared call agreed, so the chance that a test misses is the product of its calls' q. Each
+test asserts that product is below 1e-6 *before* asserting the finding (a test that could not fail
+the finding would prove nothing). On the unpadded token files used here every vector-valued call has
+q = 1/12 (only swapping the first two parts commutes), so 6 calls give 12^-6 = 3.4e-7. The loss is
+one float32 number and different orders often round alike (q ~ 0.5 per call): its tests use 24 calls
+(computed products ~ 1e-7, asserted below 1e-6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bench.planted as planted
+from bench import cli, pinpoint, sft
+from bench.compare import bits
+from bench.data import batch_for_step, read_token_file
+from qwen_layers.registry import REGISTRY
+
+MAX_MISS = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+class OrderSpy:
+    """Records the partial results of every planted shuffled sum, and how likely two orders agree."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[torch.Tensor]] = []
+
+    @contextlib.contextmanager
+    def installed(self):
+        original = planted.shuffled_sum
+
+        def spy(parts):
+            self.calls.append([p.detach().clone() for p in parts])
+            return original(parts)
+
+        planted.shuffled_sum = spy
+        try:
+            yield self
+        finally:
+            planted.shuffled_sum = original
+
+    @staticmethod
+    def coincidence(parts: list[torch.Tensor]) -> float:
+        """P(two uniformly random left-to-right summation orders of ``parts`` give the same bits).
+
+        Exactly-zero scalar parts are dropped first: adding +0.0 changes nothing, and the order of the
+        remaining parts induced by a uniform permutation is uniform.
+        """
+        if all(p.dim() == 0 for p in parts):
+            vals = np.array([p.item() for p in parts if p.item() != 0.0 or math.copysign(1, p.item()) < 0],
+                            dtype=np.float32)
+            if len(vals) <= 1:
+                return 1.0
+            perms = np.array(list(itertools.permutations(range(len(vals)))))
+            sums = np.add.accumulate(vals[perms], axis=1, dtype=np.float32)[:, -1]
+            keys = sums.view(np.int32).tolist()
+        else:
+            keys = []
+            for perm in itertools.permutations(range(len(parts))):
+                total = parts[perm[0]]
+                for i in perm[1:]:
+                    total = total + parts[i]
+                keys.append(bits(total).numpy().tobytes())
+        counts: dict = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        return sum((c / len(keys)) ** 2 for c in counts.values())
+
+    def miss_probability(self, calls: list[list[torch.Tensor]] | None = None) -> float:
+        """Product of the calls' coincidence probabilities (consecutive identical calls - a replay of
+        the call before - count once)."""
+        calls = self.calls if calls is None else calls
+        prob, last = 1.0, None
+        for parts in calls:
+            if last is not None and len(parts) == len(last) and all(
+                    torch.equal(bits(a), bits(b)) for a, b in zip(parts, last)):
+                last = None
+                continue
+            prob *= self.coincidence(parts)
+            last = parts
+        return prob
+
+
+def token_file(path, *, n_seqs: int, length: int, prompt: int, seed: int = 0):
+    """Equal-length sequences (no padding, so no all-zero partial results) with a masked prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for _ in range(n_seqs):
+            ids = torch.randint(1, 256, (length,), generator=gen).tolist()
+            f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * prompt + [1] * (length - prompt)}) + "\n")
+    return path
+
+
+# The four planted places of the issue: plant, expected (level, op name, module path, phase), and the
+# data: (batch size, sequence length, prompt length, steps).
+PLACES = {
+    "linear-fwd": ("model.layers.1.mlp.down_proj=linear/planted-nondet",
+                   ("registry", "linear/planted-nondet", "model.layers.1.mlp.down_proj", "forward"), (2, 16, 4, 6)),
+    "attention-bwd": ("model.layers.0.self_attn=attention/planted-nondet-bwd",
+                      ("autograd.Function", "_PVNondetDVBackward", "model.layers.0.self_attn", "backward"),
+                      (2, 16, 4, 6)),
+    "rmsnorm-dw": ("model.layers.0.post_attention_layernorm=rmsnorm/planted-nondet-dw",
+                   ("autograd.Function", "_RMSNormNondetDWBackward", "model.layers.0.post_attention_layernorm",
+                    "backward"), (2, 16, 4, 6)),
+    "loss": ("=loss/planted-nondet", ("registry", "loss/planted-nondet", "", "forward"), (1, 9, 1, 24)),
+}
+
+
+class PlantedSFT:
+    """The tiny model with one planted place, its batches, and SFT steps as a callable."""
+
+    def __init__(self, tmp_path, plant: str | None, data=(2, 16, 4, 6), lr: float = 1e-3) -> None:
+        bs, length, prompt, steps = data
+        path = token_file(tmp_path / "tokens.jsonl", n_seqs=bs * steps, length=length, prompt=prompt)
+        self.spec = sft.parse_model("qwen3-tiny")
+        self.batches = read_token_file(path, vocab_size=256, batch_size=bs)
+        self.plants = [sft.parse_plant(plant)] if plant else []
+        self.steps, self.lr, self.path = steps, lr, path
+
+    def setup(self):
+        model = sft.build(self.spec, attention="eager", dtype=torch.float32, device="cpu", plants=self.plants)
+        return model, sft.make_optimizer(model, lr=self.lr)
+
+    def run(self, model, opt):
+        return [sft.sft_step(model, opt, batch_for_step(self.batches, k))[0] for k in range(self.steps)]
+
+
+@pytest.fixture
+def planted_registry():
+    with sft.planted_registered():
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# the planted places: replay and trace-compare name the op, its module path and its phase
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+def test_replay_names_the_planted_op(tmp_path, planted_registry, place):
+    plant, (level, op, module, phase), data = PLACES[place]
+    job = PlantedSFT(tmp_path, plant, data)
+    spy = OrderSpy()
+    with spy.installed():
+        report = pinpoint.replay(job.run, *job.setup())
+    miss = spy.miss_probability()
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    found = [(f.level, f.op, f.module, f.phase) for f in report.findings]
+    assert found == [(level, op, module, phase)], str(report)
+    f = report.findings[0]
+    assert f.n_diff > 0 and f.max_ulp > 0
+    assert "order in which Python combined them changed" in f.note
+    assert not report.errors
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+def test_trace_compare_names_the_planted_op(tmp_path, planted_registry, place):
+    plant, (level, op, module, phase), data = PLACES[place]
+    job = PlantedSFT(tmp_path, plant, data)
+    spy = OrderSpy()
+    n_calls = []
+
+    def setup():
+        n_calls.append(len(spy.calls))
+        return job.setup()
+
+    with spy.installed():
+        report = pinpoint.compare_runs(job.run, runs=2, setup=setup)
+    miss = spy.miss_probability(spy.calls[:n_calls[1]])  # run 0's calls: the runs agree only if each agreed
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    assert not report.identical
+    root = report.root_cause
+    kinds = {"registry": "registry", "autograd.Function": "autograd.Function"}
+    assert (root["kind"], root["op"], root["module"], root["phase"]) == (kinds[level], op, module, phase), str(report)
+    pair = report.pairs[0]
+    assert pair.control_flow is None
+    first = pair.first_difference
+    assert first["kind"] == "aten" and first["module"] == module and first["inside"] == op
+    assert "combined in another order" in pair.first_difference_note
+    if phase == "forward" and module:
+        assert pair.first_module["module"] == module and pair.first_module["index"] > root["index"]
+
+
+def test_sft_planted_divergence_is_seen_by_both_methods_from_the_cli(tmp_path, capsys):
+    """`detbench pinpoint` on a planted SFT step: both methods name the op (6 steps: miss <= 12^-6)."""
+    path = token_file(tmp_path / "t.jsonl", n_seqs=12, length=16, prompt=4)
+    spy = OrderSpy()
+    with spy.installed():
+        rc = cli.main(["pinpoint", "--model", "qwen3-tiny", "--data", str(path), "--batch-size", "2", "--steps", "6",
+                       "--lr", "1e-3", "--device", "cpu", "--json",
+                       "--plant", "model.layers.1.mlp.down_proj=linear/planted-nondet"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    # replay's calls come in (call, replay) pairs, then the two traced runs: the replay alone bounds the miss
+    assert spy.miss_probability(spy.calls[:12]) < MAX_MISS
+    assert [(f["op"], f["module"], f["phase"]) for f in out["replay"]["findings"]] == [
+        ("linear/planted-nondet", "model.layers.1.mlp.down_proj", "forward")]
+    assert out["compare"]["root_cause"]["op"] == "linear/planted-nondet"
+    assert out["compare"]["root_cause"]["module"] == "model.layers.1.mlp.down_proj"
+    assert "planted-nondet" not in REGISTRY.names("linear")  # registered for the command only
+
+
+def test_cli_pinpoint_tables_name_the_planted_op(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds long names in narrow tables
+    path = token_file(tmp_path / "t.jsonl", n_seqs=12, length=16, prompt=4)
+    spy = OrderSpy()
+    with spy.installed():
+        rc = cli.main(["pinpoint", "--data", str(path), "--batch-size", "2", "--steps", "6", "--lr", "1e-3",
+                       "--device", "cpu", "--method", "replay",
+                       "--plant", "model.layers.0.post_attention_layernorm=rmsnorm/planted-nondet-dw"])
+    assert rc == 0 and spy.miss_probability() < MAX_MISS
+    out = capsys.readouterr().out
+    assert "_RMSNormNondetDWBackward" in out and "post_attention_layernorm" in out and "backward" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# no false positives
+# ------------------------------------------------------------------------------------------------
+
+
+def test_no_false_positives_on_the_unplanted_model(tmp_path):
+    """Eager fp32 tiny model, 4 SFT steps: replay flags nothing; 4 traced runs are identical."""
+    job = PlantedSFT(tmp_path, None, (2, 16, 4, 4))
+    report = pinpoint.replay(job.run, *job.setup())
+    assert report.clean, str(report)
+    assert report.ops_replayed > 100 and report.units_replayed > 40
+    cmp = pinpoint.compare_runs(job.run, runs=4, setup=job.setup)
+    assert cmp.identical, str(cmp)
+    assert len(set(cmp.events)) == 1 and cmp.events[0] > 1000
+    assert cmp.root_cause is None
+
+
+def test_no_false_positives_replaying_every_op_in_exact_mode(tmp_path):
+    job = PlantedSFT(tmp_path, None, (2, 8, 2, 2))
+    report = pinpoint.replay(job.run, *job.setup(), all_ops=True)
+    assert report.clean and "order_free" not in report.skipped
+    cmp = pinpoint.compare_runs(job.run, runs=2, setup=job.setup, exact=True)
+    assert cmp.identical, str(cmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# aten-level nondeterminism (the GPU-atomics case) on any callable, with module path and phase
+# ------------------------------------------------------------------------------------------------
+
+_sysrand = random.SystemRandom()
+
+
+@torch.library.custom_op("detbench_test::noisy_sum", mutates_args=())
+def noisy_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim, with OS-random low mantissa bits in element 0: like an atomic reduction,
+    it disagrees with itself. Two calls agree with probability 2^-22 (the XOR mask), so each test below
+    that compares two calls misses with probability 2.4e-7."""
+    out = x.sum(-1).contiguous()
+    out.view(torch.int32).view(-1)[0] ^= _sysrand.getrandbits(22)
+    return out
+
+
+@noisy_sum.register_fake
+def _(x):
+    return x.new_empty(x.shape[:-1])
+
+
+class NoisyFn(torch.autograd.Function):
+    """Identity forward; backward goes through the noisy aten op."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return noisy_sum(g.unsqueeze(-1))  # = g, up to the noise in element 0
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return noisy_sum(self.inner(x))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.head(NoisyFn.apply(x))
+
+
+def test_replay_catches_an_aten_op_in_forward_with_its_module_path():
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 8)
+    report = pinpoint.replay(lambda: net.block(x), roots={"net": net})
+    (f,) = report.findings
+    assert (f.level, f.op, f.module, f.phase) == ("aten", "detbench_test.noisy_sum.default", "net.block", "forward")
+    assert f.n_diff == 1 and f.n_total == 4 and f.inside is None
+
+
+def test_replay_catches_an_aten_op_inside_a_custom_backward_at_both_levels():
+    """The noisy op in a custom Function's backward: reported as an aten op (inside the node) and,
+    because the node's output changed, at the custom-Function level too."""
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def step():
+        net(x).sum().backward()
+
+    report = pinpoint.replay(step, roots={"net": net})
+    by_level = {f.level: f for f in report.findings}
+    assert by_level["aten"].op == "detbench_test.noisy_sum.default"
+    assert by_level["aten"].phase == "backward" and by_level["aten"].inside == "NoisyFnBackward"
+    assert by_level["autograd.Function"].op == "NoisyFnBackward"
+    assert all(f.module == "net" for f in report.findings), str(report)
+
+
+def test_trace_compare_catches_an_aten_op_and_counts_the_spread():
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 8)
+
+    def fn():
+        y = net.block(x)
+        return (y * 2).exp().sum()
+
+    report = pinpoint.compare_runs(fn, runs=3, roots={"net": net})
+    assert not report.identical
+    root = report.root_cause
+    assert (root["kind"], root["op"], root["module"], root["phase"]) == (
+        "aten", "detbench_test.noisy_sum.default", "net.block", "forward")
+    pair = report.pairs[0]
+    assert pair.first_module["module"] == "net.block"
+    assert pair.differing_ops_after_root >= 3 and pair.ops_after_root >= pair.differing_ops_after_root
+    exact = pinpoint.compare_runs(fn, runs=2, exact=True, roots={"net": net})
+    assert exact.root_cause["op"] == "detbench_test.noisy_sum.default"
+    assert exact.pairs[0].root_cause_diff["n_diff"] == 1
+
+
+class NoisySGD(torch.optim.SGD):
+    """SGD whose update of every parameter goes through the noisy op (an optimizer-phase fault)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(noisy_sum(p.grad.unsqueeze(-1)), alpha=-group["lr"])
+
+
+def test_optimizer_phase_is_named_with_the_parameter():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4))
+    opt = NoisySGD(net.parameters(), lr=0.1)
+    x = torch.randn(2, 4)
+
+    def step():
+        opt.zero_grad()
+        net(x).sum().backward()
+        opt.step()
+
+    report = pinpoint.replay(step, roots={"net": net})
+    phases = {(f.op, f.phase, f.module) for f in report.findings}
+    assert ("detbench_test.noisy_sum.default", "optimizer", "net.0.weight") in phases, str(report)
+
+
+# ------------------------------------------------------------------------------------------------
+# replay leaves the run exactly as a plain run: in-place, out=, views, random ops
+# ------------------------------------------------------------------------------------------------
+
+
+def mixed_ops(x, out):
+    a = torch.nn.functional.dropout(x, p=0.5, training=True)  # random: generator restored for the replay
+    b = a.clone()
+    b.add_(1.0)                                                # in-place
+    torch.mul(b, 2.0, out=out)                                 # out=
+    v = out.view(-1)[::2]                                      # views
+    v.mul_(3.0)                                                # in-place through a view
+    r = torch.randn(3)                                         # random factory
+    s = torch.empty(5).fill_(2.0)                              # uninitialised, then filled
+    return a.sum() + out.sum() + r.sum() + s.sum(), torch.bernoulli(torch.full((4,), 0.5))
+
+
+def test_replay_leaves_results_and_generator_state_as_a_plain_run():
+    x = torch.randn(6, 5)
+    torch.manual_seed(7)
+    plain_out = torch.zeros(6, 5)
+    plain = mixed_ops(x, plain_out)
+    plain_state = torch.get_rng_state()
+    torch.manual_seed(7)
+    rep_out = torch.zeros(6, 5)
+    report = pinpoint.replay(mixed_ops, x, rep_out)
+    assert report.clean, str(report)
+    for a, b in zip(plain, report.value):
+        assert torch.equal(bits(a), bits(b))
+    assert torch.equal(bits(plain_out), bits(rep_out))
+    assert torch.equal(torch.get_rng_state(), plain_state)
+    assert report.skipped.get("view", 0) > 0 and report.skipped.get("uninitialised", 0) >= 1
+
+
+def test_trace_leaves_results_as_a_plain_run_and_is_deterministic():
+    x = torch.randn(6, 5)
+    torch.manual_seed(3)
+    plain = mixed_ops(x, torch.zeros(6, 5))
+    report = pinpoint.compare_runs(mixed_ops, x, torch.zeros(6, 5), runs=3, seed=3)
+    assert report.identical, str(report)
+    for a, b in zip(plain, report.value):
+        assert torch.equal(bits(a), bits(b))
+
+
+def test_every_skipped_op_kind_is_documented():
+    x = torch.randn(6, 5)
+    report = pinpoint.replay(mixed_ops, x, torch.zeros(6, 5))
+    for reason in report.skipped:
+        assert reason in pinpoint.SKIP_REASONS or reason in pinpoint.SKIP_NAMESPACES
+    assert set(report.to_dict()["skip_reasons"]) == set(report.skipped)
+
+
+# ------------------------------------------------------------------------------------------------
+# fingerprints
+# ------------------------------------------------------------------------------------------------
+
+
+def _fp(t, exact=False):
+    f = pinpoint._Fingerprints(exact)
+    d = f.value(t)
+    return f.resolver()(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+def test_fingerprints_see_every_single_bit(dtype):
+    """Flipping any one bit of any element changes the fingerprint (including the top bit of the upper
+    32-bit half of a 64-bit word, the case a plain int64 dot product would see only half the time)."""
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(37, 11, generator=gen) * 100).to(dtype)
+    ref = _fp(base)
+    assert _fp(base.clone()) == ref
+    raw = base.view(torch.uint8).reshape(-1)
+    n = raw.numel()
+    for byte in sorted({0, 1, 3, 4, 7, n // 2, n // 2 + 3, n - 13, n - 5, n - 1}):
+        for bit in (0, 7):
+            t = base.clone()
+            t.view(torch.uint8).reshape(-1)[byte] ^= (1 << bit)
+            assert _fp(t) != ref, (byte, bit)
+
+
+def test_fingerprints_distinguish_signed_zero_and_nan_payloads():
+    z = torch.zeros(100)
+    nz = z.clone()
+    nz[51] = -0.0
+    assert _fp(z) != _fp(nz)
+    a = torch.full((100,), float("nan"))
+    b = a.clone()
+    b.view(torch.int32)[77] += 1
+    assert _fp(a) != _fp(b)
+
+
+def test_fingerprints_are_reproducible_integers():
+    """The same values give the same fingerprint, also when they arrive through another layout."""
+    t = torch.randn(64, 33)
+    assert _fp(t) == _fp(t.t().contiguous().t().contiguous())
+    f = pinpoint._Fingerprints(False)
+    d = f.value(t)
+    assert d[0] == "h" and all(isinstance(v, int) for v in d[3] + d[4])
+
+
+# ------------------------------------------------------------------------------------------------
+# reports
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reports_serialise_to_json_and_print(tmp_path, planted_registry):
+    plant, _, data = PLACES["linear-fwd"]
+    job = PlantedSFT(tmp_path, plant, data)
+    rep = pinpoint.replay(job.run, *job.setup())
+    cmp = pinpoint.compare_runs(job.run, runs=2, setup=job.setup)
+    for r in (rep, cmp):
+        d = json.loads(r.to_json())
+        assert d["method"] in ("replay", "compare")
+        text = str(r)
+        assert "linear/planted-nondet" in text and "model.layers.1.mlp.down_proj" in text
+    assert json.loads(cmp.to_json())["collision_bound"].startswith("fingerprints")
+
+
+def test_pinpoint_leaves_no_hooks_or_wrappers_behind():
+    import qwen_layers.registry as reg
+    from torch.nn.modules import module as nn_module
+
+    before = (reg.resolve, "resolve" in reg.REGISTRY.__dict__, torch.autograd.Function.__dict__["apply"],
+              len(nn_module._global_forward_hooks), len(nn_module._global_forward_pre_hooks))
+
+    def boom():
+        nn.Linear(2, 2)(torch.randn(1, 2))
+        raise RuntimeError("boom")
+
+    for method in (pinpoint.replay, pinpoint.trace):
+        with pytest.raises(RuntimeError, match="boom"):
+            method(boom)
+    after = (reg.resolve, "resolve" in reg.REGISTRY.__dict__, torch.autograd.Function.__dict__["apply"],
+             len(nn_module._global_forward_hooks), len(nn_module._global_forward_pre_hooks))
+    assert after == before
+
+
+def test_phase_context_restores():
+    assert pinpoint._PHASE.get() is None
+    with pinpoint.phase("optimizer"):
+        assert pinpoint._PHASE.get() == "optimizer"
+    assert pinpoint._PHASE.get() is None
+
+
+def test_pinpoint_cli_on_a_harness_subject(capsys):
+    assert cli.main(["pinpoint", "--subject", "rmsnorm", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["replay"]["clean"] and out["compare"]["identical"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--subject", "nope"], "unknown"),
+    (["--runs", "1"], "--runs"),
+    (["--steps", "0"], "--steps"),
+    (["--dtype", "fp32,bf16"], "one value"),
+    (["--plant", "model.layers.9.mlp=linear/planted-nondet"], "no module"),
+])
+def test_pinpoint_cli_bad_input(capsys, argv, msg):
+    assert cli.main(["pinpoint", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1

@@ -1,0 +1,273 @@
+"""``detbench sft``: SFT batches, repeated training steps, the comparison of repeats, bad input.
+
+The planted tests bound their own chance of missing the way tests/test_pinpoint.py explains (exact
+per-call coincidence probabilities from the recorded partial results; asserted below 1e-6 before the
+finding is asserted). To be seen by ``detbench sft`` a planted difference must also reach a loss, a
+gradient norm, a gradient or a final parameter. The per-step gradient fingerprint makes that direct
+for the backward faults (the planted reduction *is* a gradient, or feeds one through a matmul); the
+forward faults reach the loss through the residual stream, with hundreds of elements differing per
+call. (Without the gradient fingerprint the RMSNorm fault was seen to vanish: a one-ulp change in a
+small gradient rounds away in the norm, and AdamW's first steps, g/sqrt(g^2), absorb it.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from bench import cli, sft
+from bench.data import DataError, IGNORE_INDEX, batch_for_step, read_token_file, synthetic_batches
+from bench.compare import bits
+
+from .test_pinpoint import MAX_MISS, PLACES, OrderSpy, token_file
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_batches_are_seeded_sft_batches():
+    a = synthetic_batches(256, n_batches=3, batch_size=5, seq_len=24, seed=1)
+    b = synthetic_batches(256, n_batches=3, batch_size=5, seq_len=24, seed=1)
+    c = synthetic_batches(256, n_batches=3, batch_size=5, seq_len=24, seed=2)
+    for x, y in zip(a, b):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+    assert not torch.equal(a[0].input_ids, c[0].input_ids)
+    lengths = set()
+    for batch in a:
+        ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+        assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= 24
+        for row in range(ids.shape[0]):
+            n = int(mask[row].sum())
+            lengths.add(n)
+            assert mask[row, :n].all() and not mask[row, n:].any()          # right padding
+            assert (labels[row, n:] == IGNORE_INDEX).all()                   # padding not scored
+            scored = (labels[row, :n] != IGNORE_INDEX).nonzero().flatten()
+            assert scored.numel() >= 1 and scored[0] >= 1                     # a prompt, then the response
+            assert (labels[row, scored[0]:n] == ids[row, scored[0]:n]).all()  # the response is scored
+            assert (labels[row, :scored[0]] == IGNORE_INDEX).all()            # the prompt is not
+            assert (ids[row, :n] >= 1).all() and (ids[row, :n] < 256).all()
+        assert batch.n_scored > 0
+    assert len(lengths) > 3  # varied lengths
+    assert batch_for_step(a, 4) is a[1]
+
+
+def test_token_file_lists_and_masks(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('[5, 6, 7]\n\n{"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 1, 1]}\n[9, 9]\n')
+    batches = read_token_file(path, vocab_size=10, batch_size=2)
+    assert len(batches) == 2
+    b0 = batches[0]
+    assert b0.input_ids.tolist() == [[5, 6, 7, 0], [1, 2, 3, 4]]
+    assert b0.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert b0.labels.tolist() == [[5, 6, 7, -100], [-100, -100, 3, 4]]
+    assert batches[1].input_ids.tolist() == [[9, 9]]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("[1, 2, 300]\n", "token id 300 is outside the model's vocabulary [0, 256)"),
+    ("[1, 2, -1]\n", "token id -1 is outside"),
+    ("[1, 2\n", "not JSON"),
+    ('{"input_ids": [1, 2], "loss_mask": [1]}\n', "loss_mask must be a list of 0/1"),
+    ('{"ids": [1, 2]}\n', 'without "input_ids"'),
+    ("[]\n", "non-empty list of integers"),
+    ("\n\n", "no sequences"),
+    ('{"input_ids": [1, 2], "loss_mask": [1, 0]}\n', "no token that counts in the loss"),
+])
+def test_token_file_errors_name_the_line_and_fix(tmp_path, text, msg):
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=None) as e:
+        read_token_file(path, vocab_size=256, batch_size=4)
+    assert msg in str(e.value) and str(path) in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# detbench sft on deterministic backends
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sft_matrix_is_identical_on_deterministic_backends(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out_dir = tmp_path / "results"
+    rc = cli.main(["sft", "--model", "qwen3-tiny", "--device", "cpu", "--steps", "3", "--repeats", "3",
+                   "--seq-len", "24", "--attention", "eager,sdpa", "--dtype", "fp32,bf16", "--lr", "1e-5,3e-4",
+                   "--out", str(out_dir)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    files = list(out_dir.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("sft-") and files[0].suffix == ".json"
+    rec = json.loads(files[0].read_text())
+    assert rec["schema"] == sft.SCHEMA and rec["status"] == "complete"
+    assert rec["environment"]["device_type"] == "cpu" and rec["environment"]["seeds"] == {"model": 0, "data": 0}
+    assert rec["settings"]["attention"] == ["eager", "sdpa"] and rec["settings"]["lrs"] == [1e-5, 3e-4]
+    assert len(rec["configs"]) == 8 and len(rec["batches"]) == 3
+    for c in rec["configs"]:
+        assert c["status"] == "ok" and c["identical"] is True, c["verdict"]
+        assert c["first_divergent_step"] is None and all(c["step_equal"])
+        assert len(c["losses"]) == 3 and all(len(r) == 3 for r in c["losses"])
+        assert len({tuple(r) for r in c["loss_bits"]}) == 1
+        assert all(d["tensors_differ"] == 0 for d in c["param_diff"]) and len(c["param_diff"]) == 2
+        assert "3 repeats x 3 steps" in c["verdict"]
+        assert all(math.isfinite(x) for r in c["losses"] for x in r)
+    by = {(c["attention"], c["dtype"], c["lr"]): c for c in rec["configs"]}
+    # the learning rate matters from step 2 on; bf16 differs from fp32 from step 1 on
+    assert by[("eager", "float32", 1e-5)]["losses"][0][0] == by[("eager", "float32", 3e-4)]["losses"][0][0]
+    assert by[("eager", "float32", 1e-5)]["losses"][0][1] != by[("eager", "float32", 3e-4)]["losses"][0][1]
+    assert by[("eager", "bfloat16", 1e-5)]["losses"][0][0] != by[("eager", "float32", 1e-5)]["losses"][0][0]
+    # the table prints every digit that matters and marks equal steps
+    loss0 = sft.fmt_exact(by[("eager", "float32", 1e-5)]["losses"][0][0], "float32")
+    assert loss0 in text and "identical" in text and "differ" not in text
+
+
+def test_sft_step_loss_is_the_models_loss():
+    spec = sft.parse_model("qwen3-tiny")
+    (batch,) = synthetic_batches(256, n_batches=1, batch_size=3, seq_len=16, seed=0)
+    model = sft.build(spec, attention="eager", dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        expected = model(batch.input_ids, batch.attention_mask, batch.labels).loss
+    opt = sft.make_optimizer(model, lr=1e-3)
+    loss, norm = sft.sft_step(model, opt, batch)
+    assert torch.equal(bits(loss), bits(expected)) and norm > 0
+    assert sft.value_bits(torch.tensor(1.0)) == "float32:3f800000"
+
+
+def test_hf_model_trains_bitwise_like_the_detbench_model():
+    """hf:qwen3-tiny gets the same seeded weights in transformers' class: eager fp32 losses are equal."""
+    pytest.importorskip("transformers")
+    results = {}
+    for name in ("qwen3-tiny", "hf:qwen3-tiny"):
+        plan = sft.make_plan(model=name, steps=3, repeats=2, seq_len=16, device="cpu")
+        (res,) = sft.run_plan(plan)
+        assert res.identical, res.verdict
+        results[name] = res
+    assert results["qwen3-tiny"].loss_bits == results["hf:qwen3-tiny"].loss_bits
+    assert results["qwen3-tiny"].grad_norm_bits == results["hf:qwen3-tiny"].grad_norm_bits
+
+
+def test_modes_are_applied_and_recorded():
+    plan = sft.make_plan(model="qwen3-tiny", modes="default,torch-det", steps=2, repeats=2, seq_len=16)
+    seen = []
+    orig = torch.are_deterministic_algorithms_enabled
+
+    def on_step():
+        seen.append(orig())
+
+    res = sft.run_plan(plan, on_step=on_step)
+    assert [r.mode for r in res] == ["default", "torch-det"] and all(r.identical for r in res)
+    assert seen == [False] * 4 + [True] * 4
+    assert orig() is False  # restored
+
+
+# ------------------------------------------------------------------------------------------------
+# planted: the repeats diverge
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+def test_sft_sees_planted_divergence(tmp_path, place):
+    plant, _, (bs, length, prompt, steps) = PLACES[place]
+    path = token_file(tmp_path / "t.jsonl", n_seqs=bs * steps, length=length, prompt=prompt)
+    plan = sft.make_plan(model="qwen3-tiny", data=str(path), batch_size=bs, steps=steps, repeats=2, lrs="1e-3",
+                         plants=[plant])
+    spy = OrderSpy()
+    with spy.installed():
+        (res,) = sft.run_plan(plan)
+    miss = spy.miss_probability(spy.calls[:steps])  # repeat 0: the repeats agree only if every call agreed
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    assert res.identical is False, res.verdict
+    assert res.first_divergent_step is not None or any(d.tensors_differ for d in res.param_diff)
+    assert "planted" in plan.settings.plants[0]
+
+
+def test_cli_sft_prints_the_divergence(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    path = token_file(tmp_path / "t.jsonl", n_seqs=12, length=16, prompt=4)
+    spy = OrderSpy()
+    with spy.installed():
+        rc = cli.main(["sft", "--data", str(path), "--batch-size", "2", "--steps", "6", "--repeats", "2",
+                       "--lr", "1e-3", "--device", "cpu", "--no-save",
+                       "--plant", "model.layers.1.mlp.down_proj=linear/planted-nondet"])
+    assert rc == 0 and spy.miss_probability(spy.calls[:6]) < MAX_MISS
+    out = capsys.readouterr().out
+    assert "planted: model.layers.1.mlp.down_proj=linear/planted-nondet" in out
+    assert "diverge" in out and "differ" in out
+
+
+def test_no_false_positives_over_many_repeats():
+    plan = sft.make_plan(model="qwen3-tiny", steps=4, repeats=6, seq_len=16, lrs="3e-4")
+    (res,) = sft.run_plan(plan)
+    assert res.identical and "6 repeats x 4 steps" in res.verdict
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one clear line, exit 2, nothing in results/
+# ------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path):
+    not_ckpt = tmp_path / "not_a_checkpoint"
+    not_ckpt.mkdir()
+    (not_ckpt / "weights.bin").write_text("x")
+    bad_json_ckpt = tmp_path / "bad_ckpt"
+    bad_json_ckpt.mkdir()
+    (bad_json_ckpt / "config.json").write_text("{not json")
+    big_ids = tmp_path / "big.jsonl"
+    big_ids.write_text("[1, 2, 3, 99999]\n")
+    return [
+        (["--model", "qwen9-huge"], "unknown model 'qwen9-huge'"),
+        (["--model", str(not_ckpt)], "config.json: missing"),
+        (["--model", str(bad_json_ckpt)], "not valid JSON"),
+        (["--data", str(big_ids)], "token id 99999 is outside the model's vocabulary [0, 256)"),
+        (["--data", str(tmp_path / "missing.jsonl")], "no such token file"),
+        (["--lr", "1e-5,abc"], "'abc' is not a number"),
+        (["--lr", "1e-5,,3e-4"], "without empty entries"),
+        (["--lr", "-1"], "finite positive"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--dtype", "fp8"], "unknown dtype"),
+        (["--mode", "fast"], "unknown mode"),
+        (["--attention", "nope"], "unknown backend 'nope'"),
+        (["--attention", "sdpa-efficient"], "needs a CUDA device"),
+        (["--plant", "model.layers.0.mlp"], "write MODULE_PATH=op/backend"),
+        (["--plant", "model.layers.7.mlp=linear/planted-nondet"], "has no module 'model.layers.7.mlp'"),
+        (["--plant", "model.layers.0.mlp=attention/planted-nondet-bwd"], "does not run op 'attention'"),
+        (["--plant", "model.layers.0.mlp=linear/nope"], "unknown backend 'nope'"),
+        (["--model", "hf:qwen3-tiny", "--plant", "model.norm=rmsnorm/planted-nondet-dw"], "cannot be planted"),
+        (["--model", "hf:qwen3-tiny", "--attention", "sdpa-math"], "not an attn_implementation"),
+        (["--betas", "0.9"], "two numbers"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
+    out_dir = tmp_path / "results"
+    for argv, msg in _bad_inputs(tmp_path):
+        rc = cli.main(["sft", "--device", "cpu", "--out", str(out_dir), *argv])
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert msg in err and err.startswith("detbench: error: ") and err.count("\n") == 1, (argv, err)
+        assert not out_dir.exists() or not any(out_dir.iterdir()), argv
+
+
+def test_hf_model_without_transformers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    out_dir = tmp_path / "results"
+    assert cli.main(["sft", "--model", "hf:qwen3-tiny", "--device", "cpu", "--out", str(out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "needs transformers, which is not installed" in err and "pip install 'detbench[hf]'" in err
+    assert not out_dir.exists()
+
+
+def test_planted_backends_are_registered_only_while_needed():
+    from qwen_layers.registry import REGISTRY
+
+    assert "planted-nondet" not in REGISTRY.names("linear")
+    plan = sft.make_plan(model="qwen3-tiny", steps=1, repeats=1, seq_len=8,
+                         plants=["model.layers.0.mlp.down_proj=linear/planted-nondet"])
+    sft.run_plan(plan)
+    assert "planted-nondet" not in REGISTRY.names("linear")
