@@ -89,7 +89,9 @@ def cmd_list(args) -> int:
 
 # Subcommands defined in other modules: each module has add_parser(subparsers), which registers
 # its subcommand with set_defaults(func=...). The func raises UsageError for bad input.
-COMMAND_MODULES: tuple[str, ...] = ("bench.kernel_speed", "bench.harness", "bench.report", "bench.sft", "bench.pinpoint")
+COMMAND_MODULES: tuple[str, ...] = (
+    "bench.harness", "bench.report", "bench.sft", "bench.pinpoint", "bench.kernel_speed", "bench.gpu_check",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,348 @@
+"""`detbench gpu-check`: the project's one bounded GPU validation script.
+
+One command runs every CUDA measurement the project needs, each stage a subprocess with its own
+share of a total time budget that the script enforces (a stage that runs over is stopped, recorded
+as timed out, and the next stage starts):
+
+    env       device, SM count, driver, torch/triton/CUDA versions
+    tests     the kernel and transformers drop-in tests, compiled on CUDA (bf16 cases included)
+    run-0.6b  detbench run: all subjects x available backends x bf16,fp32 x default,torch-det,
+              20 repeats, Qwen3-0.6B layer shapes
+    run-8b    the same on Qwen3-8B layer shapes
+    kernels   detbench kernel-bench: the kernels' speed targets, ratios from one run
+    sft       detbench sft: Qwen2.5-0.5B shapes, eager vs sdpa vs detbench attention, bf16,
+              lr 1e-5 and 3e-4, 20 steps x 3 repeats
+    pinpoint  detbench pinpoint on the first SFT configuration whose repeats diverged
+
+It writes at most 8 files into --out (the device tool brings back at most 8) and prints a short
+summary table last. ``--dry-run`` runs the same stages on the CPU with tiny shapes in seconds; CI
+runs it so the script cannot rot.
+
+On the lent GPU machine (no install there; its python3 has torch, triton, transformers, rich,
+pytest, safetensors), from the repository root:
+
+    python3 -m bench gpu-check --out "$OUT" --budget 480
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_BUDGET_S = 480.0
+REPO = Path(__file__).resolve().parents[1]
+DRY_RUN_PLANT = "model.layers.1.mlp.down_proj=linear/planted-nondet"
+
+# Share of the budget per stage; unused time carries over to later stages.
+SHARES = {
+    "tests": 0.10,
+    "run-0.6b": 0.22,
+    "run-8b": 0.22,
+    "kernels": 0.14,
+    "sft": 0.22,
+    "pinpoint": 0.10,
+}
+
+# The files --out receives (the device tool returns at most 8).
+FILES = (
+    "summary.md", "summary.json", "gpu_check.log", "run-qwen3-0.6b.json", "run-qwen3-8b.json",
+    "kernel_speed.json", "sft.json", "pinpoint.json",
+)
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str = "not run"        # ok | failed (rc N) | timed out | skipped: reason
+    seconds: float = 0.0
+    limit_s: float = 0.0
+    command: list[str] = field(default_factory=list)
+    output: str | None = None      # file in --out this stage produced
+    note: str = ""
+
+
+def _bench(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bench", *args]
+
+
+def _run_stage(stage: Stage, argv: list[str], limit_s: float, log, env=None) -> None:
+    """Run ``argv`` in its own process group; kill the group when it exceeds ``limit_s``."""
+    stage.command, stage.limit_s = argv, round(limit_s, 1)
+    log.write(f"\n===== {stage.name}: {' '.join(argv)} (limit {limit_s:.0f}s)\n")
+    log.flush()
+    if limit_s < 5:
+        stage.status = "skipped: budget spent"
+        return
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    try:
+        rc = proc.wait(timeout=limit_s)
+        stage.status = "ok" if rc == 0 else f"failed (rc {rc})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        stage.status = "timed out"
+    finally:
+        stage.seconds = round(time.monotonic() - t0, 1)
+        log.write(f"===== {stage.name}: {stage.status} after {stage.seconds}s\n")
+        log.flush()
+
+
+def _newest_json(folder: Path) -> Path | None:
+    files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def _adopt(src: Path | None, out: Path, name: str, stage: Stage) -> None:
+    """Move a stage's result file into --out under its fixed name."""
+    if src is None or not src.is_file():
+        if stage.status == "ok":
+            stage.note = "no result file written"
+        return
+    shutil.move(str(src), str(out / name))
+    stage.output = name
+
+
+def environment_summary(device: str) -> dict:
+    from .results import capture_environment
+
+    env = capture_environment(device)
+    return asdict(env)
+
+
+def env_line(env: dict) -> str:
+    parts = [env["device_name"]]
+    if env.get("sm_count"):
+        parts.append(f"{env['sm_count']} SMs, sm_{(env.get('compute_capability') or '').replace('.', '')}")
+    parts.append(f"driver {env.get('driver')}, torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda')}")
+    return "; ".join(parts)
+
+
+def run_checks(out: Path, budget_s: float, dry_run: bool) -> tuple[list[Stage], dict]:
+    device = "cpu" if dry_run else "cuda"
+    stages = [Stage(n) for n in ("env", *SHARES)]
+    by_name = {s.name: s for s in stages}
+    deadline = time.monotonic() + budget_s
+    carry = 0.0
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+
+    with open(out / "gpu_check.log", "w") as log:
+        t0 = time.monotonic()
+        env = environment_summary(device)
+        by_name["env"].status, by_name["env"].seconds = "ok", round(time.monotonic() - t0, 1)
+        by_name["env"].note = env_line(env)
+        print(f"gpu-check on {by_name['env'].note}", flush=True)
+        log.write("===== env\n" + json.dumps(env, indent=1) + "\n")
+
+        def limit(name: str) -> float:
+            return max(0.0, min(budget_s * SHARES[name] + carry, deadline - time.monotonic()))
+
+        def step(name: str, argv: list[str], env_extra=None) -> Stage:
+            nonlocal carry
+            st = by_name[name]
+            lim = limit(name)
+            _run_stage(st, argv, lim, log, env_extra)
+            carry = max(0.0, lim - st.seconds) if st.status == "ok" else 0.0
+            return st
+
+        # The kernel and drop-in tests run compiled on CUDA (bf16 included); a dry run only collects them.
+        tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
+        tests.append("tests/test_hf_dropin.py")
+        step("tests", [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider",
+                       *(["--collect-only"] if dry_run else [])])
+
+        for name, preset in (("run-0.6b", "qwen3-0.6b"), ("run-8b", "qwen3-8b")):
+            d = work / name
+            d.mkdir()
+            if dry_run:
+                argv = _bench("run", "--quick", "--device", "cpu", "--subjects", "rmsnorm,attention",
+                              "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "3",
+                              "--time-repeats", "2", "--out", str(d), "--no-progress")
+            else:
+                argv = _bench("run", "--device", "cuda", "--preset", preset, "--dtypes", "bf16,fp32",
+                              "--modes", "default,torch-det", "--repeats", "20", "--out", str(d),
+                              "--no-progress")
+            st = step(name, argv)
+            _adopt(_newest_json(d), out, f"run-{preset}.json", st)
+
+        kjson = work / "kernel_speed.json"
+        argv = _bench("kernel-bench", "--device", device, "--json", str(kjson), *(["--tiny"] if dry_run else []))
+        st = step("kernels", argv)
+        _adopt(kjson, out, "kernel_speed.json", st)
+
+        d = work / "sft"
+        d.mkdir()
+        sft_model = "qwen2.5-tiny" if dry_run else "qwen2.5-0.5b"
+        # The dry run plants a fault so that the pinpoint stage has a divergence to work on.
+        plant = ["--plant", DRY_RUN_PLANT] if dry_run else []
+        if dry_run:
+            argv = _bench("sft", "--model", sft_model, "--device", "cpu", "--attention", "eager,sdpa",
+                          "--dtype", "fp32", "--lr", "1e-5,3e-4", "--steps", "2", "--repeats", "2",
+                          "--batch-size", "2", "--seq-len", "16", "--out", str(d), "--summary-only", *plant)
+        else:
+            argv = _bench("sft", "--model", sft_model, "--device", "cuda", "--attention",
+                          "eager,sdpa,triton", "--dtype", "bf16", "--lr", "1e-5,3e-4", "--steps", "20",
+                          "--repeats", "3", "--out", str(d), "--summary-only")
+        st = step("sft", argv)
+        sft_file = _newest_json(d)
+        _adopt(sft_file, out, "sft.json", st)
+
+        target = _first_diverged(out / "sft.json") if st.output else None
+        pin = by_name["pinpoint"]
+        if target is None:
+            pin.status = "skipped: no SFT configuration diverged" if st.output else "skipped: no SFT result"
+        else:
+            d = work / "pinpoint"
+            d.mkdir()
+            argv = _bench("pinpoint", "--model", sft_model, "--device", device, "--attention", target["attention"],
+                          "--mode", target["mode"], "--dtype", target["dtype"], "--lr", repr(target["lr"]),
+                          "--steps", "2", "--out", str(d), *plant)
+            pin.note = f"on {target['attention']} {target['mode']} {target['dtype']} lr={target['lr']}"
+            step("pinpoint", argv)
+            _adopt(_newest_json(d), out, "pinpoint.json", pin)
+    shutil.rmtree(work, ignore_errors=True)
+    return stages, env
+
+
+def _first_diverged(sft_json: Path) -> dict | None:
+    """The first configuration of an SFT result whose repeats were not bitwise equal."""
+    try:
+        data = json.loads(sft_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for cfg in data.get("configs", []):
+        if cfg.get("status") == "ok" and cfg.get("identical") is False:
+            return cfg
+    return None
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def findings(out: Path) -> list[str]:
+    """One line per headline measurement found in the stage results (missing files are skipped)."""
+    lines = []
+    for name in ("run-qwen3-0.6b.json", "run-qwen3-8b.json"):
+        run = _load(out / name)
+        if run is None:
+            continue
+        cells = run.get("cells", [])
+        nondet = sorted({f"{c['subject']}/{c['backend']} {c['dtype']} {c['mode']}" for c in cells
+                         if c.get("deterministic") is False})
+        variant = sorted({f"{c['subject']}/{c['backend']} {c['dtype']}" for c in cells
+                          if c.get("batch_invariant") is False})
+        lines.append(f"{name}: {len(cells)} cells ({run.get('status')}); nondeterministic: "
+                     f"{', '.join(nondet) or 'none'}; batch-variant: {', '.join(variant) or 'none'}")
+    speed = _load(out / "kernel_speed.json")
+    for r in (speed or {}).get("ratios", []):
+        value = "n/a" if r.get("value") is None else f"{r['value']:.3g}"
+        met = {True: "met", False: "MISSED", None: "not judged"}[r.get("met")]
+        lines.append(f"kernel-bench {r['name']}: {value} (target {r.get('target') or '-'}, {met})")
+    sft = _load(out / "sft.json")
+    for c in (sft or {}).get("configs", []):
+        lines.append(f"sft {c['attention']} {c['mode']} {c['dtype']} lr={c['lr']:g}: {c.get('verdict') or c.get('status')}")
+    pin = _load(out / "pinpoint.json")
+    if pin:
+        for f in (pin.get("replay") or {}).get("findings", [])[:3]:
+            lines.append(f"pinpoint replay: {f['op']} at {f['module']} ({f['phase']}), {f['n_diff']} elements differ")
+        for pair in (pin.get("compare") or {}).get("pairs", [])[:1]:
+            rc = pair.get("root_cause")
+            if rc:
+                lines.append(f"pinpoint trace-compare root cause: {rc['op']} at {rc['module']} ({rc['phase']})")
+    return lines
+
+
+def write_summary(out: Path, stages: list[Stage], env: dict, budget_s: float, dry_run: bool) -> str:
+    lines = [
+        f"# detbench gpu-check{' (CPU dry run)' if dry_run else ''}",
+        "",
+        f"{env_line(env)}. Budget {budget_s:.0f}s. Stage logs: gpu_check.log.",
+        "",
+        "| stage | status | seconds | limit | output | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in stages:
+        lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.limit_s} | {s.output or ''} | {s.note} |")
+    found = findings(out)
+    if found:
+        lines += ["", "## Findings", ""] + [f"- {line}" for line in found]
+    text = "\n".join(lines) + "\n"
+    from .results import write_json_atomic, write_text_atomic
+
+    write_text_atomic(out / "summary.md", text, exclusive=False)
+    write_json_atomic(out / "summary.json", {"dry_run": dry_run, "budget_s": budget_s, "environment": env,
+                                             "stages": [asdict(s) for s in stages]}, exclusive=False)
+    return text
+
+
+def print_summary(stages: list[Stage], out: Path) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="detbench gpu-check")
+    for col in ("stage", "status", "seconds", "limit", "output"):
+        table.add_column(col)
+    for s in stages:
+        colour = "green" if s.status == "ok" else "yellow" if s.status.startswith("skipped") else "red"
+        table.add_row(s.name, f"[{colour}]{escape(s.status)}[/]", f"{s.seconds}", f"{s.limit_s}",
+                      escape(s.output or s.note))
+    console = Console()
+    for line in findings(out):
+        console.print(escape(line), highlight=False)
+    console.print(table)
+
+
+def cmd_gpu_check(args) -> int:
+    import torch
+
+    from .cli import UsageError
+
+    if not args.dry_run and not torch.cuda.is_available():
+        raise UsageError("gpu-check needs a CUDA device; use --dry-run to rehearse it on the CPU")
+    if args.budget <= 0:
+        raise UsageError("--budget must be a positive number of seconds")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder")
+    stray = [p.name for p in out.iterdir() if p.name not in FILES]
+    if stray:
+        raise UsageError(f"--out {out} already holds other files ({', '.join(stray[:3])}); give an empty folder")
+    stages, env = run_checks(out, float(args.budget), args.dry_run)
+    write_summary(out, stages, env, float(args.budget), args.dry_run)
+    print_summary(stages, out)
+    failed = [s for s in stages if s.status.startswith(("failed", "timed out"))]
+    return 1 if failed else 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "gpu-check", help="the bounded GPU validation script (CUDA tests, run, kernel-bench, sft, pinpoint)",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for the (at most 8) result files; empty or new")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"total seconds for all stages (default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--dry-run", action="store_true", help="run every stage on the CPU with tiny shapes")
+    p.set_defaults(func=cmd_gpu_check)
