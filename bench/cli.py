@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"detbench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"detbench {args.command}: interrupted; nothing partial was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

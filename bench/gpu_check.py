@@ -40,6 +40,7 @@ from pathlib import Path
 DEFAULT_BUDGET_S = 480.0
 REPO = Path(__file__).resolve().parents[1]
 DRY_RUN_PLANT = "model.layers.1.mlp.down_proj=linear/planted-nondet"
+INTERRUPT_GRACE_S = 20  # time a stopped stage gets to write its partial result
 
 # Share of the budget per stage; unused time carries over to later stages.
 SHARES = {
@@ -88,12 +89,14 @@ def _run_stage(stage: Stage, argv: list[str], limit_s: float, log, env=None) -> 
         rc = proc.wait(timeout=limit_s)
         stage.status = "ok" if rc == 0 else f"failed (rc {rc})"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        # SIGINT first: detbench run then saves what it measured as an "interrupted" result.
+        for sig, grace in ((signal.SIGINT, INTERRUPT_GRACE_S), (signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         stage.status = "timed out"
     finally:
         stage.seconds = round(time.monotonic() - t0, 1)

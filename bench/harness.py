@@ -106,13 +106,15 @@ class Plan:
         return sum(len(self.backends[x]) for x in s.subjects) * len(s.dtypes) * len(s.modes)
 
 
-def _split(values: list[str] | None) -> list[str] | None:
-    """``--x a,b --x c`` -> [a, b, c] (None when the option was not given)."""
+def _split(values: list[str] | None, option: str) -> list[str] | None:
+    """``--x a,b --x c`` -> [a, b, c] (None when the option was not given; an empty list is refused)."""
     if values is None:
         return None
     out = []
     for v in values:
         out.extend(p.strip() for p in v.split(",") if p.strip())
+    if not out:
+        raise _usage(f"{option} was given an empty list; name at least one item or leave {option} out")
     return out
 
 
@@ -149,18 +151,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
     quick = bool(args.quick)
     profile = "quick" if quick else device.type
 
-    subjects = _split(args.subjects) or list(SUBJECTS)
+    subjects = _split(args.subjects, "--subjects") or list(SUBJECTS)
     for s in subjects:
         if s not in SUBJECTS:
             raise _usage(f"unknown subject {s!r}; choose from: {', '.join(SUBJECTS)}")
     subjects = _dedupe(subjects)
 
     try:
-        dtypes = _dedupe(dtype_name(d) for d in (_split(args.dtypes) or list(DTYPES)))
+        dtypes = _dedupe(dtype_name(d) for d in (_split(args.dtypes, "--dtypes") or list(DTYPES)))
     except ValueError as e:
         raise _usage(f"--dtypes: {e}") from None
 
-    modes = _split(args.modes) or list(MODES)
+    modes = _split(args.modes, "--modes") or list(MODES)
     for m in modes:
         if m not in MODES:
             raise _usage(f"unknown mode {m!r}; choose from: {', '.join(MODES)}")
@@ -180,7 +182,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # --route op=backend
     route = {op: "eager" for op in registry.OPS}
     user_route: dict[str, str] = {}
-    for item in _split(args.route) or []:
+    for item in _split(args.route, "--route") or []:
         op, sep, name = item.partition("=")
         op, name = op.strip(), name.strip()
         if not sep or not op or not name:
@@ -197,7 +199,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         user_route[op] = name
 
     # the backend axis
-    requested = _dedupe(_split(args.backends) or []) or None
+    requested = _dedupe(_split(args.backends, "--backends") or []) or None
     primary_ops = _dedupe(SUBJECTS[s].primary_op for s in subjects)
     backends: dict[str, list[str]] = {}
     skipped: list[str] = []

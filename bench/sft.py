@@ -736,8 +736,8 @@ def make_plan(
         raise SFTError(f"--batch-size must be at least 1, got {batch_size}")
     if n_batches is not None and n_batches < 1:
         raise SFTError(f"--batches must be at least 1, got {n_batches}")
-    if not math.isfinite(clip):
-        raise SFTError(f"--clip must be finite (0 disables clipping), got {clip}")
+    if not math.isfinite(clip) or clip < 0:
+        raise SFTError(f"--clip must be a finite norm >= 0 (0 disables clipping), got {clip}")
     betas = tuple(float(b) for b in betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise SFTError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {betas}")
