@@ -91,22 +91,23 @@ def test_missing_shard(saved, tmp_path):
         from_pretrained(tmp_path)
 
 
+def _saved_with_config(hf, folder, **changes):
+    """Save ``hf`` into ``folder``, then edit its config.json."""
+    hf.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update({k: (v(cfg[k]) if callable(v) else v) for k, v in changes.items()})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def test_unknown_model_type(saved, tmp_path):
-    _, hf, _ = saved
-    hf.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["model_type"] = "llama"
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _saved_with_config(saved[1], tmp_path, model_type="llama")
     with pytest.raises(CheckpointError, match=r"config.json: model_type 'llama' is not supported"):
         from_pretrained(tmp_path)
 
 
 def test_shape_mismatch(saved, tmp_path):
-    _, hf, _ = saved
-    hf.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["intermediate_size"] += 8
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _saved_with_config(saved[1], tmp_path, intermediate_size=lambda n: n + 8)
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*mlp.*' has shape .* but config.json implies"):
         from_pretrained(tmp_path)
 

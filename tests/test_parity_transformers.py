@@ -98,6 +98,19 @@ def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
 
 
+def _same_forward_backward(theirs, ours, shape, what, call_theirs=None, call_ours=None):
+    """Feed both modules the same input and upstream gradient; output and every gradient bitwise equal."""
+    x1, x2 = _rand(*shape), _rand(*shape)
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    y1 = (call_theirs or theirs)(x1)
+    y2 = (call_ours or ours)(x2)
+    assert_bitwise_equal(y2, y1, f"{what} output")
+    y1.backward(g)
+    y2.backward(g)
+    for a, b in zip(_grads(ours, [x2]), _grads(theirs, [x1])):
+        assert_bitwise_equal(a, b, f"{what} grad")
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_rmsnorm_block(preset):
     cfg, hc, cls = _hf_module(preset, "RMSNorm")
@@ -106,13 +119,7 @@ def test_rmsnorm_block(preset):
         theirs.weight.copy_(1 + 0.1 * torch.randn(cfg.hidden_size))
     ours = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     ours.load_state_dict(theirs.state_dict())
-    x1, x2 = _rand(2, 5, cfg.hidden_size), _rand(2, 5, cfg.hidden_size)
-    g = torch.randn(2, 5, cfg.hidden_size)
-    y1, y2 = theirs(x1), ours(x2)
-    assert_bitwise_equal(y2, y1, "rmsnorm output")
-    y1.backward(g), y2.backward(g)
-    for a, b in zip(_grads(ours, [x2]), _grads(theirs, [x1])):
-        assert_bitwise_equal(a, b, "rmsnorm grad")
+    _same_forward_backward(theirs, ours, (2, 5, cfg.hidden_size), "rmsnorm")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -122,13 +129,7 @@ def test_mlp_block(preset):
     theirs = cls(hc)
     ours = MLP(cfg)
     ours.load_state_dict(theirs.state_dict())
-    x1, x2 = _rand(2, 5, cfg.hidden_size), _rand(2, 5, cfg.hidden_size)
-    g = torch.randn(2, 5, cfg.hidden_size)
-    y1, y2 = theirs(x1), ours(x2)
-    assert_bitwise_equal(y2, y1, "mlp output")
-    y1.backward(g), y2.backward(g)
-    for a, b in zip(_grads(ours, [x2]), _grads(theirs, [x1])):
-        assert_bitwise_equal(a, b, "mlp grad")
+    _same_forward_backward(theirs, ours, (2, 5, cfg.hidden_size), "mlp")
 
 
 def _rotary(preset, cfg, hc, s, b=2):
@@ -164,14 +165,11 @@ def test_attention_block(preset, padded):
     if padded:
         keep[1, 4:] = 0
     mask = padded_causal_mask(keep, s)
-    x1, x2 = _rand(b, s, cfg.hidden_size), _rand(b, s, cfg.hidden_size)
-    g = torch.randn(b, s, cfg.hidden_size)
-    y1, _ = theirs(x1, position_embeddings=(cos, sin), attention_mask=_hf_mask(mask))
-    y2 = ours(x2, cos, sin, mask if padded else None)
-    assert_bitwise_equal(y2, y1, "attention output")
-    y1.backward(g), y2.backward(g)
-    for a, b_ in zip(_grads(ours, [x2]), _grads(theirs, [x1])):
-        assert_bitwise_equal(a, b_, "attention grad")
+    _same_forward_backward(
+        theirs, ours, (b, s, cfg.hidden_size), "attention",
+        call_theirs=lambda x: theirs(x, position_embeddings=(cos, sin), attention_mask=_hf_mask(mask))[0],
+        call_ours=lambda x: ours(x, cos, sin, mask if padded else None),
+    )
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -188,12 +186,10 @@ def test_decoder_layer_block(preset):
     b, s = 2, 6
     cos, sin = _rotary(preset, cfg, hc, s, b)
     mask = padded_causal_mask(torch.ones(b, s, dtype=torch.long), s)
-    x1, x2 = _rand(b, s, cfg.hidden_size), _rand(b, s, cfg.hidden_size)
-    g = torch.randn(b, s, cfg.hidden_size)
-    y1 = theirs(x1, attention_mask=_hf_mask(mask), position_embeddings=(cos, sin))
-    y1 = y1[0] if isinstance(y1, tuple) else y1
-    y2 = ours(x2, cos, sin)
-    assert_bitwise_equal(y2, y1, "decoder layer output")
-    y1.backward(g), y2.backward(g)
-    for a, b_ in zip(_grads(ours, [x2]), _grads(theirs, [x1])):
-        assert_bitwise_equal(a, b_, "decoder layer grad")
+
+    def call_theirs(x):
+        y = theirs(x, attention_mask=_hf_mask(mask), position_embeddings=(cos, sin))
+        return y[0] if isinstance(y, tuple) else y
+
+    _same_forward_backward(theirs, ours, (b, s, cfg.hidden_size), "decoder layer",
+                           call_theirs=call_theirs, call_ours=lambda x: ours(x, cos, sin))
