@@ -97,7 +97,12 @@ wrappers and the dispatch mode are removed in ``finally``. Tensor subclasses wit
 
 Speed (``bench/benchmarks/bench_pinpoint_overhead.py``): both methods pay a Python call per aten op
 (a do-nothing dispatch mode alone doubles a tiny CPU step), replay runs every order-dependent op
-twice, and trace reads every order-dependent output once more to fingerprint it.
+twice, and trace reads every order-dependent output once more to fingerprint it. A tensor is
+fingerprinted once per version: an input whose contents a traced op described (as its output, or as
+the tensor it wrote in place) reuses that descriptor. On the CPU the two readings cost about one
+int64 multiply-add per 4 bytes (numpy on aligned words, ``torch.dot`` on large unaligned ones) and
+are the bulk of trace's cost at large batches; on CUDA a fingerprint is one multiply (widening by
+type promotion) and one integer sum per chunk, resolved with one synchronisation at the end.
 """
 
 from __future__ import annotations
@@ -1036,7 +1041,8 @@ FP_SEED = 0x5EED_DE7B
 FP_CHUNK = 1 << 22          # 64-bit words per fingerprint chunk (32 MiB of int64 coefficients per device)
 _FP_BLOCK = 1 << 16         # coefficients are drawn in blocks, each from its own seed: stable prefixes
 FP_SMALL = 256              # tensors of at most this many bytes are kept as their bytes (exact)
-_NUMPY_WORDS = 1 << 17      # up to this many words (1 MiB) the CPU dot products run in numpy
+_NUMPY_WORDS = 1 << 14      # unaligned CPU words: numpy up to this many (128 KiB), torch.dot above
+_CPU = torch.device("cpu")
 MAX_SYMBOLIC_DEPTH = 48     # longer chains of order-free ops are cut by fingerprinting the value
 
 VALUE_KINDS = frozenset({"b", "h", "d", "x"})
@@ -1070,8 +1076,10 @@ class _Fingerprints:
         self.copies: list[torch.Tensor] = []          # 'x' copies
         self.cache: dict[int, tuple] = {}   # id(tensor) -> (weakref, version, descriptor)
         self.by_place: dict[tuple, tuple] = {}  # (address, dtype, shape, strides) -> the same entry
+        self.pending: list = []             # (tensor, entry, place) written by the last mutating op
         self._sweep_at = 4096
         self.coeff: dict[tuple, torch.Tensor] = {}
+        self.np_coeff: list = [None, None]              # CPU coefficients of lanes 0 and 1, as numpy
 
     # -- value fingerprints -----------------------------------------------------------------
     def _coefficients(self, device: torch.device, lane: int, n: int) -> torch.Tensor:
@@ -1082,22 +1090,32 @@ class _Fingerprints:
             self.coeff[key] = c
         return c[:n]
 
+    def _np_coefficients(self, lane: int, n: int):
+        """The CPU coefficients of ``lane`` as a numpy array of at least ``n`` words (a view of the torch
+        vector, kept so that the hot path slices numpy only)."""
+        c = self.np_coeff[lane]
+        if c is None or c.size < n:
+            c = self.np_coeff[lane] = self._coefficients(_CPU, lane, n).numpy()
+        return c
+
     def _cpu_dots(self, arr, offset: int, lane: int) -> tuple[int, ...]:
         """Dot products of the bytes of ``arr`` from ``offset`` on, read as int64 words, with lane ``lane``'s
-        coefficients, one per chunk of FP_CHUNK words (numpy for small arrays: less overhead per call;
-        torch.dot for large ones: faster on unaligned words)."""
+        coefficients, one per chunk of FP_CHUNK words. numpy on aligned words and on small unaligned
+        ones (least overhead per call); torch.dot on large unaligned ones (numpy copies those)."""
         import numpy as np
 
-        count = (arr.nbytes - offset) // 8
+        count = (arr.nbytes - offset) >> 3
         words = arr[offset:offset + 8 * count].view(np.int64)
+        if count <= FP_CHUNK:
+            c = self._np_coefficients(lane, count)
+            if offset == 0 or count <= _NUMPY_WORDS:
+                return (int(np.dot(words, c[:count])),)
+            return (int(torch.dot(torch.from_numpy(words), torch.from_numpy(c[:count]))),)
         out = []
         for start in range(0, count, FP_CHUNK):
             w = words[start:start + FP_CHUNK]
-            c = self._coefficients(torch.device("cpu"), lane, w.size)
-            if w.size <= _NUMPY_WORDS:
-                out.append(int(np.dot(w, c.numpy())))
-            else:
-                out.append(int(torch.dot(torch.from_numpy(w), c)))
+            c = self._np_coefficients(lane, w.size)[:w.size]
+            out.append(int(np.dot(w, c)) if offset == 0 else int(torch.dot(torch.from_numpy(w), torch.from_numpy(c))))
         return tuple(out)
 
     def value(self, t: torch.Tensor) -> tuple:
@@ -1111,19 +1129,13 @@ class _Fingerprints:
             t = t.to_dense()
         if t.is_complex():
             t = torch.view_as_real(t)
-        flat = t.contiguous().reshape(-1)
-        if flat.device.type == "cpu":
-            arr = flat.view(torch.uint8).numpy() if flat.numel() else None
-            n = 0 if arr is None else arr.nbytes
+        if t.device.type == "cpu":
+            n = t.numel() * t.element_size()
             if n <= FP_SMALL:
-                return ("b",) + head + (b"" if arr is None else arr.tobytes(),)
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.from_numpy on a read-only / unaligned view
-                a = self._cpu_dots(arr, 0, 0)
-                b = self._cpu_dots(arr, 4, 1)
-            return ("h",) + head + (a, b, arr[-12:].tobytes())
+                return ("b",) + head + (t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if n else b"",)
+            arr = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            return ("h",) + head + (self._cpu_dots(arr, 0, 0), self._cpu_dots(arr, 4, 1), arr[-12:].tobytes())
+        flat = t.contiguous().reshape(-1)
         size = flat.element_size()
         if flat.dtype == torch.bool or size == 1:
             words = flat.view(torch.int8)
@@ -1132,14 +1144,19 @@ class _Fingerprints:
         else:
             words = flat.view(torch.int32)
         idx = []
+        values = self.device_values
         for start in range(0, max(words.numel(), 1), FP_CHUNK):
-            w = words[start:start + FP_CHUNK].to(torch.int64)
-            self.device_values.append((w * self._coefficients(w.device, 0, w.numel())).sum())
-            idx.append(len(self.device_values) - 1)
+            w = words[start:start + FP_CHUNK]
+            # One multiply (the narrow words are widened to int64 inside it, by type promotion) and one
+            # integer sum per chunk; the scalars stay on the device until :meth:`resolver`.
+            values.append(torch.mul(w, self._coefficients(w.device, 0, w.numel())).sum())
+            idx.append(len(values) - 1)
         return ("d",) + head + (tuple(idx),)
 
     # -- the cache: tensor -> descriptor of its current contents ----------------------------
-    def put(self, t: torch.Tensor, desc: tuple) -> tuple:
+    def put(self, t: torch.Tensor, desc: tuple, written: bool = False) -> tuple:
+        """Cache ``desc`` as the descriptor of ``t``'s current contents. ``written``: ``t`` was just
+        written by the op being traced (see :meth:`settle`)."""
         try:
             version = t._version
         except Exception:  # inference tensors have no version counter: never cached
@@ -1148,9 +1165,12 @@ class _Fingerprints:
         entry = (weakref.ref(t), version, desc)
         cache[id(t)] = entry
         try:
-            self.by_place[(t.data_ptr(), t.dtype, t.shape, t.stride())] = entry
+            place = (t.data_ptr(), t.dtype, t.shape, t.stride())
+            self.by_place[place] = entry
         except Exception:  # no storage (sparse, meta ...)
-            pass
+            place = None
+        if written:
+            self.pending.append((t, entry, place))
         if len(cache) > self._sweep_at:  # drop entries of tensors that are gone
             for key in [k for k, e in cache.items() if e[0]() is None]:
                 del cache[key]
@@ -1158,6 +1178,27 @@ class _Fingerprints:
                 del self.by_place[key]
             self._sweep_at = max(4096, 2 * len(cache))
         return desc
+
+    def settle(self) -> None:
+        """Re-key the entries of the tensors the last mutating op wrote to their bumped version.
+
+        An in-place or ``out=`` op reaches the dispatch mode *before* autograd's ADInplaceOrView kernel
+        bumps the written tensors' version counters (it bumps each once, after the op returns), so the
+        entry :meth:`put` made is one version behind. This runs before the next lookup, when the op has
+        returned: an entry whose tensor is exactly one version ahead is moved to that version (the
+        bump); one that moved further was written again, untraced, and stays stale (described anew).
+        """
+        pending, self.pending = self.pending, []
+        cache, by_place = self.cache, self.by_place
+        for t, entry, place in pending:
+            version = t._version
+            if version != entry[1] + 1:
+                continue
+            bumped = (entry[0], version, entry[2])
+            if cache.get(id(t)) is entry:
+                cache[id(t)] = bumped
+            if place is not None and by_place.get(place) is entry:
+                by_place[place] = bumped
 
     def cached(self, t: torch.Tensor) -> tuple | None:
         """The cached descriptor of ``t``, if its contents are unchanged since it was made.
@@ -1167,6 +1208,8 @@ class _Fingerprints:
         was recorded for is still alive (so the memory cannot have been reused) and the shared version
         counter says neither was written since.
         """
+        if self.pending:
+            self.settle()
         entry = self.cache.get(id(t))
         try:
             if entry is not None and entry[0]() is t:
@@ -1380,13 +1423,14 @@ class TraceMode(TorchDispatchMode):
                                      if not isinstance(v, torch.Tensor))
                 sym = (depth, info.name, tuple(in_desc), scalars)
         out_desc = []
+        written = kind == "mutating"
         for i, t in enumerate(leaves):
             if not isinstance(t, torch.Tensor):
                 out_desc.append(("s", _scalar_key(t)))
             elif sym is not None:
-                out_desc.append(fp.put(t, ("f", sym[0], sym[1], sym[2], sym[3] + (("out", i),))))
+                out_desc.append(fp.put(t, ("f", sym[0], sym[1], sym[2], sym[3] + (("out", i),)), written))
             else:
-                out_desc.append(fp.put(t, fp.value(t)))
+                out_desc.append(fp.put(t, fp.value(t), written))
         where = self.loc.where(ins_t)
         inside = getattr(self.loc.local, "unit", None) or where[2]
         self.events.append(("aten", info.name, where[0], where[1], inside, [_shape_meta(t) for t in ins_t],
