@@ -532,8 +532,10 @@ def execute(plan: Plan, result: RunResult, progress=None) -> RunResult:
                 except Exception as e:  # eager itself failing: say so in every accuracy record (NaN)
                     result.skipped.append(f"{subject} {dtype}: eager baseline failed: {_first_line(e)}")
                 firsts: dict[tuple[str, str], dict] = {}
-                for mode in s.modes:
-                    for backend in plan.backends[subject]:
+                # Each backend's modes run back to back, so machine drift between them stays small
+                # and the torch-det / default time ratio compares neighbouring measurements.
+                for backend in plan.backends[subject]:
+                    for mode in s.modes:
                         done += 1
                         where = f"{subject} / {backend} / {dtype} / {mode} (cell {done} of {plan.n_cells})"
                         if progress is not None:
