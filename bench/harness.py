@@ -29,7 +29,7 @@ import contextlib
 import datetime as _dt
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -380,9 +380,7 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
             for phase, tm in time_instance(inst, s.time_repeats, s.time_warmup).items():
                 flops = {"fwd": work.flops_fwd, "bwd": work.flops_bwd}.get(phase, work.flops_fwd + work.flops_bwd)
                 nbytes = {"fwd": work.bytes_fwd, "bwd": work.bytes_bwd}.get(phase, work.bytes_fwd + work.bytes_bwd)
-                recs_time.append(TimingRecord(**key, phase=phase, median_s=tm.median_s, q1_s=tm.q1_s, q3_s=tm.q3_s,
-                                              min_s=tm.min_s, repeats=tm.repeats, warmup=tm.warmup, clock=tm.clock,
-                                              flops=flops, bytes=nbytes))
+                recs_time.append(TimingRecord(**key, phase=phase, **asdict(tm), flops=flops, bytes=nbytes))
             del inst
         status, why = "ok", None
     except KeyboardInterrupt:

@@ -39,3 +39,12 @@ def check_device(*tensors: torch.Tensor, op: str) -> None:
     reason = triton_available(dev)
     if reason is not None:
         raise RuntimeError(f"{op} (triton) cannot run on {dev}: {reason}")
+
+
+def register_twins(registry, op: str, deterministic, atomic, *, det_description: str,
+                   atomic_description: str) -> None:
+    """Register ``op``/triton (deterministic) and ``op``/triton-atomic, each naming the other as its twin."""
+    for name, fn, det, twin, text in (("triton", deterministic, True, "triton-atomic", det_description),
+                                      ("triton-atomic", atomic, False, "triton", atomic_description)):
+        registry.register(op, name, fn, available=triton_available, deterministic=det, twin=twin,
+                          origin="built-in", description=text)

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kernels._common import check_device, triton_available
+from kernels._common import check_device, register_twins
 
 try:
     import triton
@@ -605,15 +605,10 @@ def attention_atomic(q, k, v, *, scale, causal=True, attn_mask=None):
 
 def register(registry) -> None:
     """Add attention/triton (deterministic) and attention/triton-atomic (its atomic-dQ twin)."""
-    registry.register(
-        "attention", "triton", attention, available=triton_available, deterministic=True, twin="triton-atomic",
-        origin="built-in",
-        description="detbench Triton flash attention; backward without atomics (dQ per query block, "
-                    "GQA dK/dV summed in one program), fixed block sizes (kernels.attention.CONFIGS)",
-    )
-    registry.register(
-        "attention", "triton-atomic", attention_atomic, available=triton_available, deterministic=False,
-        twin="triton", origin="built-in",
-        description="detbench Triton flash attention with dQ accumulated by tl.atomic_add across key "
-                    "blocks (FlashAttention-2's default backward)",
+    register_twins(
+        registry, "attention", attention, attention_atomic,
+        det_description="detbench Triton flash attention; backward without atomics (dQ per query block, "
+                        "GQA dK/dV summed in one program), fixed block sizes (kernels.attention.CONFIGS)",
+        atomic_description="detbench Triton flash attention with dQ accumulated by tl.atomic_add across key "
+                           "blocks (FlashAttention-2's default backward)",
     )

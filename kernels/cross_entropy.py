@@ -290,14 +290,9 @@ def cross_entropy_atomic(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
 
 def register(registry) -> None:
     """Add loss/triton (deterministic) and loss/triton-atomic to the registry."""
-    registry.register(
-        "loss", "triton", cross_entropy, available=_common.triton_available, deterministic=True,
-        twin="triton-atomic", origin="built-in",
-        description="fused Triton cross entropy: online log-sum-exp over vocabulary chunks, row losses "
-                    "summed in a fixed order by one program",
-    )
-    registry.register(
-        "loss", "triton-atomic", cross_entropy_atomic, available=_common.triton_available,
-        deterministic=False, twin="triton", origin="built-in",
-        description="fused Triton cross entropy whose row losses are summed with tl.atomic_add",
+    _common.register_twins(
+        registry, "loss", cross_entropy, cross_entropy_atomic,
+        det_description="fused Triton cross entropy: online log-sum-exp over vocabulary chunks, row losses "
+                        "summed in a fixed order by one program",
+        atomic_description="fused Triton cross entropy whose row losses are summed with tl.atomic_add",
     )

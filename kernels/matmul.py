@@ -386,14 +386,9 @@ def linear_atomic(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def register(registry) -> None:
     """Add linear/triton (deterministic, batch-invariant) and linear/triton-atomic to the registry."""
-    registry.register(
-        "linear", "triton", linear, available=_common.triton_available, deterministic=True,
-        twin="triton-atomic", origin="built-in",
-        description="Triton matmul, one pinned tile per dtype, no split-K: batch-invariant forward and dX; "
-                    "dW reduces the rows in order (deterministic)",
-    )
-    registry.register(
-        "linear", "triton-atomic", linear_atomic, available=_common.triton_available, deterministic=False,
-        twin="triton", origin="built-in",
-        description="Triton split-K matmul (forward, dX, dW, bias grad) adding its parts with tl.atomic_add",
+    _common.register_twins(
+        registry, "linear", linear, linear_atomic,
+        det_description="Triton matmul, one pinned tile per dtype, no split-K: batch-invariant forward and dX; "
+                        "dW reduces the rows in order (deterministic)",
+        atomic_description="Triton split-K matmul (forward, dX, dW, bias grad) adding its parts with tl.atomic_add",
     )

@@ -298,14 +298,11 @@ def rmsnorm_atomic(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
 
 def register(registry) -> None:
     """Add rmsnorm/triton (deterministic) and rmsnorm/triton-atomic (its atomic twin) to the registry."""
-    registry.register(
-        "rmsnorm", "triton", rmsnorm, available=_common.triton_available, deterministic=True,
-        twin="triton-atomic", origin="built-in",
-        description=f"Triton RMSNorm, one row per program; dW from fixed {CONFIG.rows_per_program}-row chunks "
-                    f"summed in fixed {CONFIG.reduce_chunk}-partial chunks (deterministic, SM-count independent)",
-    )
-    registry.register(
-        "rmsnorm", "triton-atomic", rmsnorm_atomic, available=_common.triton_available, deterministic=False,
-        twin="triton", origin="built-in",
-        description=f"Triton RMSNorm whose dW chunk partials ({CONFIG.rows_per_program} rows) meet via tl.atomic_add",
+    _common.register_twins(
+        registry, "rmsnorm", rmsnorm, rmsnorm_atomic,
+        det_description=f"Triton RMSNorm, one row per program; dW from fixed {CONFIG.rows_per_program}-row "
+                        f"chunks summed in fixed {CONFIG.reduce_chunk}-partial chunks (deterministic, "
+                        f"SM-count independent)",
+        atomic_description=f"Triton RMSNorm whose dW chunk partials ({CONFIG.rows_per_program} rows) meet "
+                           f"via tl.atomic_add",
     )
