@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench.errors import InputError
 
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A token file (or a data setting) that cannot be used; the message says where and how to fix it."""
 
 

@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.results import capture_environment, write_json_atomic, write_text_atomic
+
 DEFAULT_BUDGET_S = 480.0
 REPO = Path(__file__).resolve().parents[1]
 DRY_RUN_PLANT = "model.layers.1.mlp.down_proj=linear/planted-nondet"
@@ -120,10 +122,7 @@ def _adopt(src: Path | None, out: Path, name: str, stage: Stage) -> None:
 
 
 def environment_summary(device: str) -> dict:
-    from .results import capture_environment
-
-    env = capture_environment(device)
-    return asdict(env)
+    return asdict(capture_environment(device))
 
 
 def env_line(env: dict) -> str:
@@ -134,90 +133,113 @@ def env_line(env: dict) -> str:
     return "; ".join(parts)
 
 
+class _Budget:
+    """Runs stages, each within its share of the budget plus what earlier stages left unused."""
+
+    def __init__(self, stages: list[Stage], budget_s: float, log) -> None:
+        self.by_name = {s.name: s for s in stages}
+        self.budget_s = budget_s
+        self.deadline = time.monotonic() + budget_s
+        self.carry = 0.0
+        self.log = log
+
+    def step(self, name: str, argv: list[str], env_extra=None) -> Stage:
+        st = self.by_name[name]
+        lim = max(0.0, min(self.budget_s * SHARES[name] + self.carry, self.deadline - time.monotonic()))
+        _run_stage(st, argv, lim, self.log, env_extra)
+        self.carry = max(0.0, lim - st.seconds) if st.status == "ok" else 0.0
+        return st
+
+
+def _tests_argv(dry_run: bool) -> list[str]:
+    """The kernel and drop-in tests run compiled on CUDA (bf16 included); a dry run only collects them."""
+    tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
+    tests.append("tests/test_hf_dropin.py")
+    return [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider",
+            *(["--collect-only"] if dry_run else [])]
+
+
+def _run_argv(preset: str, folder: Path, dry_run: bool) -> list[str]:
+    if dry_run:
+        return _bench("run", "--quick", "--device", "cpu", "--subjects", "rmsnorm,attention",
+                      "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "3",
+                      "--time-repeats", "2", "--out", str(folder), "--no-progress")
+    return _bench("run", "--device", "cuda", "--preset", preset, "--dtypes", "bf16,fp32",
+                  "--modes", "default,torch-det", "--repeats", "20", "--out", str(folder), "--no-progress")
+
+
+def _sft_model(dry_run: bool) -> str:
+    return "qwen2.5-tiny" if dry_run else "qwen2.5-0.5b"
+
+
+def _plant(dry_run: bool) -> list[str]:
+    """The dry run plants a fault so that the pinpoint stage has a divergence to work on."""
+    return ["--plant", DRY_RUN_PLANT] if dry_run else []
+
+
+def _sft_argv(folder: Path, dry_run: bool) -> list[str]:
+    if dry_run:
+        return _bench("sft", "--model", _sft_model(dry_run), "--device", "cpu", "--attention", "eager,sdpa",
+                      "--dtype", "fp32", "--lr", "1e-5,3e-4", "--steps", "2", "--repeats", "2",
+                      "--batch-size", "2", "--seq-len", "16", "--out", str(folder), "--summary-only",
+                      *_plant(dry_run))
+    return _bench("sft", "--model", _sft_model(dry_run), "--device", "cuda", "--attention",
+                  "eager,sdpa,triton", "--dtype", "bf16", "--lr", "1e-5,3e-4", "--steps", "20",
+                  "--repeats", "3", "--out", str(folder), "--summary-only")
+
+
 def run_checks(out: Path, budget_s: float, dry_run: bool) -> tuple[list[Stage], dict]:
     device = "cpu" if dry_run else "cuda"
     stages = [Stage(n) for n in ("env", *SHARES)]
-    by_name = {s.name: s for s in stages}
-    deadline = time.monotonic() + budget_s
-    carry = 0.0
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-
-    with open(out / "gpu_check.log", "w") as log:
-        t0 = time.monotonic()
-        env = environment_summary(device)
-        by_name["env"].status, by_name["env"].seconds = "ok", round(time.monotonic() - t0, 1)
-        by_name["env"].note = env_line(env)
-        print(f"gpu-check on {by_name['env'].note}", flush=True)
-        log.write("===== env\n" + json.dumps(env, indent=1) + "\n")
-
-        def limit(name: str) -> float:
-            return max(0.0, min(budget_s * SHARES[name] + carry, deadline - time.monotonic()))
-
-        def step(name: str, argv: list[str], env_extra=None) -> Stage:
-            nonlocal carry
-            st = by_name[name]
-            lim = limit(name)
-            _run_stage(st, argv, lim, log, env_extra)
-            carry = max(0.0, lim - st.seconds) if st.status == "ok" else 0.0
-            return st
-
-        # The kernel and drop-in tests run compiled on CUDA (bf16 included); a dry run only collects them.
-        tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
-        tests.append("tests/test_hf_dropin.py")
-        step("tests", [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider",
-                       *(["--collect-only"] if dry_run else [])])
-
-        for name, preset in (("run-0.6b", "qwen3-0.6b"), ("run-8b", "qwen3-8b")):
-            d = work / name
+    try:
+        with open(out / "gpu_check.log", "w") as log:
+            budget = _Budget(stages, budget_s, log)
+            env = _env_stage(budget.by_name["env"], device, log)
+            budget.step("tests", _tests_argv(dry_run))
+            for name, preset in (("run-0.6b", "qwen3-0.6b"), ("run-8b", "qwen3-8b")):
+                d = work / name
+                d.mkdir()
+                st = budget.step(name, _run_argv(preset, d, dry_run))
+                _adopt(_newest_json(d), out, f"run-{preset}.json", st)
+            kjson = work / "kernel_speed.json"
+            st = budget.step("kernels", _bench("kernel-bench", "--device", device, "--json", str(kjson),
+                                               *(["--tiny"] if dry_run else [])))
+            _adopt(kjson, out, "kernel_speed.json", st)
+            d = work / "sft"
             d.mkdir()
-            if dry_run:
-                argv = _bench("run", "--quick", "--device", "cpu", "--subjects", "rmsnorm,attention",
-                              "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "3",
-                              "--time-repeats", "2", "--out", str(d), "--no-progress")
-            else:
-                argv = _bench("run", "--device", "cuda", "--preset", preset, "--dtypes", "bf16,fp32",
-                              "--modes", "default,torch-det", "--repeats", "20", "--out", str(d),
-                              "--no-progress")
-            st = step(name, argv)
-            _adopt(_newest_json(d), out, f"run-{preset}.json", st)
-
-        kjson = work / "kernel_speed.json"
-        argv = _bench("kernel-bench", "--device", device, "--json", str(kjson), *(["--tiny"] if dry_run else []))
-        st = step("kernels", argv)
-        _adopt(kjson, out, "kernel_speed.json", st)
-
-        d = work / "sft"
-        d.mkdir()
-        sft_model = "qwen2.5-tiny" if dry_run else "qwen2.5-0.5b"
-        # The dry run plants a fault so that the pinpoint stage has a divergence to work on.
-        plant = ["--plant", DRY_RUN_PLANT] if dry_run else []
-        if dry_run:
-            argv = _bench("sft", "--model", sft_model, "--device", "cpu", "--attention", "eager,sdpa",
-                          "--dtype", "fp32", "--lr", "1e-5,3e-4", "--steps", "2", "--repeats", "2",
-                          "--batch-size", "2", "--seq-len", "16", "--out", str(d), "--summary-only", *plant)
-        else:
-            argv = _bench("sft", "--model", sft_model, "--device", "cuda", "--attention",
-                          "eager,sdpa,triton", "--dtype", "bf16", "--lr", "1e-5,3e-4", "--steps", "20",
-                          "--repeats", "3", "--out", str(d), "--summary-only")
-        st = step("sft", argv)
-        sft_file = _newest_json(d)
-        _adopt(sft_file, out, "sft.json", st)
-
-        target = _first_diverged(out / "sft.json") if st.output else None
-        pin = by_name["pinpoint"]
-        if target is None:
-            pin.status = "skipped: no SFT configuration diverged" if st.output else "skipped: no SFT result"
-        else:
-            d = work / "pinpoint"
-            d.mkdir()
-            argv = _bench("pinpoint", "--model", sft_model, "--device", device, "--attention", target["attention"],
-                          "--mode", target["mode"], "--dtype", target["dtype"], "--lr", repr(target["lr"]),
-                          "--steps", "2", "--out", str(d), *plant)
-            pin.note = f"on {target['attention']} {target['mode']} {target['dtype']} lr={target['lr']}"
-            step("pinpoint", argv)
-            _adopt(_newest_json(d), out, "pinpoint.json", pin)
-    shutil.rmtree(work, ignore_errors=True)
+            st = budget.step("sft", _sft_argv(d, dry_run))
+            _adopt(_newest_json(d), out, "sft.json", st)
+            _pinpoint_stage(budget, out, work, device, dry_run, sft_ok=bool(st.output))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return stages, env
+
+
+def _env_stage(st: Stage, device: str, log) -> dict:
+    t0 = time.monotonic()
+    env = environment_summary(device)
+    st.status, st.seconds, st.note = "ok", round(time.monotonic() - t0, 1), env_line(env)
+    print(f"gpu-check on {st.note}", flush=True)
+    log.write("===== env\n" + json.dumps(env, indent=1) + "\n")
+    return env
+
+
+def _pinpoint_stage(budget: _Budget, out: Path, work: Path, device: str, dry_run: bool, sft_ok: bool) -> None:
+    """Pinpoint the first SFT configuration that diverged (skipped, with the reason, when none did)."""
+    target = _first_diverged(out / "sft.json") if sft_ok else None
+    pin = budget.by_name["pinpoint"]
+    if target is None:
+        pin.status = "skipped: no SFT configuration diverged" if sft_ok else "skipped: no SFT result"
+        return
+    d = work / "pinpoint"
+    d.mkdir()
+    argv = _bench("pinpoint", "--model", _sft_model(dry_run), "--device", device, "--attention", target["attention"],
+                  "--mode", target["mode"], "--dtype", target["dtype"], "--lr", repr(target["lr"]),
+                  "--steps", "2", "--out", str(d), *_plant(dry_run))
+    pin.note = f"on {target['attention']} {target['mode']} {target['dtype']} lr={target['lr']}"
+    budget.step("pinpoint", argv)
+    _adopt(_newest_json(d), out, "pinpoint.json", pin)
 
 
 def _first_diverged(sft_json: Path) -> dict | None:
@@ -287,65 +309,7 @@ def write_summary(out: Path, stages: list[Stage], env: dict, budget_s: float, dr
     if found:
         lines += ["", "## Findings", ""] + [f"- {line}" for line in found]
     text = "\n".join(lines) + "\n"
-    from .results import write_json_atomic, write_text_atomic
-
     write_text_atomic(out / "summary.md", text, exclusive=False)
     write_json_atomic(out / "summary.json", {"dry_run": dry_run, "budget_s": budget_s, "environment": env,
                                              "stages": [asdict(s) for s in stages]}, exclusive=False)
     return text
-
-
-def print_summary(stages: list[Stage], out: Path) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="detbench gpu-check")
-    for col in ("stage", "status", "seconds", "limit", "output"):
-        table.add_column(col)
-    for s in stages:
-        colour = "green" if s.status == "ok" else "yellow" if s.status.startswith("skipped") else "red"
-        table.add_row(s.name, f"[{colour}]{escape(s.status)}[/]", f"{s.seconds}", f"{s.limit_s}",
-                      escape(s.output or s.note))
-    console = Console()
-    for line in findings(out):
-        console.print(escape(line), highlight=False)
-    console.print(table)
-
-
-def cmd_gpu_check(args) -> int:
-    import torch
-
-    from .cli import UsageError
-
-    if not args.dry_run and not torch.cuda.is_available():
-        raise UsageError("gpu-check needs a CUDA device; use --dry-run to rehearse it on the CPU")
-    if args.budget <= 0:
-        raise UsageError("--budget must be a positive number of seconds")
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder")
-    stray = [p.name for p in out.iterdir() if p.name not in FILES]
-    if stray:
-        raise UsageError(f"--out {out} already holds other files ({', '.join(stray[:3])}); give an empty folder")
-    stages, env = run_checks(out, float(args.budget), args.dry_run)
-    write_summary(out, stages, env, float(args.budget), args.dry_run)
-    print_summary(stages, out)
-    failed = [s for s in stages if s.status.startswith(("failed", "timed out"))]
-    return 1 if failed else 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "gpu-check", help="the bounded GPU validation script (CUDA tests, run, kernel-bench, sft, pinpoint)",
-        description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for the (at most 8) result files; empty or new")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                   help=f"total seconds for all stages (default {DEFAULT_BUDGET_S:.0f})")
-    p.add_argument("--dry-run", action="store_true", help="run every stage on the CPU with tiny shapes")
-    p.set_defaults(func=cmd_gpu_check)

@@ -24,8 +24,6 @@ exception as *error*; neither stops the run. Ctrl-C stops it: the records so far
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime as _dt
 import time
 import traceback
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bench import checks
+from bench.report import render_markdown
 from bench.modes import MODES, apply_mode, get_mode, is_refusal
 from bench.results import (
     RUN_SCHEMA,
@@ -49,16 +48,17 @@ from bench.results import (
     SubjectInfo,
     TimingRecord,
     capture_environment,
-    check_out_dir,
     device_label,
     new_run_id,
-    OutDirError,
     result_path,
     write_json_atomic,
     write_text_atomic,
 )
+from bench.errors import InputError
 from bench.subjects import DTYPES, SUBJECTS, build_case, dtype_name, probe, reference_route
 from bench.timing import time_instance
+from qwen_layers import registry
+from qwen_layers.config import PRESETS
 
 DEFAULT_REPEATS = 20
 DEFAULT_PRESET = "qwen3-0.6b"
@@ -67,12 +67,6 @@ QUICK_PRESET = "qwen3-tiny"
 TIME_DEFAULTS = {"quick": (5, 1), "cpu": (10, 2), "cuda": (50, 5)}
 # Registry origins that are never part of the default backend set.
 _HIDDEN_ORIGINS = {"detbench-reference"}
-
-
-def _usage(msg: str):
-    from bench.cli import UsageError
-
-    return UsageError(msg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,18 +100,6 @@ class Plan:
         return sum(len(self.backends[x]) for x in s.subjects) * len(s.dtypes) * len(s.modes)
 
 
-def _split(values: list[str] | None, option: str) -> list[str] | None:
-    """``--x a,b --x c`` -> [a, b, c] (None when the option was not given; an empty list is refused)."""
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        out.extend(p.strip() for p in v.split(",") if p.strip())
-    if not out:
-        raise _usage(f"{option} was given an empty list; name at least one item or leave {option} out")
-    return out
-
-
 def _dedupe(items):
     return list(dict.fromkeys(items))
 
@@ -131,7 +113,7 @@ def _interpreted(backend, device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     try:
-        from kernels import _common
+        from kernels import _common  # in here: kernels may be absent or foreign (the CLI says so first)
     except ImportError:
         return False
     return backend.available is _common.triton_available and _common.INTERPRET
@@ -141,136 +123,159 @@ def _cuda_hint(reason: str) -> str:
     return " or use --device cuda on a machine with a GPU" if "cuda" in reason.lower() else ""
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
-    """Validate every option against the registry and this machine; UsageError on bad input."""
-    from bench.cli import parse_device
-    from qwen_layers import registry
-    from qwen_layers.config import PRESETS
+def _choose(items: list[str] | None, known, what: str) -> list[str]:
+    """``items`` checked against ``known`` (all of ``known`` when ``items`` is None), duplicates dropped."""
+    chosen = list(known) if items is None else items
+    for x in chosen:
+        if x not in known:
+            raise InputError(f"unknown {what} {x!r}; choose from: {', '.join(known)}")
+    return _dedupe(chosen)
 
-    device = parse_device(args.device)
-    quick = bool(args.quick)
-    profile = "quick" if quick else device.type
 
-    subjects = _split(args.subjects, "--subjects") or list(SUBJECTS)
-    for s in subjects:
-        if s not in SUBJECTS:
-            raise _usage(f"unknown subject {s!r}; choose from: {', '.join(SUBJECTS)}")
-    subjects = _dedupe(subjects)
-
-    try:
-        dtypes = _dedupe(dtype_name(d) for d in (_split(args.dtypes, "--dtypes") or list(DTYPES)))
-    except ValueError as e:
-        raise _usage(f"--dtypes: {e}") from None
-
-    modes = _split(args.modes, "--modes") or list(MODES)
-    for m in modes:
-        if m not in MODES:
-            raise _usage(f"unknown mode {m!r}; choose from: {', '.join(MODES)}")
-    modes = _dedupe(modes)
-
-    if args.repeats < 2:
-        raise _usage(f"--repeats {args.repeats}: run-to-run checks need at least 2 repeats (default {DEFAULT_REPEATS})")
-    preset = args.preset or (QUICK_PRESET if quick else DEFAULT_PRESET)
-    if preset not in PRESETS:
-        raise _usage(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
-    t_rep, t_warm = TIME_DEFAULTS[profile]
-    time_repeats = t_rep if args.time_repeats is None else args.time_repeats
-    warmup = t_warm if args.warmup is None else args.warmup
-    if time_repeats < 1 or warmup < 0:
-        raise _usage("--time-repeats must be >= 1 and --warmup >= 0")
-
-    # --route op=backend
-    route = {op: "eager" for op in registry.OPS}
+def _parse_route(items: list[str], device: torch.device) -> dict[str, str]:
+    """``["op=backend", ...]`` -> {op: backend}, each checked against the registry and this device."""
     user_route: dict[str, str] = {}
-    for item in _split(args.route, "--route") or []:
+    for item in items:
         op, sep, name = item.partition("=")
         op, name = op.strip(), name.strip()
         if not sep or not op or not name:
-            raise _usage(f"--route {item!r}: write OP=BACKEND, e.g. --route linear=eager")
+            raise InputError(f"--route {item!r}: write OP=BACKEND, e.g. --route linear=eager")
         if op not in registry.OPS:
-            raise _usage(f"--route {item!r}: unknown op {op!r}; ops are: {', '.join(registry.OPS)}")
+            raise InputError(f"--route {item!r}: unknown op {op!r}; ops are: {', '.join(registry.OPS)}")
         if name not in registry.names(op):
-            raise _usage(f"--route {item!r}: unknown {op} backend {name!r}; registered: {', '.join(registry.names(op))}")
+            raise InputError(f"--route {item!r}: unknown {op} backend {name!r}; registered: "
+                             f"{', '.join(registry.names(op))}")
         reason = registry.get(op, name).why_not(device)
         if reason is not None:
-            raise _usage(f"--route {item}: cannot run on {device}: {reason}; choose another {op} backend"
-                         f"{_cuda_hint(reason)}")
-        route[op] = name
+            raise InputError(f"--route {item}: cannot run on {device}: {reason}; choose another {op} backend"
+                             f"{_cuda_hint(reason)}")
         user_route[op] = name
+    return user_route
 
-    # the backend axis
-    requested = _dedupe(_split(args.backends, "--backends") or []) or None
+
+def _requested_backends(requested: list[str], subjects: list[str],
+                        device: torch.device) -> tuple[dict[str, list[str]], list[str]]:
+    """The backend axis when the user named backends: each must exist for some subject and run here."""
     primary_ops = _dedupe(SUBJECTS[s].primary_op for s in subjects)
+    for name in requested:
+        ops = [op for op in primary_ops if name in registry.names(op)]
+        if not ops:
+            known = "; ".join(
+                f"{op}: {', '.join(n for n in registry.names(op) if registry.get(op, n).origin not in _HIDDEN_ORIGINS)}"
+                for op in primary_ops)
+            hint = " (planted negative controls need --plant)" if name.startswith("planted") else ""
+            raise InputError(f"unknown backend {name!r} for the selected subjects{hint}; registered: {known}")
+        for op in ops:
+            reason = registry.get(op, name).why_not(device)
+            if reason is not None:
+                raise InputError(f"--backends {name}: the {op} backend cannot run on {device}: {reason}; "
+                                 f"drop it from --backends{_cuda_hint(reason)}")
     backends: dict[str, list[str]] = {}
     skipped: list[str] = []
-    if requested is not None:
-        for name in requested:
-            ops = [op for op in primary_ops if name in registry.names(op)]
-            if not ops:
-                known = "; ".join(f"{op}: {', '.join(n for n in registry.names(op) if registry.get(op, n).origin not in _HIDDEN_ORIGINS)}"
-                                  for op in primary_ops)
-                hint = " (planted negative controls need --plant)" if name.startswith("planted") else ""
-                raise _usage(f"unknown backend {name!r} for the selected subjects{hint}; registered: {known}")
-            for op in ops:
-                reason = registry.get(op, name).why_not(device)
-                if reason is not None:
-                    raise _usage(f"--backends {name}: the {op} backend cannot run on {device}: {reason}; "
-                                 f"drop it from --backends{_cuda_hint(reason)}")
-        for s in subjects:
-            op = SUBJECTS[s].primary_op
-            backends[s] = [n for n in requested if n in registry.names(op)]
-            missing = [n for n in requested if n not in registry.names(op)]
-            if missing:
-                skipped.append(f"{s}: its {op} op has no backend {', '.join(missing)}")
-    else:
-        unavailable: dict[str, list[str]] = {}  # reason -> ["op/backend", ...]
-        for s in subjects:
-            op = SUBJECTS[s].primary_op
-            names = []
-            for b in registry.backends(op):
-                if b.origin in _HIDDEN_ORIGINS:
-                    continue
-                reason = b.why_not(device)
-                if reason is None and _interpreted(b, device):
-                    reason = INTERPRETED_REASON
-                if reason is None:
-                    names.append(b.name)
-                elif f"{op}/{b.name}" not in unavailable.setdefault(reason, []):
-                    unavailable[reason].append(f"{op}/{b.name}")
-            backends[s] = names
-        for reason, entries in unavailable.items():
-            if reason == INTERPRETED_REASON:
-                skipped.append(f"{', '.join(entries)}: {reason}")
-            else:
-                skipped.append(f"{', '.join(entries)}: not available on {device} ({reason})")
     for s in subjects:
-        if not backends[s]:
-            raise _usage(f"subject {s}: none of the chosen backends implements its op "
-                         f"{SUBJECTS[s].primary_op}; add one to --backends or drop {s} from --subjects")
+        op = SUBJECTS[s].primary_op
+        backends[s] = [n for n in requested if n in registry.names(op)]
+        missing = [n for n in requested if n not in registry.names(op)]
+        if missing:
+            skipped.append(f"{s}: its {op} op has no backend {', '.join(missing)}")
+    return backends, skipped
 
-    # dtype support, probed on tiny inputs before the run
+
+def _default_backends(subjects: list[str], device: torch.device) -> tuple[dict[str, list[str]], list[str]]:
+    """The backend axis by default: every registered backend that runs here (and is not interpreted)."""
+    backends: dict[str, list[str]] = {}
+    unavailable: dict[str, list[str]] = {}  # reason -> ["op/backend", ...]
+    for s in subjects:
+        op = SUBJECTS[s].primary_op
+        names = []
+        for b in registry.backends(op):
+            if b.origin in _HIDDEN_ORIGINS:
+                continue
+            reason = b.why_not(device)
+            if reason is None and _interpreted(b, device):
+                reason = INTERPRETED_REASON
+            if reason is None:
+                names.append(b.name)
+            elif f"{op}/{b.name}" not in unavailable.setdefault(reason, []):
+                unavailable[reason].append(f"{op}/{b.name}")
+        backends[s] = names
+    skipped = [f"{', '.join(entries)}: {reason}" if reason == INTERPRETED_REASON
+               else f"{', '.join(entries)}: not available on {device} ({reason})"
+               for reason, entries in unavailable.items()]
+    return backends, skipped
+
+
+def _probe_dtypes(subjects: list[str], backends: dict[str, list[str]], user_route: dict[str, str],
+                  dtypes: list[str], device: torch.device, strict: bool) -> dict[tuple[str, str, str], str]:
+    """Dtype support, probed on tiny inputs before the run. A backend the user named (``strict``) or
+    routed must support every dtype; a default one that does not is left out of that dtype's cells."""
     unsupported: dict[tuple[str, str, str], str] = {}
     to_probe = {(SUBJECTS[s].primary_op, b) for s in subjects for b in backends[s]}
-    to_probe |= {(op, name) for op, name in user_route.items()}
+    to_probe |= set(user_route.items())
     for op, name in sorted(to_probe):
         for dt in dtypes:
             reason = probe(op, name, DTYPES[dt], device)
             if reason is None:
                 continue
             if (op, name) in user_route.items():
-                raise _usage(f"--route {op}={name} does not support {dt} on {device} ({reason}); "
-                             f"drop {dt} from --dtypes or route {op} elsewhere")
-            if requested is not None:
-                raise _usage(f"{op} backend {name!r} does not support {dt} on {device} ({reason}); "
-                             f"drop {dt} from --dtypes or {name} from --backends")
+                raise InputError(f"--route {op}={name} does not support {dt} on {device} ({reason}); "
+                                 f"drop {dt} from --dtypes or route {op} elsewhere")
+            if strict:
+                raise InputError(f"{op} backend {name!r} does not support {dt} on {device} ({reason}); "
+                                 f"drop {dt} from --dtypes or {name} from --backends")
             unsupported[(op, name, dt)] = reason
+    return unsupported
+
+
+def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None = None,
+              backends: list[str] | None = None, dtypes: list[str] | None = None, modes: list[str] | None = None,
+              repeats: int = DEFAULT_REPEATS, quick: bool = False, preset: str | None = None, seed: int = 0,
+              route: list[str] = (), plant: bool = False, time_repeats: int | None = None,
+              warmup: int | None = None, out: str = "results") -> Plan:
+    """Check every setting against the registry and this machine; :class:`InputError` on bad input.
+
+    ``None`` means the default: every subject, every available backend, every dtype and mode.
+    ``route`` items are ``"op=backend"``. Planted backends must already be registered
+    (``with bench.planted.planted_registered():``) when ``plant`` is set.
+    """
+    device = torch.device(device)
+    profile = "quick" if quick else device.type
+    subjects = _choose(subjects, list(SUBJECTS), "subject")
+    try:
+        dtypes = _dedupe(dtype_name(d) for d in (dtypes or list(DTYPES)))
+    except ValueError as e:
+        raise InputError(f"--dtypes: {e}") from None
+    modes = _choose(modes, list(MODES), "mode")
+    if repeats < 2:
+        raise InputError(f"--repeats {repeats}: run-to-run checks need at least 2 repeats (default {DEFAULT_REPEATS})")
+    preset = preset or (QUICK_PRESET if quick else DEFAULT_PRESET)
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    t_rep, t_warm = TIME_DEFAULTS[profile]
+    time_repeats = t_rep if time_repeats is None else time_repeats
+    warmup = t_warm if warmup is None else warmup
+    if time_repeats < 1 or warmup < 0:
+        raise InputError("--time-repeats must be >= 1 and --warmup >= 0")
+
+    user_route = _parse_route(list(route), device)
+    requested = _dedupe(backends) if backends else None
+    if requested is not None:
+        chosen, skipped = _requested_backends(requested, subjects, device)
+    else:
+        chosen, skipped = _default_backends(subjects, device)
+    for s in subjects:
+        if not chosen[s]:
+            raise InputError(f"subject {s}: none of the chosen backends implements its op "
+                             f"{SUBJECTS[s].primary_op}; add one to --backends or drop {s} from --subjects")
+    unsupported = _probe_dtypes(subjects, chosen, user_route, dtypes, device, strict=requested is not None)
 
     settings = RunSettings(
-        subjects=subjects, backends=requested, dtypes=dtypes, modes=modes, repeats=args.repeats,
-        device=str(device), preset=preset, quick=quick, seed=args.seed, route=user_route,
-        plant=bool(args.plant), time_repeats=time_repeats, time_warmup=warmup, out=str(args.out),
+        subjects=subjects, backends=requested, dtypes=dtypes, modes=modes, repeats=repeats,
+        device=str(device), preset=preset, quick=quick, seed=seed, route=user_route,
+        plant=bool(plant), time_repeats=time_repeats, time_warmup=warmup, out=str(out),
     )
-    return Plan(settings, device, profile, PRESETS[preset], backends, route, unsupported, skipped)
+    full_route = {op: "eager" for op in registry.OPS} | user_route
+    return Plan(settings, device, profile, PRESETS[preset], chosen, full_route, unsupported, skipped)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,24 +455,6 @@ def cross_records(subject: str, dtype: str, firsts: dict[tuple[str, str], dict])
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def planted_backends(enabled: bool):
-    """Register bench.planted's negative controls for the duration of the block (if ``enabled``)."""
-    if not enabled:
-        yield []
-        return
-    from bench.planted import PLANTED, register_planted
-    from qwen_layers import registry
-
-    before = {(op, n) for op, n in PLANTED if n in registry.names(op)}
-    try:
-        yield register_planted()
-    finally:
-        for op, n in PLANTED:
-            if (op, n) not in before and n in registry.names(op):
-                registry.unregister(op, n)
-
-
 def _subject_info(plan: Plan, case) -> SubjectInfo:
     subj = case.subject
     sizes = {name: torch.tensor([], dtype=dt).element_size() for name, dt in DTYPES.items()}
@@ -488,8 +475,6 @@ def _now() -> str:
 
 
 def new_result(plan: Plan, command: list[str]) -> RunResult:
-    from qwen_layers import registry
-
     s = plan.settings
     env = capture_environment(plan.device, seeds={"seed": s.seed, "params": s.seed, "inputs": s.seed + 1,
                                                   "upstream": s.seed + 2, "torch_manual_seed": s.seed})
@@ -562,100 +547,7 @@ def execute(plan: Plan, result: RunResult, progress=None) -> RunResult:
 
 def save(result: RunResult, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``<stem>.json`` and its Markdown summary ``<stem>.md``, atomically, never overwriting."""
-    from bench.report import render_markdown
-
     path = result_path(out_dir, "run", device_label(result.environment), result.run_id)
     json_path = write_json_atomic(path, result)
     md_path = write_text_atomic(path.with_suffix(".md"), render_markdown(result, json_name=json_path.name))
     return json_path, md_path
-
-
-def equivalent_command(s: RunSettings) -> list[str]:
-    """The ``detbench run`` command line that asks for exactly these settings."""
-    cmd = ["detbench", "run", "--subjects", ",".join(s.subjects), "--dtypes", ",".join(s.dtypes),
-           "--modes", ",".join(s.modes), "--repeats", str(s.repeats), "--device", s.device.split(":")[0],
-           "--preset", s.preset, "--seed", str(s.seed), "--time-repeats", str(s.time_repeats),
-           "--warmup", str(s.time_warmup), "--out", s.out]
-    if s.backends is not None:
-        cmd[2:2] = ["--backends", ",".join(s.backends)]
-    if s.quick:
-        cmd.append("--quick")
-    if s.plant:
-        cmd.append("--plant")
-    for op, name in s.route.items():
-        cmd += ["--route", f"{op}={name}"]
-    return cmd
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from bench.report import make_console, print_run
-
-    console = make_console()
-    with planted_backends(args.plant):
-        plan = make_plan(args)
-        try:
-            out_dir = check_out_dir(args.out)
-        except OutDirError as e:
-            raise _usage(str(e)) from None
-        result = new_result(plan, equivalent_command(plan.settings))
-        console.print(f"[bold]detbench run[/] on {plan.device} ({result.environment.device_name}): "
-                      f"{plan.n_cells} cells, {plan.settings.repeats} repeats each, preset {plan.settings.preset}"
-                      f"{' (quick shapes)' if plan.settings.quick else ''}", highlight=False)
-        progress = None
-        if args.progress:
-            progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=True)
-        failed = None
-        try:
-            with progress if progress is not None else contextlib.nullcontext():
-                execute(plan, result, progress)
-        except Exception as e:  # recorded in the result; re-raised after it is written
-            failed = e
-        json_path, md_path = save(result, out_dir)
-    print_run(result, console)
-    console.print(f"result: {json_path}\nsummary: {md_path}", highlight=False)
-    if failed is not None:
-        console.print(f"[red]run failed {result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
-        raise failed
-    if result.status == "interrupted":
-        console.print(f"[yellow]{result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
-        return 130
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "run", help="run identical inputs through every backend: determinism, batch invariance, accuracy, speed",
-        description="Run each subject (a Qwen op on its own) through every backend of its primary op, in "
-                    "each dtype and determinism mode: run-to-run repeats, batch invariance, error against a "
-                    "float64 reference next to eager PyTorch's, and time. Writes results/run-*.json and a "
-                    "Markdown summary next to it.")
-    p.add_argument("--subjects", action="append", metavar="LIST",
-                   help=f"comma-separated subjects (default: all): {', '.join(SUBJECTS)}")
-    p.add_argument("--backends", action="append", metavar="LIST",
-                   help="backends of each subject's primary op (default: every available one; see detbench list). "
-                        "Primary ops: " + ", ".join(f"{x.name}: {x.primary_op}" for x in SUBJECTS.values()))
-    p.add_argument("--dtypes", action="append", metavar="LIST", help="fp32,bf16,fp16 (default: all three)")
-    p.add_argument("--modes", action="append", metavar="LIST",
-                   help=f"determinism modes (default: all): {', '.join(MODES)}")
-    p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                   help=f"run-to-run repeats per cell (default {DEFAULT_REPEATS})")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when present, else cpu)")
-    p.add_argument("--preset", help=f"model preset for the shapes (default {DEFAULT_PRESET}; {QUICK_PRESET} with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny preset and tiny shapes (the linear subject keeps K=4096 x 2048 rows); under 2 minutes "
-                        "on 2 CPU cores")
-    p.add_argument("--route", action="append", metavar="OP=BACKEND",
-                   help="backend of an op that is not the subject's primary op, e.g. --route linear=triton "
-                        "(repeatable or comma-separated)")
-    p.add_argument("--plant", action="store_true",
-                   help="add bench.planted's deliberately nondeterministic / batch-variant backends (negative controls)")
-    p.add_argument("--seed", type=int, default=0, help="seed of parameters, inputs and upstream gradients (default 0)")
-    p.add_argument("--time-repeats", type=int, default=None,
-                   help="timed calls per phase (default: 5 with --quick, 10 on cpu, 50 on cuda)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per phase (default 1/2/5)")
-    p.add_argument("--out", default="results", help="directory for the result files (default ./results)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=cmd_run)

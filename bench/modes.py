@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
+from bench.errors import InputError
 
 _ABSENT = object()
 
@@ -106,7 +107,7 @@ MODES: dict[str, Mode] = {
 MODE_ENV_VARS: tuple[str, ...] = tuple(sorted({k for m in MODES.values() for k in m.env}))
 
 
-class UnknownMode(ValueError):
+class UnknownMode(InputError):
     pass
 
 

@@ -21,11 +21,14 @@ They are not in the registry until :func:`register_planted` is called (tests and
 
 from __future__ import annotations
 
+import contextlib
 import random
+from typing import Iterator
 
 import torch
 
 from qwen_layers.backends import eager_attention, eager_rmsnorm, repeat_kv
+from qwen_layers.registry import REGISTRY, Registry
 
 _CHUNKS = 4
 _sysrand = random.SystemRandom()
@@ -155,11 +158,20 @@ PLANTED = {
 }
 
 
-def register_planted(registry=None) -> list[tuple[str, str]]:
+def register_planted(registry: Registry = REGISTRY) -> list[tuple[str, str]]:
     """Add every planted backend to ``registry`` (default: the global one); idempotent."""
-    if registry is None:
-        from qwen_layers.registry import REGISTRY as registry
     for (op, name), fn in PLANTED.items():
         registry.register(op, name, fn, deterministic=False, origin="planted", replace=True,
                           description="negative control: " + (fn.__doc__ or name).strip().splitlines()[0])
     return list(PLANTED)
+
+
+@contextlib.contextmanager
+def planted_registered(enabled: bool = True) -> Iterator[list[tuple[str, str]]]:
+    """The planted backends in the global registry for the duration of the block (``enabled=False``:
+    nothing changes); the registry is restored in ``finally``. Yields the (op, name) pairs added."""
+    if not enabled:
+        yield []
+        return
+    with REGISTRY.scoped():
+        yield register_planted()

@@ -1,18 +1,16 @@
-"""``detbench report``: render a stored ``detbench run`` result as tables, Markdown and plots.
+"""Rendering a stored ``detbench run`` result: the summaries every view shares, Markdown and plots.
 
-Everything here reads a :class:`bench.results.RunResult`; nothing measures. ``detbench run`` prints
-its tables through :func:`print_run` too, so what a run shows and what ``report`` re-renders from the
-file are the same.
+Everything here reads a :class:`bench.results.RunResult`; nothing measures and nothing prints. The
+terminal tables are ``bench.cli.report.print_run`` (shared by ``detbench run`` and ``detbench report``,
+so what a run shows and what ``report`` re-renders from the file are the same), built on
+:class:`Index`, :func:`cost_rows` and :func:`agreement_lines` from here.
 
-* :func:`print_run` - one table per subject (backend x dtype x mode), nondeterministic cells in red,
-  batch-variant ones in yellow; then the cost of determinism and which backends agree bitwise.
 * :func:`render_markdown` - the same as Markdown (written next to each result by ``detbench run``).
 * :func:`render_plots` - PNGs of the cost of determinism and of error vs speed (needs matplotlib).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -306,7 +304,7 @@ def _counts(res: RunResult) -> str:
     return ", ".join(parts)
 
 
-def _header(res: RunResult) -> list[str]:
+def header_lines(res: RunResult) -> list[str]:
     env, s = res.environment, res.settings
     hw = f"{env.device_name}" + (f", {env.sm_count} SMs" if env.sm_count else f", {env.torch_threads} torch threads")
     lines = [
@@ -318,94 +316,6 @@ def _header(res: RunResult) -> list[str]:
         bound_sentence(s.repeats) + ".",
     ]
     return lines
-
-
-# ------------------------------------------------------------------------------------------------
-# console
-# ------------------------------------------------------------------------------------------------
-
-
-def make_console():
-    """A rich console; 160 columns wide when writing to a file or pipe (rich's default is 80)."""
-    import os
-
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=160)
-    return console
-
-
-def print_run(res: RunResult, console=None) -> None:
-    """Print the tables of ``res`` to a rich console."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = console or make_console()
-    ix = Index(res)
-    for line in _header(res):
-        console.print(escape(line), highlight=False)
-    for info in res.subjects:
-        cells = [c for c in res.cells if c.subject == info.subject]
-        if not cells:
-            continue
-        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in info.shapes.items())
-        table = Table(title=f"{info.subject}: {info.primary_op} backends - {shapes}", title_justify="left",
-                      show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1))
-        for col, kw in (("backend", {"no_wrap": True}), ("dtype", {}), ("mode", {"no_wrap": True}),
-                        ("run to run", {"overflow": "fold", "ratio": 1, "min_width": 18}),
-                        ("batch invariance", {"overflow": "fold", "ratio": 1, "min_width": 18}),
-                        ("err vs fp64 (eager)", {"justify": "right", "no_wrap": True}),
-                        ("ulp (eager)", {"justify": "right", "no_wrap": True}),
-                        ("fwd / bwd / fwd+bwd", {"justify": "right", "no_wrap": True}),
-                        ("rate", {"justify": "right", "no_wrap": True})):
-            table.add_column(col, **kw)
-        last = None
-        for c in cells:
-            v = ix.view(c, compact=True)
-            if last is not None and c.dtype != last:
-                table.add_section()
-            last = c.dtype
-            style = None
-            if v.nondeterministic:
-                style = "bold red"
-            elif v.status in ("refused", "unsupported"):
-                style = "dim"
-            elif v.status == "error":
-                style = "magenta"
-            batch = f"[yellow]{escape(v.batch)}[/]" if v.batch_variant else escape(v.batch)
-            err = f"[yellow]{v.err}[/]" if v.worse_than_eager else v.err
-            times = fmt_times(ix.time(c.subject, c.backend, c.dtype, c.mode, "fwd"),
-                              ix.time(c.subject, c.backend, c.dtype, c.mode, "bwd"), v.both_s)
-            table.add_row(v.backend, v.dtype, v.mode, escape(v.run_to_run), batch, f"{err} ({v.eager_err})",
-                          v.ulp, times, v.rate, style=style)
-        console.print(table)
-        if info.notes:
-            console.print(f"[dim]{escape(info.subject)}: {escape(info.notes)}[/]", highlight=False)
-
-    rows = cost_rows(ix)
-    modes = [m for m in res.settings.modes if m != "default"]
-    if rows and (modes or any(r["twin_ratio"] for r in rows)):
-        table = Table(title=escape("cost of determinism: fwd+bwd median ratios in this run, [quartile range], "
-                                   "~ = within noise"), title_justify="left", header_style="bold",
-                      box=box.SIMPLE_HEAD)
-        for col in ["subject", "backend", "dtype", "default"] + [f"{m} / default" for m in modes] + ["det / twin"]:
-            table.add_column(col, justify="left" if col in ("subject", "backend", "dtype") else "right")
-        for r in rows:
-            cells = [r["subject"], r["backend"], r["dtype"], fmt_time(r["default_s"])]
-            cells += [fmt_ratio(r[m]) for m in modes]
-            cells.append(f"{fmt_ratio(r['twin_ratio'])} vs {r['twin']}" if r["twin_ratio"] else "-")
-            table.add_row(*cells)
-        console.print(table)
-    lines = agreement_lines(res)
-    if lines:
-        console.print("[bold]cross-backend agreement (repeat 0, bitwise)[/]")
-        for line in lines:
-            console.print("  " + escape(line), highlight=False)
-    for line in res.skipped:
-        console.print(f"[dim]not run: {escape(line)}[/]", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,7 +332,7 @@ def render_markdown(res: RunResult, json_name: str | None = None) -> str:
     out = [f"# detbench run {res.run_id}", ""]
     if json_name:
         out += [f"Data: `{json_name}` (schema `{res.schema}`, see results/README.md).", ""]
-    out += [f"- {_md_escape(line)}" for line in _header(res)]
+    out += [f"- {_md_escape(line)}" for line in header_lines(res)]
     out += [f"- command: `{' '.join(res.command)}`", ""]
     out += ["Cells in **bold** are not bitwise reproducible run to run; *batch* shows whether rows computed in "
             "smaller batches match the full batch bit for bit. Errors are relative L2 against a float64 "
@@ -474,7 +384,7 @@ def render_markdown(res: RunResult, json_name: str | None = None) -> str:
 
 def matplotlib_missing() -> str | None:
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (in here: matplotlib is optional)
     except ImportError:
         return "matplotlib is not installed: pip install 'detbench[plot]'"
     return None
@@ -482,16 +392,30 @@ def matplotlib_missing() -> str | None:
 
 def render_plots(res: RunResult, out_dir: str | Path, stem: str) -> list[Path]:
     """Write ``<stem>-cost.png`` and ``<stem>-error-vs-speed.png`` into ``out_dir``; returns the paths."""
-    import matplotlib
+    import matplotlib  # in here: matplotlib is optional (detbench[plot])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ix = Index(res)
     paths = []
+    for name, draw in (("cost", _plot_cost), ("error-vs-speed", _plot_error_vs_speed)):
+        fig = draw(plt, res, ix)
+        if fig is None:
+            continue
+        fig.tight_layout()
+        p = out_dir / f"{stem}-{name}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _plot_cost(plt, res: RunResult, ix: Index):
+    """Horizontal bars: each mode's (and each det kernel's twin) time ratio, with quartile whiskers."""
+    from matplotlib.ticker import FuncFormatter  # in here: matplotlib is optional
 
     rows = cost_rows(ix)
     modes = [m for m in res.settings.modes if m != "default"]
@@ -502,120 +426,64 @@ def render_plots(res: RunResult, out_dir: str | Path, stem: str) -> list[Path]:
             series["det / twin"] = r["twin_ratio"]
         if series:
             bars.append((f"{r['subject']} {r['backend']} {r['dtype']}", series))
-    if bars:
-        labels = [m for m in modes] + (["det / twin"] if any("det / twin" in b[1] for b in bars) else [])
-        fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) * max(1, len(labels)) / 2 + 1.8))
-        h = 0.8 / max(1, len(labels))
-        for i, label in enumerate(labels):
-            ys, mids, err = [], [], [[], []]
-            for y, (_, series) in enumerate(bars):
-                if label in series:
-                    mid, lo, hi = series[label]
-                    ys.append(y + i * h)
-                    mids.append(mid)
-                    err[0].append(max(mid - lo, 0.0))
-                    err[1].append(max(hi - mid, 0.0))
-            ax.barh(ys, [m - 1.0 for m in mids], left=1.0, height=h, xerr=err, capsize=2,
-                    label=f"{label} / default" if label != "det / twin" else label,
-                    error_kw={"elinewidth": 0.7})
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
-        ax.set_yticks([y + h * (len(labels) - 1) / 2 for y in range(len(bars))])
-        ax.set_yticklabels([b[0] for b in bars], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("time ratio, fwd+bwd median (log scale; whiskers: quartile range); > 1: determinism costs time")
-        ax.set_title(f"cost of determinism - {res.environment.device_name}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out_dir / f"{stem}-cost.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+    if not bars:
+        return None
+    labels = [m for m in modes] + (["det / twin"] if any("det / twin" in b[1] for b in bars) else [])
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) * max(1, len(labels)) / 2 + 1.8))
+    h = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        ys, mids, err = [], [], [[], []]
+        for y, (_, series) in enumerate(bars):
+            if label in series:
+                mid, lo, hi = series[label]
+                ys.append(y + i * h)
+                mids.append(mid)
+                err[0].append(max(mid - lo, 0.0))
+                err[1].append(max(hi - mid, 0.0))
+        ax.barh(ys, [m - 1.0 for m in mids], left=1.0, height=h, xerr=err, capsize=2,
+                label=f"{label} / default" if label != "det / twin" else label,
+                error_kw={"elinewidth": 0.7})
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+    ax.set_yticks([y + h * (len(labels) - 1) / 2 for y in range(len(bars))])
+    ax.set_yticklabels([b[0] for b in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time ratio, fwd+bwd median (log scale; whiskers: quartile range); > 1: determinism costs time")
+    ax.set_title(f"cost of determinism - {res.environment.device_name}", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
 
-    subjects = [s.subject for s in res.subjects]
+
+def _plot_error_vs_speed(plt, res: RunResult, ix: Index):
+    """One scatter per subject: fwd+bwd time against error vs fp64, default mode, nondeterministic in red."""
+    from matplotlib.ticker import NullFormatter  # in here: matplotlib is optional
+
     points = defaultdict(list)
     for c in res.cells:
         v = ix.view(c)
         if v.both_s and v.rel_l2 is not None and math.isfinite(v.rel_l2) and v.rel_l2 > 0 and c.mode == "default":
             points[c.subject].append((v.both_s, v.rel_l2, c.backend, c.dtype, v.nondeterministic))
-    subjects = [s for s in subjects if points[s]]
-    if subjects:
-        ncol = min(3, len(subjects))
-        nrow = -(-len(subjects) // ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
-        markers = {"fp32": "o", "bf16": "s", "fp16": "^"}
-        for ax, subject in zip(axes.flat, subjects):
-            for t, err, backend, dtype, nondet in points[subject]:
-                ax.scatter(t * 1e3, err, marker=markers.get(dtype, "x"), color="red" if nondet else "tab:blue", s=22)
-                ax.annotate(f"{backend} {dtype}", (t * 1e3, err), fontsize=6, xytext=(3, 2), textcoords="offset points")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(subject, fontsize=9)
-            ax.set_xlabel("fwd+bwd median (ms)", fontsize=7)
-            ax.set_ylabel("rel L2 error vs fp64", fontsize=7)
-            ax.tick_params(labelsize=6)
-        for ax in list(axes.flat)[len(subjects):]:
-            ax.set_visible(False)
-        fig.suptitle("error vs speed, default mode (red: not bitwise reproducible)", fontsize=9)
-        fig.tight_layout()
-        p = out_dir / f"{stem}-error-vs-speed.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from bench.cli import UsageError
-    from bench.results import ResultFileError, load_run, write_text_atomic
-
-    try:
-        res = load_run(args.file)
-    except ResultFileError as e:
-        raise UsageError(str(e)) from None
-    if args.plots is not None:
-        missing = matplotlib_missing()
-        if missing:
-            raise UsageError(f"--plots: {missing}")
-        try:
-            Path(args.plots).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--plots {args.plots!r}: cannot create the directory ({e.strerror or e}); "
-                             f"pass a writable directory") from None
-    if args.markdown is not None:
-        text = render_markdown(res, json_name=Path(args.file).name)
-        if args.markdown == "-":
-            print(text)
-        else:
-            try:
-                write_text_atomic(args.markdown, text, exclusive=False)
-            except OSError as e:
-                raise UsageError(f"--markdown {args.markdown!r}: cannot write ({e.strerror or e}); "
-                                 f"pass a writable path or - for stdout") from None
-            print(f"markdown: {args.markdown}")
-    if args.markdown != "-" and not args.no_table:
-        print_run(res)
-    if args.plots is not None:
-        for p in render_plots(res, args.plots, Path(args.file).stem):
-            print(f"plot: {p}")
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="re-render a stored detbench run result (tables, Markdown, plots)",
-                              description="Re-render a results/run-*.json file written by detbench run.")
-    p.add_argument("file", help="a result file written by detbench run")
-    p.add_argument("--markdown", metavar="PATH", nargs="?", const="-",
-                   help="write the Markdown summary to PATH (or stdout with no PATH or -)")
-    p.add_argument("--plots", metavar="DIR",
-                   help="write PNG plots (cost of determinism, error vs speed) into DIR; needs matplotlib")
-    p.add_argument("--no-table", action="store_true", help="do not print the tables")
-    p.set_defaults(func=cmd_report)
+    subjects = [s.subject for s in res.subjects if points[s.subject]]
+    if not subjects:
+        return None
+    ncol = min(3, len(subjects))
+    nrow = -(-len(subjects) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
+    markers = {"fp32": "o", "bf16": "s", "fp16": "^"}
+    for ax, subject in zip(axes.flat, subjects):
+        for t, err, backend, dtype, nondet in points[subject]:
+            ax.scatter(t * 1e3, err, marker=markers.get(dtype, "x"), color="red" if nondet else "tab:blue", s=22)
+            ax.annotate(f"{backend} {dtype}", (t * 1e3, err), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(subject, fontsize=9)
+        ax.set_xlabel("fwd+bwd median (ms)", fontsize=7)
+        ax.set_ylabel("rel L2 error vs fp64", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(subjects):]:
+        ax.set_visible(False)
+    fig.suptitle("error vs speed, default mode (red: not bitwise reproducible)", fontsize=9)
+    return fig

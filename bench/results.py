@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench.errors import InputError
+import warnings
+import numpy
 
 # ------------------------------------------------------------------------------------------------
 # dataclass <-> JSON
@@ -129,7 +132,7 @@ def from_json(tp: Any, data: Any, where: str = "result") -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-class OutDirError(ValueError):
+class OutDirError(InputError):
     """The results directory cannot be created or written; the message names the fix."""
 
 
@@ -303,8 +306,6 @@ def _driver_version() -> str | None:
 
 def torch_flags() -> dict[str, Any]:
     """Flags that change matmul/conv numerics or determinism, as they are right now."""
-    import warnings
-
     flags: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # some of these getters are deprecated in newer torch
@@ -342,14 +343,12 @@ def capture_environment(device: torch.device | str, seeds: dict[str, int] | None
         name, sms, mem = props.name, int(props.multi_processor_count), int(props.total_memory)
         cc = f"{props.major}.{props.minor}"
     try:
-        import triton
+        import triton  # in here: triton is optional (not on every platform)
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     try:
-        import numpy
-
         numpy_version = numpy.__version__
     except ImportError:
         numpy_version = None
@@ -591,7 +590,7 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)  # combinations not run, with the reason
 
 
-class ResultFileError(ValueError):
+class ResultFileError(InputError):
     """A results file cannot be read as a detbench run; the message says why."""
 
 

@@ -43,6 +43,18 @@ from torch import nn
 
 from bench.data import DataError, SFTBatch, batch_for_step, read_token_file, synthetic_batches
 from qwen_layers.config import PRESETS, QwenConfig
+from bench.errors import InputError
+import hashlib
+import numpy as np
+from bench.compare import bits
+from bench.modes import MODES, apply_mode, is_refusal
+from bench.pinpoint import fingerprints, phase
+from bench.planted import planted_registered
+from bench.results import capture_environment, check_out_dir, device_label, new_run_id, result_path, write_json_atomic
+from qwen_layers import model as qm
+from qwen_layers.checkpoint import CheckpointError, from_pretrained, read_config
+from qwen_layers.model import QwenForCausalLM, Routed, build_model, set_backends
+from qwen_layers.registry import OPS, REGISTRY, BackendError
 
 SCHEMA = "detbench.sft/1"
 
@@ -54,7 +66,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class SFTError(ValueError):
+class SFTError(InputError):
     """A setting that cannot be used; the message says which and how to fix it (the CLI exits 2)."""
 
 
@@ -115,8 +127,6 @@ class ModelSpec:
 
 def parse_model(text: str) -> ModelSpec:
     """Resolve ``--model``; raises :class:`SFTError` (unknown name, not a checkpoint folder)."""
-    from qwen_layers.checkpoint import CheckpointError, read_config
-
     hf = text.startswith(HF_PREFIX)
     name = text[len(HF_PREFIX):] if hf else text
     if not name:
@@ -139,7 +149,7 @@ def parse_model(text: str) -> ModelSpec:
 
 def _transformers_installed() -> bool:
     try:
-        import transformers  # noqa: F401
+        import transformers  # noqa: F401  (in here: transformers is optional, detbench[hf])
     except ImportError:
         return False
     return True
@@ -156,8 +166,6 @@ def hf_attention_choices() -> list[str]:
 
 def check_attention(spec: ModelSpec, name: str, device: torch.device) -> None:
     """Raise :class:`SFTError` unless attention ``name`` exists for this model and can run on ``device``."""
-    from qwen_layers.registry import REGISTRY, BackendError
-
     if not spec.transformers:
         try:
             REGISTRY.resolve("attention", name, device)
@@ -214,8 +222,6 @@ def parse_plant(text: str) -> Plant:
 
 # Which op each detbench module class routes through the registry (for checking --plant targets).
 def _ops_used(module: nn.Module) -> set[str]:
-    from qwen_layers import model as qm
-
     table = {qm.Linear: {"linear"}, qm.Embedding: {"embedding"}, qm.RMSNorm: {"rmsnorm"},
              qm.Attention: {"attention", "rope"}, qm.MLP: {"swiglu"}, qm.QwenForCausalLM: {"loss"}}
     used: set[str] = set()
@@ -226,34 +232,11 @@ def _ops_used(module: nn.Module) -> set[str]:
     return used
 
 
-@contextlib.contextmanager
-def planted_registered(enabled: bool = True) -> Iterator[None]:
-    """bench.planted's negative controls in the registry for the duration of the block (removed after,
-    unless they were registered before it)."""
-    if not enabled:
-        yield
-        return
-    from bench.planted import PLANTED, register_planted
-    from qwen_layers import registry
-
-    before = {(op, n) for op, n in PLANTED if n in registry.names(op)}
-    try:
-        register_planted()
-        yield
-    finally:
-        for op, n in PLANTED:
-            if (op, n) not in before and n in registry.names(op):
-                registry.unregister(op, n)
-
-
 def apply_plants(model: nn.Module, plants: Iterable[Plant], device: torch.device) -> None:
     """Route each plant's op below its module path to its backend.
 
-    Planted backends (``planted-*``) must be in the registry: run inside :func:`planted_registered`.
+    Planted backends (``planted-*``) must be in the registry: run inside :func:`bench.planted.planted_registered`.
     """
-    from qwen_layers.model import Routed, set_backends
-    from qwen_layers.registry import OPS, REGISTRY, BackendError
-
     plants = list(plants)
     if not plants:
         return
@@ -280,10 +263,10 @@ def apply_plants(model: nn.Module, plants: Iterable[Plant], device: torch.device
 
 def _hf_classes(config: QwenConfig):
     if config.family == "qwen3":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+        from transformers import Qwen3Config, Qwen3ForCausalLM  # in here: transformers is optional
 
         return Qwen3Config, Qwen3ForCausalLM
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # in here: transformers is optional
 
     return Qwen2Config, Qwen2ForCausalLM
 
@@ -291,7 +274,7 @@ def _hf_classes(config: QwenConfig):
 def _hf_attn_name(name: str) -> str:
     """Register detbench's transformers attention when asked for; return the attn_implementation."""
     if name == "detbench" or name.startswith("detbench-"):
-        from kernels.hf import register_attention
+        from kernels.hf import register_attention  # in here: imports transformers (optional)
 
         backend = "triton" if name == "detbench" else name[len("detbench-"):]
         return register_attention(backend, name=name)
@@ -322,9 +305,6 @@ def build(
     Presets get detbench's seeded weights (:func:`qwen_layers.model.build_model`); ``hf:`` presets
     get the very same weights in transformers' class. Raises :class:`SFTError`.
     """
-    from qwen_layers.checkpoint import CheckpointError, from_pretrained
-    from qwen_layers.model import build_model
-
     device = torch.device(device)
     if not spec.transformers:
         if spec.preset is not None:
@@ -352,7 +332,7 @@ def build(
         model.load_state_dict(seeded.state_dict())
         model = _keep_inv_freq_fp32(model, dtype).to(device)
         return model.train()
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # in here: transformers is optional
 
     try:
         try:
@@ -384,8 +364,6 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: SFTBatch
     ``clip <= 0`` disables clipping (the norm is still computed). Gradient clipping and the AdamW
     update run inside ``bench.pinpoint.phase("optimizer")`` so that the pinpointer files them there.
     """
-    from bench.pinpoint import phase
-
     optimizer.zero_grad(set_to_none=True)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     loss = out.loss
@@ -399,16 +377,12 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: SFTBatch
 
 def value_bits(t: torch.Tensor) -> str:
     """A scalar tensor's exact bit pattern as ``dtype:hex`` (``float32:3f800000``): what the repeats are compared by."""
-    from bench.compare import bits
-
     width = t.element_size() * 2
     return f"{dtype_name(t.dtype)}:{int(bits(t.detach().reshape(())).item()) & ((1 << (4 * width)) - 1):0{width}x}"
 
 
 def fmt_exact(x: float, dtype: torch.dtype | str = torch.float32) -> str:
     """Shortest decimal that round-trips to the same value in ``dtype`` (all digits that matter)."""
-    import numpy as np
-
     name = dtype if isinstance(dtype, str) else dtype_name(dtype)
     if name == "float64" or not math.isfinite(x):
         return repr(x)
@@ -516,8 +490,6 @@ class SFTResult:
 
 
 def _param_diff(repeat: int, ref: dict[str, torch.Tensor], model: nn.Module) -> ParamDiff:
-    from bench.compare import bits
-
     td = ed = et = 0
     worst, worst_name = 0.0, None
     params = dict(model.named_parameters())
@@ -592,10 +564,6 @@ def grad_digest(model: nn.Module) -> str:
     """One hex digest of every parameter's gradient (after clipping), by name, from bench.pinpoint's
     fingerprints (two differing gradients collide with probability <= 2^-33): it sees a gradient
     difference that the gradient norm rounds away and the optimizer absorbs."""
-    import hashlib
-
-    from bench.pinpoint import fingerprints
-
     named = [(n, p.grad) for n, p in model.named_parameters()]
     h = hashlib.blake2b(digest_size=12)
     for (name, _), fp in zip(named, fingerprints([g for _, g in named])):
@@ -658,8 +626,6 @@ def run_config(
     on_step: Callable[[], None] | None = None,
 ) -> ConfigResult:
     """Run one configuration under its determinism mode and compare its repeats."""
-    from bench.modes import apply_mode, is_refusal
-
     res = ConfigResult(attention=attention, mode=mode, dtype=dtype_name(dtype), lr=lr, steps=steps,
                        repeats=repeats, status="ok")
     t0 = time.perf_counter()
@@ -725,8 +691,6 @@ def make_plan(
     out: str | None = "results",
 ) -> Plan:
     """Parse and check every setting; raises :class:`SFTError` / :class:`bench.data.DataError`."""
-    from bench.modes import MODES
-
     device = torch.device(device)
     if steps < 1:
         raise SFTError(f"--steps must be at least 1, got {steps}")
@@ -759,8 +723,6 @@ def make_plan(
         # Check the plant paths against a model of the same structure without drawing weights.
         if spec.transformers:
             apply_plants(nn.Module(), plant_list, device)
-        from qwen_layers.model import QwenForCausalLM
-
         with torch.device("meta"):
             skeleton = QwenForCausalLM(spec.config)
         with planted_registered():
@@ -817,9 +779,6 @@ def _run_matrix(plan: Plan, results: list, on_step, on_config) -> None:
 
 def run(plan: Plan, *, command: Sequence[str] = (), on_step=None, on_config=None) -> SFTResult:
     """Run ``plan`` and return the whole record (nothing is written; see :func:`save`)."""
-    from bench.modes import MODES
-    from bench.results import capture_environment, new_run_id
-
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env = capture_environment(plan.device, seeds={"model": plan.settings.seed, "data": plan.settings.data_seed})
     configs = run_plan(plan, on_step=on_step, on_config=on_config)
@@ -835,195 +794,6 @@ def run(plan: Plan, *, command: Sequence[str] = (), on_step=None, on_config=None
 
 def save(result: SFTResult, out_dir: str | Path) -> Path:
     """Write ``result`` atomically to a new file in ``out_dir`` (``sft-<date>-<time>-<device>-<id>.json``)."""
-    from bench.results import check_out_dir, device_label, result_path, write_json_atomic
-
     out = check_out_dir(out_dir)
     path = result_path(out, "sft", device_label(result.environment), result.run_id)
     return write_json_atomic(path, result)
-
-
-# ------------------------------------------------------------------------------------------------
-# printing
-# ------------------------------------------------------------------------------------------------
-
-
-def step_table(res: ConfigResult):
-    """Rich table: one row per step, the loss of every repeat (all digits that matter, differing ones in
-    red), ``=`` where loss, grad norm and every gradient are bitwise equal in all repeats (else which of
-    them differ), and the spreads."""
-    from rich.table import Table
-
-    t = Table(title=f"{res.key()}: {res.verdict}", title_justify="left")
-    t.add_column("step", justify="right")
-    for r in range(len(res.losses)):
-        t.add_column(f"loss r{r}", justify="right")
-    t.add_column("bits", justify="center")
-    t.add_column("loss spread", justify="right")
-    t.add_column("gnorm spread", justify="right")
-    for k in range(len(res.step_equal)):
-        ref_bits = res.loss_bits[0][k]
-        cells = []
-        for r in range(len(res.losses)):
-            text = fmt_exact(res.losses[r][k], res.loss_dtype)
-            cells.append(text if res.loss_bits[r][k] == ref_bits else f"[red]{text}[/]")
-        mark = "[green]=[/]" if res.step_equal[k] else f"[red]{','.join(res.step_differs[k])}[/]"
-        t.add_row(str(k + 1), *cells, mark, f"{res.loss_spread[k]:.2e}", f"{res.grad_norm_spread[k]:.2e}")
-    return t
-
-
-def _params_cell(res: ConfigResult) -> str:
-    if not res.param_diff:
-        return "(1 repeat)"
-    worst = max(res.param_diff, key=lambda d: d.elements_differ)
-    if worst.tensors_differ == 0:
-        return "equal"
-    return f"{worst.tensors_differ}/{worst.tensors_total} differ, max {max(d.max_abs for d in res.param_diff):.1e}"
-
-
-def summary_table(results: list[ConfigResult], repeats: int, steps: int):
-    """Rich table: one row per configuration, then each configuration's verdict sentence."""
-    from rich.console import Group
-    from rich.markup import escape
-    from rich.table import Table
-
-    t = Table(title=f"detbench sft: {repeats} repeats x {steps} steps per configuration", title_justify="left")
-    t.add_column("configuration", no_wrap=True)
-    t.add_column("repeats", no_wrap=True)
-    t.add_column("max dloss", justify="right", no_wrap=True)
-    t.add_column("max dgnorm", justify="right", no_wrap=True)
-    t.add_column("final params", min_width=10)
-    lines = []
-    for res in results:
-        if res.status != "ok":
-            t.add_row(res.key(), f"[yellow]{res.status}[/]", "-", "-", "-")
-        else:
-            agree = ("[green]identical[/]" if res.identical else
-                     f"[red]diverge @{res.first_divergent_step}[/]" if res.first_divergent_step else "[red]params differ[/]")
-            t.add_row(res.key(), agree, f"{max(res.loss_spread):.2e}", f"{max(res.grad_norm_spread):.2e}",
-                      _params_cell(res))
-        lines.append(escape(f"{res.key()}: {res.verdict}"))
-    return Group(t, *lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
-
-
-def add_common_model_args(p) -> None:
-    """Arguments shared by ``detbench sft`` and ``detbench pinpoint``."""
-    p.add_argument("--model", default="qwen3-tiny",
-                   help="preset, checkpoint folder, hf:preset or hf:folder (default qwen3-tiny)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
-    p.add_argument("--seq-len", type=int, default=64, help="longest synthetic sequence (default 64)")
-    p.add_argument("--data", help="JSONL token file (one list of ids per line, or {input_ids, loss_mask})")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed (default 0)")
-    p.add_argument("--plant", action="append", default=[], metavar="MODULE_PATH=op/backend",
-                   help="route one module's op to a backend, e.g. model.layers.1.mlp.down_proj=linear/planted-nondet "
-                        "(repeatable)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("sft", help="repeat SFT steps and compare the repeats bit for bit",
-                       description="Train the same seeded model on the same batches R times for K AdamW steps, over "
-                                   "a matrix of attention backend x mode x dtype x learning rate, and compare every "
-                                   "step's loss and gradient norm and the final parameters bit for bit.")
-    add_common_model_args(p)
-    p.add_argument("--attention", default="eager",
-                   help="comma-separated attention backends (registry names, or attn_implementation for hf: models)")
-    p.add_argument("--mode", default="default", help="comma-separated determinism modes: default, torch-det, hf-full")
-    p.add_argument("--dtype", default="float32", help="comma-separated dtypes: fp32, bf16, fp16 (default fp32)")
-    p.add_argument("--lr", default="1e-5", help="comma-separated learning rates, e.g. 1e-5,3e-4 (default 1e-5)")
-    p.add_argument("--steps", "-k", type=int, default=10, help="training steps per repeat (default 10)")
-    p.add_argument("--repeats", "-r", type=int, default=3, help="repeats per configuration (default 3)")
-    p.add_argument("--batches", type=int, help="distinct batches, cycled (default: one per step)")
-    p.add_argument("--betas", default="0.9,0.999", help="AdamW betas (default 0.9,0.999)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0.0)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm, 0 disables (default 1.0)")
-    p.add_argument("--out", default="results", help="results directory (default results/)")
-    p.add_argument("--no-save", action="store_true", help="do not write a result file")
-    p.add_argument("--json", action="store_true", help="print the result record as JSON instead of tables")
-    p.add_argument("--summary-only", action="store_true", help="print only the summary table, not every step")
-    p.set_defaults(func=cmd_sft)
-
-
-def parse_betas(text: str) -> tuple[float, float]:
-    try:
-        vals = tuple(float(x) for x in parse_list(text, "--betas"))
-    except ValueError:
-        raise SFTError(f"--betas {text!r}: write two numbers, e.g. 0.9,0.999") from None
-    if len(vals) != 2:
-        raise SFTError(f"--betas {text!r}: write two numbers, e.g. 0.9,0.999")
-    return vals
-
-
-def plan_from_args(args, **overrides) -> Plan:
-    """A :class:`Plan` from parsed CLI arguments; bad input becomes ``bench.cli.UsageError``."""
-    from bench.cli import UsageError, parse_device
-
-    device = parse_device(args.device)
-    try:
-        kw = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, data=args.data, seed=args.seed,
-                  data_seed=args.data_seed, device=device, plants=args.plant)
-        kw.update(overrides)
-        return make_plan(**kw)
-    except (SFTError, DataError) as e:
-        raise UsageError(str(e)) from None
-
-
-def cmd_sft(args) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from bench.cli import UsageError
-
-    try:
-        betas = parse_betas(args.betas)
-    except SFTError as e:
-        raise UsageError(str(e)) from None
-    plan = plan_from_args(args, attention=args.attention, modes=args.mode, dtypes=args.dtype, lrs=args.lr,
-                          steps=args.steps, repeats=args.repeats, n_batches=args.batches, betas=betas,
-                          weight_decay=args.weight_decay, clip=args.clip, out=None if args.no_save else args.out)
-    out_dir = None
-    if not args.no_save:
-        from bench.results import OutDirError, check_out_dir
-
-        try:
-            out_dir = check_out_dir(args.out)
-        except OutDirError as e:
-            raise UsageError(str(e)) from None
-    console = Console()
-    total = plan.n_configs * plan.repeats * plan.steps
-    if not args.json:
-        s = plan.settings
-        console.print(f"[bold]detbench sft[/] {s.model} on {s.device}: {plan.n_configs} configuration(s) x "
-                      f"{plan.repeats} repeats x {plan.steps} steps; {len(plan.batches)} batch(es) of "
-                      f"{s.batch_size} ({s.data}); AdamW betas {tuple(s.betas)}, weight decay {s.weight_decay}, "
-                      f"clip {s.clip}" + (f"; planted: {', '.join(s.plants)}" if s.plants else ""))
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True, disable=args.json) as progress:
-            task = progress.add_task("SFT steps", total=total)
-
-            def on_config(res: ConfigResult) -> None:
-                if not args.json and not args.summary_only and res.status == "ok":
-                    progress.console.print(step_table(res))
-
-            result = run(plan, command=sys.argv, on_step=lambda: progress.advance(task), on_config=on_config)
-    except SFTError as e:
-        raise UsageError(str(e)) from None
-    path = save(result, out_dir) if out_dir is not None else None
-    if args.json:
-        from bench.results import to_json
-
-        json.dump(to_json(result), sys.stdout, indent=1)
-        print()
-        return 0
-    console.print(summary_table(result.configs, plan.repeats, plan.steps))
-    if path is not None:
-        console.print(f"result: {path}")
-    return 0

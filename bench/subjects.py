@@ -517,18 +517,13 @@ _REFERENCE_OPS = {"attention": _ref_attention, "rmsnorm": _ref_rmsnorm, "loss": 
 def reference_route() -> Iterator[dict[str, str]]:
     """Register the float64 reference entries and yield the all-reference route.
 
-    The entries live in the registry only inside the ``with`` block (removed in ``finally``).
+    The entries live in the registry only inside the ``with`` block (``registry.scoped``).
     """
-    added = []
-    try:
+    with registry.scoped():
         for op, fn in _REFERENCE_OPS.items():
             registry.register(op, REFERENCE_BACKEND, fn, deterministic=True, origin="detbench-reference",
                               description="float64 reference used by detbench run", replace=True)
-            added.append(op)
         yield {op: (REFERENCE_BACKEND if op in _REFERENCE_OPS else "eager") for op in registry.OPS}
-    finally:
-        for op in added:
-            registry.unregister(op, REFERENCE_BACKEND)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def triton_available(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else the reason."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (in here: triton is optional; this probe says whether it is there)
     except ImportError:
         return "package triton not installed (Linux only: pip install triton)"
     if device.type == "cuda":

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ------------------------------------------------------------------------------------------------
 # eager implementations
@@ -115,8 +116,6 @@ def sdpa_attention(q, k, v, *, scale, causal=True, attn_mask=None):
 
 def _forced_sdpa(kind: str):
     def fn(q, k, v, *, scale, causal=True, attn_mask=None):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         with sdpa_kernel([getattr(SDPBackend, kind)]):
             return _sdpa_call(q, k, v, scale, causal, attn_mask)
 
@@ -173,7 +172,7 @@ def _flash_attn(deterministic: bool):
                 "flash-attn backend takes no attention mask (padding needs flash_attn_varlen_func); "
                 "run without padding or choose an sdpa/eager backend"
             )
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func  # in here: flash-attn is optional (CUDA machines)
 
         # flash_attn works in (B, S, H, D); GQA is native when Hq is a multiple of Hkv.
         o = flash_attn_func(

@@ -15,6 +15,7 @@ import torch
 
 from .config import QwenConfig
 from .model import QwenForCausalLM
+from safetensors import safe_open
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -61,8 +62,6 @@ def weight_files(folder: Path) -> dict[str, Path]:
         return out
     single = folder / SINGLE
     if single.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
     found = sorted(p.name for p in folder.iterdir())
@@ -72,8 +71,6 @@ def weight_files(folder: Path) -> dict[str, Path]:
 
 
 def load_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    from safetensors import safe_open
-
     where = weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}

@@ -15,10 +15,11 @@ package provides ``register_backends``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -163,6 +164,29 @@ class Registry:
             self.get(op, name)
             del self._table[op][name]
 
+    @contextlib.contextmanager
+    def scoped(self) -> Iterator["Registry"]:
+        """Registrations made inside the block are undone when it ends (in ``finally``).
+
+        The table is restored to what it was on entry: backends registered in the block are removed,
+        replaced or unregistered ones come back. Scopes nest. Used for the planted negative controls,
+        the float64 reference route and tests::
+
+            with REGISTRY.scoped():
+                REGISTRY.register("rmsnorm", "mine", my_rmsnorm)
+                ...                      # "rmsnorm/mine" exists here
+            # and is gone here
+        """
+        self._ensure_loaded()
+        with self._lock:
+            saved = {op: dict(entries) for op, entries in self._table.items()}
+        try:
+            yield self
+        finally:
+            with self._lock:
+                for op, entries in saved.items():
+                    self._table[op] = entries
+
     # -- reading ------------------------------------------------------------------------------
     def ops(self) -> list[str]:
         return list(OPS)
@@ -211,6 +235,7 @@ REGISTRY = Registry(_PROVIDERS)
 # Module-level shorthands.
 register = REGISTRY.register
 unregister = REGISTRY.unregister
+scoped = REGISTRY.scoped
 get = REGISTRY.get
 resolve = REGISTRY.resolve
 backends = REGISTRY.backends

@@ -1,6 +1,7 @@
 """The harness's checks can fail: planted faults are caught by the same code that passes eager.
 
-Shapes are shrunk (``small_shapes``) so the whole file runs in well under a minute on one core.
+Shapes are shrunk (the ``small_shapes`` fixture, tests/conftest.py) so the whole file runs in well under a
+minute on one core.
 """
 
 import math
@@ -10,35 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from bench import checks, harness, subjects
-from bench.cli import UsageError, build_parser
+from bench.cli import build_parser
+from bench.cli.run import plan_from_args
+from bench.errors import InputError
 from bench.planted import PLANTED, register_planted
 from qwen_layers import registry
 from qwen_layers.config import PRESETS
 
-SMALL = {
-    "rmsnorm": (160,), "rope": (4, 16), "attention": (4, 16), "attention-block": (4, 16), "mlp": (160,),
-    "decoder-layer": (4, 16), "lm-head-loss": (160,), "embedding": (4, 16), "linear": (160,),
-}
-
-
-@pytest.fixture
-def small_shapes(monkeypatch):
-    monkeypatch.setitem(subjects.SIZES, "quick", dict(SMALL))
-    monkeypatch.setattr(subjects, "QUICK_LINEAR_K", 256)
-
 
 @pytest.fixture
 def scoped_backends():
-    """Register backends for one test and remove them afterwards (the registry is process-wide)."""
-    added = []
-
-    def add(op, name, fn, **kw):
-        registry.register(op, name, fn, origin="test", replace=True, **kw)
-        added.append((op, name))
-
-    yield add
-    for op, name in added:
-        registry.unregister(op, name)
+    """Register backends for one test; the registry is restored afterwards (``registry.scoped``)."""
+    with registry.scoped():
+        yield registry.register
 
 
 @pytest.fixture
@@ -54,7 +39,7 @@ def planted():
 def run_matrix(*argv):
     args = build_parser().parse_args(["run", "--quick", "--device", "cpu", "--time-repeats", "1", "--warmup", "0",
                                       "--no-progress", *argv])
-    plan = harness.make_plan(args)
+    plan = plan_from_args(args)
     result = harness.new_result(plan, [])
     return harness.execute(plan, result)
 
@@ -263,13 +248,13 @@ def test_backends_come_from_the_registry(small_shapes, scoped_backends):
     scoped_backends("rmsnorm", "test-extra", lambda x, w, eps: w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     scoped_backends("rmsnorm", "test-elsewhere", lambda x, w, eps: x, available=lambda d: "needs a test accelerator")
     args = build_parser().parse_args(["run", "--quick", "--device", "cpu", "--subjects", "rmsnorm"])
-    plan = harness.make_plan(args)
+    plan = plan_from_args(args)
     assert "test-extra" in plan.backends["rmsnorm"] and "test-elsewhere" not in plan.backends["rmsnorm"]
     assert any("test-elsewhere" in s and "needs a test accelerator" in s for s in plan.skipped)
     args = build_parser().parse_args(["run", "--quick", "--device", "cpu", "--subjects", "rmsnorm",
                                       "--backends", "test-elsewhere"])
-    with pytest.raises(UsageError, match="needs a test accelerator; drop it from --backends"):
-        harness.make_plan(args)
+    with pytest.raises(InputError, match="needs a test accelerator; drop it from --backends"):
+        plan_from_args(args)
 
 
 def test_route_sends_other_ops_to_the_named_backend(small_shapes, scoped_backends):

@@ -1,0 +1,64 @@
+"""What every command shares: the usage error, the kernels-package check, device and list options."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.errors import InputError
+
+
+class UsageError(InputError):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def check_kernels_package() -> None:
+    """Refuse to run when ``import kernels`` is PyPI's unrelated ``kernels`` package, not detbench's."""
+    try:
+        import kernels
+    except ImportError as e:
+        raise UsageError(f"cannot import detbench's 'kernels' package ({e}); reinstall detbench: pip install -e .")
+    if not getattr(kernels, "__detbench__", False):
+        where = getattr(kernels, "__file__", None) or list(getattr(kernels, "__path__", []))
+        raise UsageError(
+            f"'import kernels' resolves to {where}, which is not detbench's kernels package (PyPI has an "
+            f"unrelated package of that name). Install detbench into its own virtual environment: "
+            f"python -m venv .venv && . .venv/bin/activate && pip install -e ."
+        )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(text: str | None) -> torch.device:
+    name = text or default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def split_list(values: list[str] | None, option: str) -> list[str] | None:
+    """``--x a,b --x c`` -> [a, b, c] (None when the option was not given; an empty list is refused)."""
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        out.extend(p.strip() for p in v.split(",") if p.strip())
+    if not out:
+        raise UsageError(f"{option} was given an empty list; name at least one item or leave {option} out")
+    return out
+
+
+def one_value(value: str, option: str, command: str) -> str:
+    """Refuse a comma-separated list where ``command`` runs one configuration at a time."""
+    if "," in str(value):
+        raise UsageError(f"{option} takes one value in detbench {command}, got {value!r}; run one configuration "
+                         f"at a time")
+    return value
+

@@ -1,0 +1,156 @@
+"""``detbench pinpoint``: name the op that makes runs differ (``bench.pinpoint``), on SFT steps or a subject."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from bench.cli.common import UsageError, one_value, parse_device
+from bench.cli.sft import add_common_model_args, plan_from_args
+from bench.data import batch_for_step
+from bench.modes import MODES, apply_mode
+from bench.pinpoint import compare_runs, replay
+from bench.planted import planted_registered
+from bench.results import (
+    capture_environment,
+    check_out_dir,
+    device_label,
+    new_run_id,
+    result_path,
+    to_json,
+    write_json_atomic,
+)
+from bench.sft import apply_plants, build, dtype_name, make_optimizer, parse_dtype, parse_model, parse_plant, sft_step
+from bench.subjects import PROFILES, SUBJECTS, build_case
+from qwen_layers.registry import REGISTRY, BackendError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "pinpoint", help="name the op that makes runs differ (replay and trace-compare)",
+        description="Pinpoint run-to-run nondeterminism: replay every op on the spot and compare (one run), and "
+                    "trace two or more runs and compare them op by op (root cause, first module, spread). "
+                    "The subject is one or more SFT steps (default) or a harness subject of detbench run.")
+    add_common_model_args(p)
+    p.add_argument("--subject", default="sft",
+                   help="sft (SFT steps of --model, default) or a harness subject: rmsnorm, attention, "
+                        "decoder-layer, ... (see detbench run --help)")
+    p.add_argument("--method", choices=("both", "replay", "compare"), default="both",
+                   help="replay, compare (trace and compare runs) or both (default)")
+    p.add_argument("--runs", type=int, default=2, help="runs to trace and compare (default 2)")
+    p.add_argument("--steps", "-k", type=int, default=1, help="SFT steps per run (default 1)")
+    p.add_argument("--exact", action="store_true", help="compare full copies instead of fingerprints (memory!)")
+    p.add_argument("--all-ops", action="store_true", help="replay order-free (pointwise, copy) ops too")
+    p.add_argument("--attention", default="eager", help="attention backend (sft subject; default eager)")
+    p.add_argument("--backend", default="eager", help="backend of a harness subject's primary op (default eager)")
+    p.add_argument("--mode", default="default", help="determinism mode: default, torch-det, hf-full")
+    p.add_argument("--dtype", default="float32", help="dtype (default float32)")
+    p.add_argument("--lr", default="1e-5", help="learning rate of the SFT steps (default 1e-5)")
+    p.add_argument("--profile", help="shape profile of a harness subject: quick, cpu, cuda (default: quick on "
+                                     "the CPU, cuda on a GPU)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--out", help="also write the reports as a JSON file into this directory")
+    p.set_defaults(func=cmd_pinpoint)
+
+
+def _one(value: str, what: str) -> str:
+    return one_value(value, what, "pinpoint")
+
+
+def _sft_subject(args, device):
+    """(setup, fn, roots, description) for --subject sft."""
+    plan = plan_from_args(args, attention=_one(args.attention, "--attention"), modes=_one(args.mode, "--mode"),
+                          dtypes=_one(args.dtype, "--dtype"), lrs=_one(args.lr, "--lr"), steps=args.steps, repeats=1,
+                          out=None)
+    batches = [b.to(device) for b in plan.batches]
+    lr, clip = plan.lrs[0], plan.settings.clip
+
+    def setup():
+        model = build(plan.spec, attention=plan.attention[0], dtype=plan.dtypes[0], device=device,
+                      seed=plan.settings.seed, plants=plan.plants)
+        return model, make_optimizer(model, lr=lr)
+
+    def fn(model, optimizer):
+        return [sft_step(model, optimizer, batch_for_step(batches, k), clip)[0] for k in range(plan.steps)]
+
+    desc = (f"{plan.steps} SFT step(s) of {plan.spec.text} ({plan.attention[0]}, {plan.settings.dtypes[0]}, "
+            f"lr {lr:g}" + (f", planted {', '.join(plan.settings.plants)}" if plan.plants else "") + ")")
+    return setup, fn, None, desc, plan.modes[0]
+
+
+def _harness_subject(args, device):
+    """(setup, fn, roots, description) for a subject of bench.subjects."""
+    if args.subject not in SUBJECTS:
+        raise UsageError(f"--subject {args.subject!r}: unknown; choose sft or one of: {', '.join(SUBJECTS)}")
+    profile = args.profile or ("cuda" if device.type == "cuda" else "quick")
+    if profile not in PROFILES:
+        raise UsageError(f"--profile {profile!r}: choose from {', '.join(PROFILES)}")
+    mode = _one(args.mode, "--mode")
+    if mode not in MODES:
+        raise UsageError(f"--mode {mode!r}: unknown mode; choose from: {', '.join(MODES)}")
+    spec = parse_model(args.model)
+    dtype = parse_dtype(_one(args.dtype, "--dtype"))
+    plants = [parse_plant(p) for p in args.plant]
+    if spec.transformers:
+        raise UsageError("harness subjects are built from detbench's model; drop the 'hf:' prefix of --model")
+    subject = SUBJECTS[args.subject]
+    backend = _one(args.backend, "--backend")
+    try:
+        REGISTRY.resolve(subject.primary_op, backend, device)
+    except BackendError as e:
+        raise UsageError(f"--backend {backend!r}: {e}") from None
+    case = build_case(args.subject, spec.config, profile, seed=args.seed)
+    inst = case.instantiate(dtype, device, {subject.primary_op: backend})
+    apply_plants(inst.module, plants, device)
+    inst.run()  # draws and caches the fixed upstream gradient, so every traced run does the same work
+    desc = (f"subject {args.subject} ({profile} shapes, {subject.primary_op}={backend}, {dtype_name(dtype)})"
+            + (f", planted {', '.join(str(p) for p in plants)}" if plants else ""))
+    return (lambda: ()), (lambda: inst.run()), None, desc, mode
+
+
+def cmd_pinpoint(args) -> int:
+    device = parse_device(args.device)
+    if args.runs < 2:
+        raise UsageError(f"--runs must be at least 2 (trace-compare compares runs), got {args.runs}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    out_dir = check_out_dir(args.out) if args.out else None
+    with planted_registered(bool(args.plant)):
+        return _pinpoint(args, device, out_dir)
+
+
+def _pinpoint(args, device, out_dir) -> int:
+    if args.subject == "sft":
+        setup, fn, roots, desc, mode = _sft_subject(args, device)
+    else:
+        setup, fn, roots, desc, mode = _harness_subject(args, device)
+    console = Console()
+    reports: dict[str, Any] = {}
+    with apply_mode(mode):
+        if args.method in ("both", "replay"):
+            if not args.json:
+                console.print(f"[bold]replay[/]: {desc}, mode {mode}")
+            reports["replay"] = replay(fn, *setup(), roots=roots, all_ops=args.all_ops)
+            if not args.json:
+                console.print(reports["replay"])
+        if args.method in ("both", "compare"):
+            if not args.json:
+                console.print(f"[bold]trace-compare[/]: {desc}, mode {mode}, {args.runs} runs")
+            reports["compare"] = compare_runs(fn, runs=args.runs, exact=args.exact, setup=setup, seed=args.seed,
+                                              roots=roots)
+            if not args.json:
+                console.print(reports["compare"])
+    payload = {"schema": "detbench.pinpoint/1", "subject": desc, "mode": mode, "device": str(device),
+               "command": list(sys.argv), **{k: r.to_dict() for k, r in reports.items()}}
+    if out_dir is not None:
+        env = capture_environment(device, seeds={"model": args.seed, "data": args.data_seed})
+        payload["environment"] = env
+        path = write_json_atomic(result_path(out_dir, "pinpoint", device_label(env), new_run_id()), payload)
+        if not args.json:
+            console.print(f"report: {path}")
+    if args.json:
+        print(json.dumps(to_json(payload), indent=1))
+    return 0
