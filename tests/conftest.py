@@ -1,13 +1,34 @@
-"""Test-session set-up.
+"""Test-session set-up, and the fixtures more than one test module uses.
 
 Without a CUDA device the Triton kernels run through the Triton interpreter, which must be switched
 on before any ``@triton.jit`` function is defined, i.e. before ``kernels`` is first imported. This is
 the test session's choice (set here, once, for the whole run); the library itself never sets it.
+
+Helpers that are plain functions or classes live in modules that are not test modules
+(tests/kernel_checks.py, tests/hf_twins.py, tests/planted_checks.py); no test module imports another.
 """
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# Shrunk ``--quick`` shapes for the harness tests (tests/test_harness.py, tests/test_harness_cli.py), so
+# a whole matrix runs in seconds on one core.
+SMALL_SHAPES = {
+    "rmsnorm": (160,), "rope": (4, 16), "attention": (4, 16), "attention-block": (4, 16), "mlp": (160,),
+    "decoder-layer": (4, 16), "lm-head-loss": (160,), "embedding": (4, 16), "linear": (160,),
+}
+
+
+@pytest.fixture
+def small_shapes(monkeypatch):
+    """``--quick`` runs use SMALL_SHAPES and a short K for the linear subject, for this test only."""
+    from bench import subjects
+
+    monkeypatch.setitem(subjects.SIZES, "quick", dict(SMALL_SHAPES))
+    monkeypatch.setattr(subjects, "QUICK_LINEAR_K", 256)

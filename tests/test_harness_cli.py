@@ -6,20 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import subjects
 from bench.cli import main
 from bench.results import load_run
 from qwen_layers import registry
 
-from .test_harness import SMALL
-
 FAST = ["--quick", "--device", "cpu", "--time-repeats", "1", "--warmup", "0", "--no-progress"]
-
-
-@pytest.fixture
-def small_shapes(monkeypatch):
-    monkeypatch.setitem(subjects.SIZES, "quick", dict(SMALL))
-    monkeypatch.setattr(subjects, "QUICK_LINEAR_K", 256)
 
 
 @pytest.fixture

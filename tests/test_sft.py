@@ -1,6 +1,6 @@
 """``detbench sft``: SFT batches, repeated training steps, the comparison of repeats, bad input.
 
-The planted tests bound their own chance of missing the way tests/test_pinpoint.py explains (exact
+The planted tests bound their own chance of missing the way tests/planted_checks.py explains (exact
 per-call coincidence probabilities from the recorded partial results; asserted below 1e-6 before the
 finding is asserted). To be seen by ``detbench sft`` a planted difference must also reach a loss, a
 gradient norm, a gradient or a final parameter. The per-step gradient fingerprint makes that direct
@@ -23,7 +23,7 @@ from bench import cli, sft
 from bench.data import DataError, IGNORE_INDEX, batch_for_step, read_token_file, synthetic_batches
 from bench.compare import bits
 
-from .test_pinpoint import MAX_MISS, PLACES, OrderSpy, token_file
+from .planted_checks import MAX_MISS, PLACES, OrderSpy, token_file
 
 
 # ------------------------------------------------------------------------------------------------
