@@ -210,48 +210,60 @@ def test_no_false_positives_over_many_repeats():
 # ------------------------------------------------------------------------------------------------
 
 
-def _bad_inputs(tmp_path):
+# Each case: an id, the arguments after ``detbench sft --device cpu --out DIR`` ("{tmp}" is the test's
+# tmp_path, where ``bad_files`` wrote the files the arguments point at), and the text the error names.
+BAD_INPUTS = [
+    ("unknown-model", ["--model", "qwen9-huge"], "unknown model 'qwen9-huge'"),
+    ("checkpoint-without-config", ["--model", "{tmp}/not_a_checkpoint"], "config.json: missing"),
+    ("checkpoint-config-not-json", ["--model", "{tmp}/bad_ckpt"], "not valid JSON"),
+    ("token-outside-vocab", ["--data", "{tmp}/big.jsonl"], "token id 99999 is outside the model's vocabulary [0, 256)"),
+    ("missing-token-file", ["--data", "{tmp}/missing.jsonl"], "no such token file"),
+    ("lr-not-a-number", ["--lr", "1e-5,abc"], "'abc' is not a number"),
+    ("lr-empty-entry", ["--lr", "1e-5,,3e-4"], "without empty entries"),
+    ("lr-negative", ["--lr", "-1"], "finite positive"),
+    ("zero-steps", ["--steps", "0"], "--steps must be at least 1"),
+    ("zero-repeats", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("unknown-dtype", ["--dtype", "fp8"], "unknown dtype"),
+    ("unknown-mode", ["--mode", "fast"], "unknown mode"),
+    ("unknown-attention", ["--attention", "nope"], "unknown backend 'nope'"),
+    ("attention-needs-cuda", ["--attention", "sdpa-efficient"], "needs a CUDA device"),
+    ("plant-without-backend", ["--plant", "model.layers.0.mlp"], "write MODULE_PATH=op/backend"),
+    ("plant-unknown-module", ["--plant", "model.layers.7.mlp=linear/planted-nondet"],
+     "has no module 'model.layers.7.mlp'"),
+    ("plant-op-not-run-there", ["--plant", "model.layers.0.mlp=attention/planted-nondet-bwd"],
+     "does not run op 'attention'"),
+    ("plant-unknown-backend", ["--plant", "model.layers.0.mlp=linear/nope"], "unknown backend 'nope'"),
+    ("plant-into-hf-model", ["--model", "hf:qwen3-tiny", "--plant", "model.norm=rmsnorm/planted-nondet-dw"],
+     "cannot be planted"),
+    ("hf-attention-not-implemented", ["--model", "hf:qwen3-tiny", "--attention", "sdpa-math"],
+     "not an attn_implementation"),
+    ("betas-one-number", ["--betas", "0.9"], "two numbers"),
+]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """The files BAD_INPUTS point at: a folder that is no checkpoint, one with a broken config.json, and a
+    token file with an id outside the vocabulary."""
     not_ckpt = tmp_path / "not_a_checkpoint"
     not_ckpt.mkdir()
     (not_ckpt / "weights.bin").write_text("x")
     bad_json_ckpt = tmp_path / "bad_ckpt"
     bad_json_ckpt.mkdir()
     (bad_json_ckpt / "config.json").write_text("{not json")
-    big_ids = tmp_path / "big.jsonl"
-    big_ids.write_text("[1, 2, 3, 99999]\n")
-    return [
-        (["--model", "qwen9-huge"], "unknown model 'qwen9-huge'"),
-        (["--model", str(not_ckpt)], "config.json: missing"),
-        (["--model", str(bad_json_ckpt)], "not valid JSON"),
-        (["--data", str(big_ids)], "token id 99999 is outside the model's vocabulary [0, 256)"),
-        (["--data", str(tmp_path / "missing.jsonl")], "no such token file"),
-        (["--lr", "1e-5,abc"], "'abc' is not a number"),
-        (["--lr", "1e-5,,3e-4"], "without empty entries"),
-        (["--lr", "-1"], "finite positive"),
-        (["--steps", "0"], "--steps must be at least 1"),
-        (["--repeats", "0"], "--repeats must be at least 1"),
-        (["--dtype", "fp8"], "unknown dtype"),
-        (["--mode", "fast"], "unknown mode"),
-        (["--attention", "nope"], "unknown backend 'nope'"),
-        (["--attention", "sdpa-efficient"], "needs a CUDA device"),
-        (["--plant", "model.layers.0.mlp"], "write MODULE_PATH=op/backend"),
-        (["--plant", "model.layers.7.mlp=linear/planted-nondet"], "has no module 'model.layers.7.mlp'"),
-        (["--plant", "model.layers.0.mlp=attention/planted-nondet-bwd"], "does not run op 'attention'"),
-        (["--plant", "model.layers.0.mlp=linear/nope"], "unknown backend 'nope'"),
-        (["--model", "hf:qwen3-tiny", "--plant", "model.norm=rmsnorm/planted-nondet-dw"], "cannot be planted"),
-        (["--model", "hf:qwen3-tiny", "--attention", "sdpa-math"], "not an attn_implementation"),
-        (["--betas", "0.9"], "two numbers"),
-    ]
+    (tmp_path / "big.jsonl").write_text("[1, 2, 3, 99999]\n")
+    return tmp_path
 
 
-def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
-    out_dir = tmp_path / "results"
-    for argv, msg in _bad_inputs(tmp_path):
-        rc = cli.main(["sft", "--device", "cpu", "--out", str(out_dir), *argv])
-        err = capsys.readouterr().err
-        assert rc == 2, (argv, err)
-        assert msg in err and err.startswith("detbench: error: ") and err.count("\n") == 1, (argv, err)
-        assert not out_dir.exists() or not any(out_dir.iterdir()), argv
+@pytest.mark.parametrize("argv,msg", [pytest.param(argv, msg, id=name) for name, argv, msg in BAD_INPUTS])
+def test_bad_input_gives_one_line_and_exit_2(bad_files, capsys, argv, msg):
+    out_dir = bad_files / "results"
+    argv = [a.format(tmp=bad_files) for a in argv]
+    rc = cli.main(["sft", "--device", "cpu", "--out", str(out_dir), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert msg in err and err.startswith("detbench: error: ") and err.count("\n") == 1, err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
 def test_hf_model_without_transformers(tmp_path, capsys, monkeypatch):
