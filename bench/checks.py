@@ -78,39 +78,6 @@ def fingerprint(t: torch.Tensor) -> tuple[int, int, int, str, tuple[int, ...]]:
     return h1, h2, b.numel(), str(t.dtype), tuple(t.shape)
 
 
-@dataclass
-class DiffStats:
-    """How ``a`` differs from ``b`` bit for bit (computed on their device)."""
-
-    equal: bool
-    n_diff: int
-    n_total: int
-    max_abs: float      # over differing elements where both are finite
-    max_ulp: int        # same elements
-    nonfinite_diff: int  # differing elements where one side is NaN or inf
-
-
-def diff_stats(a: torch.Tensor, b: torch.Tensor) -> DiffStats:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(f"cannot compare {tuple(a.shape)} {a.dtype} with {tuple(b.shape)} {b.dtype}")
-    ba, bb = bits(a), bits(b)
-    if torch.equal(ba, bb):
-        return DiffStats(True, 0, a.numel(), 0.0, 0, 0)
-    ne = ba != bb
-    n_diff = int(ne.sum())
-    if not a.is_floating_point():
-        ad = (a[ne].to(torch.float64) - b[ne].to(torch.float64)).abs()
-        return DiffStats(False, n_diff, a.numel(), float(ad.max()), int(ad.max()), 0)
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    both = ne & finite
-    max_abs, max_ulp = 0.0, 0
-    if bool(both.any()):
-        aa, bb = a[both], b[both]
-        max_abs = float((aa.to(torch.float64) - bb.to(torch.float64)).abs().max())
-        max_ulp = int(ulp_distance(aa, bb).max())
-    return DiffStats(False, n_diff, a.numel(), max_abs, max_ulp, int((ne & ~finite).sum()))
-
-
 def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
     """(NaN count, inf count)."""
     if not t.is_floating_point():
@@ -180,7 +147,7 @@ class RepeatTracker:
                 st.fingerprints.add(("missing-or-reshaped", self.repeats))
                 st.max_n_diff = max(st.max_n_diff, ref.numel())
                 continue
-            d = diff_stats(t, ref)
+            d = mismatch(t, ref, k=0)
             if d.equal:  # same bits as repeat 0, hence the same fingerprint
                 st.n_equal_to_first += 1
                 continue

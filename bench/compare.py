@@ -84,33 +84,43 @@ class Mismatch:
 
 
 def mismatch(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> Mismatch:
-    """Compare ``a`` with ``b`` bit for bit and describe the difference (worst ``k`` indices)."""
+    """Compare ``a`` with ``b`` bit for bit and describe the difference (worst ``k`` indices).
+
+    The one diff record of ``bench/`` (run-to-run, batch invariance, pinpoint). Computed on the
+    tensors' device; only the ``k`` worst elements are read back. ``max_abs``, ``max_rel`` and
+    ``max_ulp`` are over elements that are finite in both; NaN/inf counts are per side.
+    """
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise ValueError(f"dtypes differ: {a.dtype} vs {b.dtype}")
-    a, b = a.detach().cpu(), b.detach().cpu()
+    a, b = a.detach(), b.detach()
     n = a.numel()
-    diff_mask = bits(a) != bits(b)
+    shape, dtype = list(a.shape), str(a.dtype).replace("torch.", "")
+    ba, bb = bits(a), bits(b)
+    if torch.equal(ba, bb):  # same bits: one pass, and NaN/inf counts are the same on both sides
+        nan = int(torch.isnan(a).sum()) if a.is_floating_point() else 0
+        inf = int(torch.isinf(a).sum()) if a.is_floating_point() else 0
+        return Mismatch(True, shape, dtype, 0, n, 0.0, 0.0, 0, nan, nan, inf, inf, [])
+    diff_mask = ba != bb
     if a.is_complex():
         diff_mask = diff_mask.any(-1)
     n_diff = int(diff_mask.sum())
     if not a.is_floating_point():
         ad = (a.to(torch.float64) - b.to(torch.float64)).abs()
-        return Mismatch(n_diff == 0, list(a.shape), str(a.dtype).replace("torch.", ""), n_diff, n,
-                        float(ad.max()) if n else 0.0, 0.0, int(ad.max()) if n else 0, 0, 0, 0, 0,
-                        _worst(a, b, ad, diff_mask, k))
+        return Mismatch(n_diff == 0, shape, dtype, n_diff, n, float(ad.max()) if n else 0.0, 0.0,
+                        int(ad.max()) if n else 0, 0, 0, 0, 0, _worst(a, b, ad, diff_mask, k))
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     both_finite = torch.isfinite(a64) & torch.isfinite(b64)
     ad = torch.where(both_finite, (a64 - b64).abs(), torch.zeros_like(a64))
     rel = torch.where(both_finite, ad / b64.abs().clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(ad))
-    ulps = torch.where(both_finite, ulp_distance(a, b), torch.zeros((), dtype=torch.int64))
+    ulps = torch.where(both_finite, ulp_distance(a, b), torch.zeros((), dtype=torch.int64, device=a.device))
     # A NaN/inf disagreement is the worst kind: rank it first.
     score = torch.where(diff_mask & ~both_finite, torch.full_like(ad, float("inf")), ad)
     return Mismatch(
         equal=n_diff == 0,
-        shape=list(a.shape),
-        dtype=str(a.dtype).replace("torch.", ""),
+        shape=shape,
+        dtype=dtype,
         n_diff=n_diff,
         n_total=n,
         max_abs=float(ad.max()) if n else 0.0,
@@ -125,7 +135,7 @@ def mismatch(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> Mismatch:
 
 
 def _worst(a, b, score, diff_mask, k) -> list[dict]:
-    if not bool(diff_mask.any()):
+    if k <= 0 or not bool(diff_mask.any()):
         return []
     flat = torch.where(diff_mask, score, torch.full_like(score, -1.0)).reshape(-1)
     idx = torch.topk(flat, min(k, int(diff_mask.sum()))).indices

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bench import checks
+from bench.compare import mismatch
 from bench.report import render_markdown
 from bench.modes import MODES, apply_mode, get_mode, is_refusal
 from bench.results import (
@@ -243,7 +244,7 @@ def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None 
     subjects = _choose(subjects, list(SUBJECTS), "subject")
     try:
         dtypes = _dedupe(dtype_name(d) for d in (dtypes or list(DTYPES)))
-    except ValueError as e:
+    except InputError as e:
         raise InputError(f"--dtypes: {e}") from None
     modes = _choose(modes, list(MODES), "mode")
     if repeats < 2:
@@ -359,7 +360,7 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
                 for name in row_tensors:
                     if name not in sub or name not in first:
                         continue
-                    d = checks.diff_stats(sub[name], first[name][:k])
+                    d = mismatch(sub[name], first[name][:k], k=0)
                     batch_ok &= d.equal
                     recs_batch.append(BatchRecord(**key, tensor=name, rows=k, full_rows=case.rows, equal=d.equal,
                                                   n_diff=d.n_diff, n_total=d.n_total, max_abs=d.max_abs,
@@ -439,7 +440,7 @@ def cross_records(subject: str, dtype: str, firsts: dict[tuple[str, str], dict])
         for name in ra:
             if name not in rb:
                 continue
-            d = checks.diff_stats(ra[name], rb[name])
+            d = mismatch(ra[name], rb[name], k=0)
             if not d.equal:
                 differing.append(name)
                 max_abs, max_ulp = max(max_abs, d.max_abs), max(max_ulp, d.max_ulp)

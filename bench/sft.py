@@ -47,6 +47,7 @@ from bench.errors import InputError
 import hashlib
 import numpy as np
 from bench.compare import bits
+from bench.dtypes import parse_dtype, short_name, torch_name
 from bench.modes import MODES, apply_mode, is_refusal
 from bench.pinpoint import fingerprints, phase
 from bench.planted import planted_registered
@@ -58,28 +59,8 @@ from qwen_layers.registry import OPS, REGISTRY, BackendError
 
 SCHEMA = "detbench.sft/1"
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
-}
-
-
 class SFTError(InputError):
     """A setting that cannot be used; the message says which and how to fix it (the CLI exits 2)."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    try:
-        return DTYPES[text.strip().lower()]
-    except KeyError:
-        raise SFTError(f"unknown dtype {text!r}; choose from: float32 (fp32), bfloat16 (bf16), float16 (fp16), "
-                       f"float64 (fp64)") from None
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -378,12 +359,12 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: SFTBatch
 def value_bits(t: torch.Tensor) -> str:
     """A scalar tensor's exact bit pattern as ``dtype:hex`` (``float32:3f800000``): what the repeats are compared by."""
     width = t.element_size() * 2
-    return f"{dtype_name(t.dtype)}:{int(bits(t.detach().reshape(())).item()) & ((1 << (4 * width)) - 1):0{width}x}"
+    return f"{torch_name(t.dtype)}:{int(bits(t.detach().reshape(())).item()) & ((1 << (4 * width)) - 1):0{width}x}"
 
 
 def fmt_exact(x: float, dtype: torch.dtype | str = torch.float32) -> str:
     """Shortest decimal that round-trips to the same value in ``dtype`` (all digits that matter)."""
-    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    name = dtype if isinstance(dtype, str) else torch_name(dtype)
     if name == "float64" or not math.isfinite(x):
         return repr(x)
     if name == "float16":
@@ -438,7 +419,7 @@ class ConfigResult:
     seconds: float = 0.0
 
     def key(self) -> str:
-        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}.get(self.dtype, self.dtype)
+        dtype = short_name(self.dtype)
         return f"{self.attention} {self.mode} {dtype} lr={self.lr:g}"
 
 
@@ -547,7 +528,7 @@ def train_repeats(
                 rn.append(float(norm.item()))
                 rnb.append(value_bits(norm))
                 rg.append(grad_digest(model))
-                loss_dtype = dtype_name(loss.dtype)
+                loss_dtype = torch_name(loss.dtype)
                 if on_step is not None:
                     on_step()
         losses.append(rl), loss_bits.append(rlb), norms.append(rn), norm_bits.append(rnb), digests.append(rg)
@@ -626,7 +607,7 @@ def run_config(
     on_step: Callable[[], None] | None = None,
 ) -> ConfigResult:
     """Run one configuration under its determinism mode and compare its repeats."""
-    res = ConfigResult(attention=attention, mode=mode, dtype=dtype_name(dtype), lr=lr, steps=steps,
+    res = ConfigResult(attention=attention, mode=mode, dtype=torch_name(dtype), lr=lr, steps=steps,
                        repeats=repeats, status="ok")
     t0 = time.perf_counter()
     try:
@@ -739,7 +720,7 @@ def make_plan(
                                     seq_len=seq_len, seed=data_seed)
     settings = SFTSettings(
         model=spec.text, model_kind="transformers" if spec.transformers else "detbench", preset=spec.preset,
-        checkpoint=spec.path, attention=attention, modes=modes, dtypes=[dtype_name(d) for d in dtype_list],
+        checkpoint=spec.path, attention=attention, modes=modes, dtypes=[torch_name(d) for d in dtype_list],
         lrs=lrs, steps=steps, repeats=repeats, batch_size=batch_size, seq_len=None if data else seq_len,
         data=str(data) if data else "synthetic", n_batches=len(batches), seed=seed, data_seed=data_seed,
         betas=list(betas), weight_decay=weight_decay, clip=clip, device=str(device),

@@ -44,6 +44,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from bench.dtypes import DTYPES as ALL_DTYPES
+from bench.dtypes import short_name
 from qwen_layers import registry
 from qwen_layers.config import QwenConfig
 from qwen_layers.model import (
@@ -63,17 +65,13 @@ from qwen_layers.model import (
 # dtypes
 # ------------------------------------------------------------------------------------------------
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+# The dtypes of ``detbench run``'s cells (names from bench.dtypes, the one table).
+DTYPES: dict[str, torch.dtype] = {name: ALL_DTYPES[name] for name in ("fp32", "bf16", "fp16")}
 
 
 def dtype_name(name: str) -> str:
-    """Canonical dtype name (``fp32``/``bf16``/``fp16``) for a name or alias; ValueError otherwise."""
-    key = name.strip().lower()
-    key = _DTYPE_ALIASES.get(key, key)
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose from: {', '.join(DTYPES)}")
-    return key
+    """Canonical dtype name (``fp32``/``bf16``/``fp16``) for a name or alias; InputError otherwise."""
+    return short_name(name, choices=tuple(DTYPES))
 
 
 # ------------------------------------------------------------------------------------------------

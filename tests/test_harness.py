@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import checks, harness, subjects
+from bench.compare import mismatch
 from bench.cli import build_parser
 from bench.cli.run import plan_from_args
 from bench.errors import InputError
@@ -74,10 +75,10 @@ def _from_bits(values, dtype=torch.float32, int_dtype=torch.int32):
 def test_bitwise_checks_tell_nan_payloads_and_signed_zeros_apart():
     qnan, payload_nan = _from_bits([0x7FC00000]), _from_bits([0x7FC00001])
     assert torch.isnan(qnan).all() and torch.isnan(payload_nan).all()
-    assert not checks.diff_stats(qnan, payload_nan).equal
-    assert checks.diff_stats(qnan, qnan.clone()).equal  # same NaN bits: equal
+    assert not mismatch(qnan, payload_nan).equal
+    assert mismatch(qnan, qnan.clone()).equal  # same NaN bits: equal
     zero, neg_zero = torch.tensor([0.0]), torch.tensor([-0.0])
-    assert not checks.diff_stats(zero, neg_zero).equal
+    assert not mismatch(zero, neg_zero).equal
     assert checks.fingerprint(zero) != checks.fingerprint(neg_zero)
     assert checks.fingerprint(qnan) != checks.fingerprint(payload_nan)
 
@@ -90,13 +91,13 @@ def test_bitwise_checks_tell_nan_payloads_and_signed_zeros_apart():
     assert st.first_mismatch["repeat"] == 2 and st.first_mismatch["n_diff"] == 1
 
 
-def test_diff_stats_counts_and_measures():
+def test_mismatch_counts_and_measures():
     a = torch.tensor([1.0, 2.0, 3.0, float("inf")])
     b = a.clone()
     b[1] = torch.nextafter(b[1], torch.tensor(10.0))
     b[3] = float("nan")
-    d = checks.diff_stats(a, b)
-    assert (d.equal, d.n_diff, d.n_total, d.max_ulp, d.nonfinite_diff) == (False, 2, 4, 1, 1)
+    d = mismatch(a, b)
+    assert (d.equal, d.n_diff, d.n_total, d.max_ulp, d.inf_a, d.nan_b) == (False, 2, 4, 1, 1, 1)
     assert d.max_abs == pytest.approx(2.0 ** -22)
 
 

@@ -23,7 +23,8 @@ from bench.results import (
     to_json,
     write_json_atomic,
 )
-from bench.sft import apply_plants, build, dtype_name, make_optimizer, parse_dtype, parse_model, parse_plant, sft_step
+from bench.dtypes import parse_dtype, torch_name
+from bench.sft import apply_plants, build, make_optimizer, parse_model, parse_plant, sft_step
 from bench.subjects import PROFILES, SUBJECTS, build_case
 from qwen_layers.registry import REGISTRY, BackendError
 
@@ -106,7 +107,7 @@ def _harness_subject(args, device):
     inst = case.instantiate(dtype, device, {subject.primary_op: backend})
     apply_plants(inst.module, plants, device)
     inst.run()  # draws and caches the fixed upstream gradient, so every traced run does the same work
-    desc = (f"subject {args.subject} ({profile} shapes, {subject.primary_op}={backend}, {dtype_name(dtype)})"
+    desc = (f"subject {args.subject} ({profile} shapes, {subject.primary_op}={backend}, {torch_name(dtype)})"
             + (f", planted {', '.join(str(p) for p in plants)}" if plants else ""))
     return (lambda: ()), (lambda: inst.run()), None, desc, mode
 
