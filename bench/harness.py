@@ -307,6 +307,79 @@ def _numel(shape) -> int:
     return n
 
 
+def _unsupported(plan: Plan, op: str, backend: str, dtype: str) -> str | None:
+    """Why this cell cannot run (its backend or a routed op does not support the dtype), or None."""
+    reason = plan.unsupported.get((op, backend, dtype))
+    if reason is None:
+        for rop, rname in plan.route.items():
+            if rop != op and (rop, rname, dtype) in plan.unsupported:
+                reason = f"--route {rop}={rname}: {plan.unsupported[(rop, rname, dtype)]}"
+    return reason
+
+
+def _repeat_records(key: dict, tracker: checks.RepeatTracker) -> list[RepeatRecord]:
+    return [RepeatRecord(**key, tensor=st.name, shape=st.shape, tensor_dtype=st.dtype, repeats=st.repeats,
+                         n_equal_to_first=st.n_equal_to_first, n_distinct=st.n_distinct, max_n_diff=st.max_n_diff,
+                         n_total=_numel(st.shape), max_abs=st.max_abs, max_ulp=st.max_ulp, nan=st.nan, inf=st.inf,
+                         first_mismatch=st.first_mismatch)
+            for st in tracker.stats.values()]
+
+
+def _batch_invariance(key: dict, case, inst, first: dict, seed: int, records: list[BatchRecord]) -> bool | None:
+    """The first k rows run alone (k from the case's batch sizes) against the same rows of the full batch;
+    appends to ``records`` as it goes (a failure keeps what was compared)."""
+    row_tensors = list(case.row_outputs) + [f"grad.{k}" for k in case.grad_inputs if k in case.batched_inputs]
+    batch_ok = True
+    for k in case.batch_sizes():
+        torch.manual_seed(seed)
+        sub = inst.run(rows=k)
+        for name in row_tensors:
+            if name not in sub or name not in first:
+                continue
+            d = mismatch(sub[name], first[name][:k], k=0)
+            batch_ok &= d.equal
+            records.append(BatchRecord(**key, tensor=name, rows=k, full_rows=case.rows, equal=d.equal,
+                                       n_diff=d.n_diff, n_total=d.n_total, max_abs=d.max_abs, max_ulp=d.max_ulp))
+        del sub
+    return batch_ok if case.batch_sizes() else None
+
+
+def _accuracy(key: dict, first: dict, reference: dict, eager_acc: dict, records: list[AccuracyRecord]) -> None:
+    for name, t in first.items():
+        if name not in reference:
+            continue
+        a = checks.accuracy(t, reference[name])
+        e = eager_acc.get(name)
+        nan, inf = checks.count_nonfinite(t)
+        records.append(AccuracyRecord(
+            **key, tensor=name, rel_l2=a.rel_l2, max_ulp=a.max_ulp, max_abs=a.max_abs,
+            eager_rel_l2=e.rel_l2 if e else float("nan"), eager_max_ulp=e.max_ulp if e else float("nan"),
+            nan=nan, inf=inf))
+
+
+def _timing(key: dict, case, inst, dtype: str, s: RunSettings, records: list[TimingRecord]) -> None:
+    work = case.work(case.rows, torch.tensor([], dtype=DTYPES[dtype]).element_size())
+    for phase, tm in time_instance(inst, s.time_repeats, s.time_warmup).items():
+        flops = {"fwd": work.flops_fwd, "bwd": work.flops_bwd}.get(phase, work.flops_fwd + work.flops_bwd)
+        nbytes = {"fwd": work.bytes_fwd, "bwd": work.bytes_bwd}.get(phase, work.bytes_fwd + work.bytes_bwd)
+        records.append(TimingRecord(**key, phase=phase, **asdict(tm), flops=flops, bytes=nbytes))
+
+
+def _cell_verdict(status: str, why: str | None, tracker: checks.RepeatTracker, n: int,
+                  recs_rep: list[RepeatRecord]) -> str:
+    if status == "ok":
+        verdict = _verdict(tracker, n)
+        if any(r.nan or r.inf for r in recs_rep):
+            verdict += "; NaN/inf in " + ", ".join(r.tensor for r in recs_rep if r.nan or r.inf)
+        return verdict
+    if status == "refused":
+        return f"refused: {why}"
+    verdict = f"error {why}"
+    if recs_rep:
+        verdict += f" (run to run: {_verdict(tracker, n)})"
+    return verdict
+
+
 def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str,
              reference: dict, eager_acc: dict, out: RunResult) -> dict | None:
     """Run one cell, append its records to ``out``; return repeat 0's results (None on failure)."""
@@ -314,11 +387,7 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     key = dict(subject=subject, backend=backend, dtype=dtype, mode=mode)
     op = SUBJECTS[subject].primary_op
     n = s.repeats
-    reason = plan.unsupported.get((op, backend, dtype))
-    if reason is None:
-        for rop, rname in plan.route.items():
-            if rop != op and (rop, rname, dtype) in plan.unsupported:
-                reason = f"--route {rop}={rname}: {plan.unsupported[(rop, rname, dtype)]}"
+    reason = _unsupported(plan, op, backend, dtype)
     if reason is not None:
         out.cells.append(CellRecord(**key, status="unsupported", reason=reason, repeats=0, deterministic=None,
                                     missable_fraction=None, batch_invariant=None,
@@ -344,49 +413,13 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
                 if first is None:
                     first = res
                 tracker.add(res)
-            for st in tracker.stats.values():
-                recs_rep.append(RepeatRecord(
-                    **key, tensor=st.name, shape=st.shape, tensor_dtype=st.dtype, repeats=st.repeats,
-                    n_equal_to_first=st.n_equal_to_first, n_distinct=st.n_distinct, max_n_diff=st.max_n_diff,
-                    n_total=_numel(st.shape), max_abs=st.max_abs, max_ulp=st.max_ulp, nan=st.nan, inf=st.inf,
-                    first_mismatch=st.first_mismatch))
-
+            recs_rep = _repeat_records(key, tracker)
             stage = "batch invariance"
-            row_tensors = list(case.row_outputs) + [f"grad.{k}" for k in case.grad_inputs if k in case.batched_inputs]
-            batch_ok = True
-            for k in case.batch_sizes():
-                torch.manual_seed(s.seed)
-                sub = inst.run(rows=k)
-                for name in row_tensors:
-                    if name not in sub or name not in first:
-                        continue
-                    d = mismatch(sub[name], first[name][:k], k=0)
-                    batch_ok &= d.equal
-                    recs_batch.append(BatchRecord(**key, tensor=name, rows=k, full_rows=case.rows, equal=d.equal,
-                                                  n_diff=d.n_diff, n_total=d.n_total, max_abs=d.max_abs,
-                                                  max_ulp=d.max_ulp))
-                del sub
-            if not case.batch_sizes():
-                batch_ok = None
-
+            batch_ok = _batch_invariance(key, case, inst, first, s.seed, recs_batch)
             stage = "accuracy"
-            for name, t in first.items():
-                if name not in reference:
-                    continue
-                a = checks.accuracy(t, reference[name])
-                e = eager_acc.get(name)
-                nan, inf = checks.count_nonfinite(t)
-                recs_acc.append(AccuracyRecord(
-                    **key, tensor=name, rel_l2=a.rel_l2, max_ulp=a.max_ulp, max_abs=a.max_abs,
-                    eager_rel_l2=e.rel_l2 if e else float("nan"), eager_max_ulp=e.max_ulp if e else float("nan"),
-                    nan=nan, inf=inf))
-
+            _accuracy(key, first, reference, eager_acc, recs_acc)
             stage = "timing"
-            work = case.work(case.rows, torch.tensor([], dtype=DTYPES[dtype]).element_size())
-            for phase, tm in time_instance(inst, s.time_repeats, s.time_warmup).items():
-                flops = {"fwd": work.flops_fwd, "bwd": work.flops_bwd}.get(phase, work.flops_fwd + work.flops_bwd)
-                nbytes = {"fwd": work.bytes_fwd, "bwd": work.bytes_bwd}.get(phase, work.bytes_fwd + work.bytes_bwd)
-                recs_time.append(TimingRecord(**key, phase=phase, **asdict(tm), flops=flops, bytes=nbytes))
+            _timing(key, case, inst, dtype, s, recs_time)
             del inst
         status, why = "ok", None
     except KeyboardInterrupt:
@@ -403,16 +436,7 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     ran = tracker.repeats if status == "ok" or recs_rep else 0
     deterministic = tracker.deterministic if recs_rep else None
     nonfinite = any(r.nan or r.inf for r in recs_rep)
-    if status == "ok":
-        verdict = _verdict(tracker, n)
-        if nonfinite:
-            verdict += "; NaN/inf in " + ", ".join(r.tensor for r in recs_rep if r.nan or r.inf)
-    elif status == "refused":
-        verdict = f"refused: {why}"
-    else:
-        verdict = f"error {why}"
-        if recs_rep:
-            verdict += f" (run to run: {_verdict(tracker, n)})"
+    verdict = _cell_verdict(status, why, tracker, n, recs_rep)
     out.cells.append(CellRecord(
         **key, status=status, reason=why, repeats=ran, deterministic=deterministic,
         missable_fraction=checks.missable_fraction(ran) if deterministic else None,
