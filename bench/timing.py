@@ -1,8 +1,13 @@
-"""Timing: warm-up, synchronise, median of many repeats.
+"""The one timer of detbench: warm-up, synchronise, median of many repeats, seconds inside.
+
+Both ``detbench run`` (:func:`time_instance`) and ``detbench kernel-bench`` (``bench.kernel_speed``)
+time through :func:`measure`; numbers stay in seconds and unrounded until something prints them.
 
 On CUDA each call is bracketed by CUDA events after the L2 cache has been flushed by writing a
-256 MiB buffer (what ``triton.testing.do_bench`` does), so small subjects are not timed out of a
-warm cache. On the CPU a monotonic clock (``time.perf_counter_ns``) brackets each call.
+256 MiB buffer (what ``triton.testing.do_bench`` does), and the end event is waited for before the
+next call, so small subjects are not timed out of a warm cache or overlapping each other. On the CPU
+a monotonic clock (``time.perf_counter_ns``) brackets each call. ``warmup`` calls run first and are
+not kept; the summary is the median (and quartiles, minimum) of the ``repeats`` timed calls.
 
 What is timed always starts from fresh copies made outside the timed region: the forward is timed
 on fresh parameter leaves and inputs (with autograd recording, as in training), the backward on a
@@ -20,10 +25,14 @@ import torch
 
 PHASES = ("fwd", "bwd", "fwd+bwd")
 L2_FLUSH_BYTES = 256 * 1024 * 1024
+_NO_STATE = object()  # measure() without setup calls fn()
+CLOCKS = {"cuda": "cuda-events", "cpu": "perf_counter"}  # device type -> Timing.clock
 
 
 @dataclass
 class Timing:
+    """Summary of the timed calls of one subject, in seconds (``bench.results.TimingRecord`` copies it)."""
+
     median_s: float
     q1_s: float
     q3_s: float
@@ -42,37 +51,67 @@ def _summary(samples: list[float], warmup: int, clock: str) -> Timing:
     return Timing(statistics.median(s), q1, q3, s[0], len(s), warmup, clock)
 
 
-def measure(fn: Callable[[Any], Any], setup: Callable[[], Any], device: torch.device,
-            repeats: int, warmup: int) -> Timing:
-    """Time ``fn(setup())``; ``setup`` runs untimed before every call (warm-up calls are not kept)."""
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
+def describe(device: torch.device | str, repeats: int, warmup: int) -> str:
+    """One line saying how :func:`measure` times calls on ``device`` (for result files and tables)."""
     device = torch.device(device)
     if device.type == "cuda":
+        how = f"CUDA events around each call after a {L2_FLUSH_BYTES >> 20} MiB L2 flush"
+    else:
+        how = "time.perf_counter_ns around each call"
+    return f"{how}, {warmup} warm-up calls, median of {repeats} calls"
+
+
+def measure(fn: Callable[..., Any], device: torch.device | str, *, repeats: int, warmup: int,
+            setup: Callable[[], Any] | None = None) -> Timing:
+    """Time ``fn(setup())``, or ``fn()`` without ``setup``; ``setup`` runs untimed before every call.
+
+    ``warmup`` calls run first (untimed, their results dropped), then ``repeats`` timed calls; see the
+    module docstring for the clocks.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if warmup < 0:
+        raise ValueError("warmup must be >= 0")
+    device = torch.device(device)
+    samples: list[float] = []
+    if device.type == "cuda":
         flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-        samples = []
         for i in range(warmup + repeats):
-            state = setup()
+            state = _NO_STATE if setup is None else setup()
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(state)
+            fn() if state is _NO_STATE else fn(state)
             end.record()
             end.synchronize()
             if i >= warmup:
                 samples.append(start.elapsed_time(end) / 1e3)
             del state
-        return _summary(samples, warmup, "cuda-events")
-    samples = []
+        return _summary(samples, warmup, CLOCKS["cuda"])
     for i in range(warmup + repeats):
-        state = setup()
+        state = _NO_STATE if setup is None else setup()
         t0 = time.perf_counter_ns()
-        fn(state)
+        fn() if state is _NO_STATE else fn(state)
         t1 = time.perf_counter_ns()
         if i >= warmup:
             samples.append((t1 - t0) / 1e9)
         del state
-    return _summary(samples, warmup, "perf_counter")
+    return _summary(samples, warmup, CLOCKS["cpu"])
+
+
+@dataclass(frozen=True)
+class Timer:
+    """The repeat counts of :func:`measure`, for callers that time many things alike (kernel-bench)."""
+
+    repeats: int
+    warmup: int
+
+    def measure(self, fn: Callable[..., Any], device: torch.device | str,
+                setup: Callable[[], Any] | None = None) -> Timing:
+        return measure(fn, device, repeats=self.repeats, warmup=self.warmup, setup=setup)
+
+    def describe(self, device: torch.device | str) -> str:
+        return describe(device, self.repeats, self.warmup)
 
 
 def time_instance(instance, repeats: int, warmup: int) -> dict[str, Timing]:
@@ -110,7 +149,7 @@ def time_instance(instance, repeats: int, warmup: int) -> dict[str, Timing]:
         return setup
 
     return {
-        "fwd": measure(forward, synced(fresh), instance.device, repeats, warmup),
-        "bwd": measure(backward, synced(built), instance.device, repeats, warmup),
-        "fwd+bwd": measure(both, synced(fresh), instance.device, repeats, warmup),
+        "fwd": measure(forward, instance.device, repeats=repeats, warmup=warmup, setup=synced(fresh)),
+        "bwd": measure(backward, instance.device, repeats=repeats, warmup=warmup, setup=synced(built)),
+        "fwd+bwd": measure(both, instance.device, repeats=repeats, warmup=warmup, setup=synced(fresh)),
     }
