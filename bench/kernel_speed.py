@@ -20,9 +20,10 @@ code runs, it measures nothing, and its ratios carry no verdict.
 Backends are looked up in the registry by name; one that is not registered or cannot run on the
 device is reported as skipped with the registry's reason, and a ratio missing a side says which.
 
-Timing: on CUDA ``triton.testing.do_bench`` (median; it warms up first and clears the L2 cache
-before every call, so inputs need no rotation), or CUDA events when Triton is absent; on the CPU
-``time.perf_counter`` around each call, after warm-up calls, median of the repeats. Inputs are seeded
+Timing: :func:`bench.timing.measure`, the timer ``detbench run`` uses too: warm-up calls, then on
+CUDA events around each call after the L2 cache has been flushed (as ``triton.testing.do_bench``
+does, so inputs need no rotation), on the CPU ``time.perf_counter_ns``; the median of the repeats
+(:data:`CUDA_TIMER`, :data:`CPU_TIMER`; seconds inside, milliseconds in the JSON). Inputs are seeded
 normal draws (never zeros). Forward passes are timed as in training (inputs require grad); a
 backward is timed with ``torch.autograd.grad(..., retain_graph=True)`` on one recorded forward, with
 a fixed upstream gradient. FLOPs and bytes are the algorithmic counts (causal attention counts half
@@ -35,15 +36,12 @@ API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from bench.results import capture_environment, write_json_atomic
+from bench.timing import Timer
 from qwen_layers.registry import REGISTRY, BackendError
 
 SECTIONS = ("attention", "matmul", "rmsnorm")
@@ -84,8 +82,11 @@ def shapes_for(tiny: bool) -> Shapes:
 
 
 @dataclass
-class Timing:
-    """One timed call of one backend (fields are the JSON keys; numbers are stored unrounded)."""
+class KernelTiming:
+    """One backend's timed calls in one phase: the JSON record (fields are the JSON keys; unrounded).
+
+    ``median_ms`` and ``samples`` are copied from the :class:`bench.timing.Timing` that measured it.
+    """
 
     section: str  # attention | matmul | rmsnorm
     op: str  # registry op ("" for the device copy)
@@ -94,7 +95,7 @@ class Timing:
     status: str  # ok | skipped | error
     reason: str | None = None  # why skipped / the error
     median_ms: float | None = None
-    samples: int | None = None  # timed calls behind the median (CPU timer / CUDA events; None: do_bench)
+    samples: int | None = None  # timed calls behind the median (after the warm-up calls)
     flops: float | None = None
     bytes: float | None = None
     tflops: float | None = None
@@ -127,7 +128,7 @@ class KernelBenchResult:
     tiny: bool
     timer: str
     shapes: dict
-    timings: list[Timing] = field(default_factory=list)
+    timings: list[KernelTiming] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -135,64 +136,15 @@ class KernelBenchResult:
 
 
 # -------------------------------------------------------------------------------------------------
-# timing
+# timing: bench.timing's one timer; only the repeat counts are chosen here
 # -------------------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Timer:
-    """How calls are timed. CPU: ``warmup`` calls, then the median of ``repeats`` timed calls."""
-
-    warmup: int = 2
-    repeats: int = 5
-    cuda_warmup_ms: int = 25  # do_bench warm-up time
-    cuda_rep_ms: int = 100  # do_bench measuring time
-
-    def describe(self, device: torch.device) -> str:
-        if device.type == "cuda":
-            if _do_bench() is not None:
-                return (f"triton.testing.do_bench(warmup={self.cuda_warmup_ms} ms, rep={self.cuda_rep_ms} ms, "
-                        f"median, L2 cleared per call)")
-            return f"CUDA events, {self.warmup} warm-up calls, median of {self.repeats * 20} calls"
-        return f"time.perf_counter, {self.warmup} warm-up calls, median of {self.repeats} calls"
-
-    def median_ms(self, fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
-        if device.type == "cuda":
-            do_bench = _do_bench()
-            if do_bench is not None:
-                return float(do_bench(fn, warmup=self.cuda_warmup_ms, rep=self.cuda_rep_ms,
-                                      return_mode="median")), None
-            return self._cuda_events(fn, device)
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), len(times)
-
-    def _cuda_events(self, fn, device) -> tuple[float, int]:
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize(device)
-        n = self.repeats * 20
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends):
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(device)
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), n
+CUDA_TIMER = Timer(repeats=100, warmup=10)  # ~0.1-10 ms calls at the full shapes: 100 samples each
+CPU_TIMER = Timer(repeats=5, warmup=2)  # tiny shapes through the interpreter: proves the code runs
 
 
-def _do_bench():
-    try:
-        from triton.testing import do_bench  # in here: triton is optional (CUDA timing only)
-    except ImportError:
-        return None
-    return do_bench
+def default_timer(device: torch.device) -> Timer:
+    return CUDA_TIMER if torch.device(device).type == "cuda" else CPU_TIMER
 
 
 # -------------------------------------------------------------------------------------------------
@@ -214,30 +166,30 @@ def _seeded(shape, seed: int, dtype: torch.dtype, device: torch.device, scale: f
     return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
 
 
-def _measure(section, op, name, phase, fn, device, timer, flops=None, nbytes=None, claim=None) -> Timing:
+def _measure(section, op, name, phase, fn, device, timer, flops=None, nbytes=None, claim=None) -> KernelTiming:
     try:
-        ms, n = timer.median_ms(fn, device)
+        timing = timer.measure(fn, device)
     except Exception as e:  # a backend that fails is a result, not a crash of the whole run
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return Timing(section, op, name, phase, "error", f"{type(e).__name__}: {msg}"[:300],
+        return KernelTiming(section, op, name, phase, "error", f"{type(e).__name__}: {msg}"[:300],
                       deterministic_claim=claim)
-    secs = ms / 1e3
-    return Timing(section, op, name, phase, "ok", None, ms, n, flops, nbytes,
-                  flops / secs / 1e12 if flops and secs > 0 else None,
-                  nbytes / secs / 1e9 if nbytes and secs > 0 else None, claim)
+    secs = timing.median_s  # the JSON keeps milliseconds (its schema); the rates come from seconds
+    return KernelTiming(section, op, name, phase, "ok", None, secs * 1e3, timing.repeats, flops, nbytes,
+                        flops / secs / 1e12 if flops and secs > 0 else None,
+                        nbytes / secs / 1e9 if nbytes and secs > 0 else None, claim)
 
 
 def _fwd_bwd_timings(section, op, name, device, timer, make_inputs, call, fwd_counts, bwd_counts, seed):
     """Time the forward (inputs requiring grad) and the backward of one backend."""
     fn, claim, reason = _resolve(op, name, device)
     if fn is None:
-        return [Timing(section, op, name, phase, "skipped", reason) for phase in ("forward", "backward")]
+        return [KernelTiming(section, op, name, phase, "skipped", reason) for phase in ("forward", "backward")]
     inputs = [t.requires_grad_(True) for t in make_inputs()]
     out = []
     fwd = _measure(section, op, name, "forward", lambda: call(fn, inputs), device, timer, *fwd_counts, claim)
     out.append(fwd)
     if fwd.status != "ok":
-        out.append(Timing(section, op, name, "backward", "skipped", "forward failed", deterministic_claim=claim))
+        out.append(KernelTiming(section, op, name, "backward", "skipped", "forward failed", deterministic_claim=claim))
         return out
     y = call(fn, inputs)
     grad = _seeded(y.shape, seed + 99, y.dtype, device)
@@ -249,7 +201,7 @@ def _fwd_bwd_timings(section, op, name, device, timer, make_inputs, call, fwd_co
 
 
 def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
-                    backends: tuple[str, ...] = ATTENTION_BACKENDS) -> list[Timing]:
+                    backends: tuple[str, ...] = ATTENTION_BACKENDS) -> list[KernelTiming]:
     """Forward and backward of causal GQA attention for each backend."""
     a = shapes.attention
     dtype = getattr(torch, shapes.dtype)
@@ -279,7 +231,7 @@ def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: in
 
 
 def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
-                 backends: tuple[str, ...] = MATMUL_BACKENDS) -> list[Timing]:
+                 backends: tuple[str, ...] = MATMUL_BACKENDS) -> list[KernelTiming]:
     """Forward of one M x K by K x N product (the ``linear`` op without bias) for each backend."""
     m = shapes.matmul
     dtype = getattr(torch, shapes.dtype)
@@ -292,7 +244,7 @@ def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int =
     for name in backends:
         fn, claim, reason = _resolve("linear", name, device)
         if fn is None:
-            out.append(Timing("matmul", "linear", name, "forward", "skipped", reason))
+            out.append(KernelTiming("matmul", "linear", name, "forward", "skipped", reason))
             continue
         with torch.no_grad():  # one product: no autograd bookkeeping in the comparison with cuBLAS
             out.append(_measure("matmul", "linear", name, "forward", lambda: fn(x, w), device, timer,
@@ -302,7 +254,7 @@ def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int =
 
 
 def bench_rmsnorm(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
-                  backends: tuple[str, ...] = RMSNORM_BACKENDS) -> list[Timing]:
+                  backends: tuple[str, ...] = RMSNORM_BACKENDS) -> list[KernelTiming]:
     """RMSNorm forward and backward for each backend, and a device copy of its input as the roofline."""
     r = shapes.rmsnorm
     dtype = getattr(torch, shapes.dtype)
@@ -374,7 +326,7 @@ def _lookup(timings: dict, key: tuple[str, str, str]) -> tuple[float | None, flo
     return ms, nbytes, None
 
 
-def compute_ratios(timings: list[Timing], judge: bool) -> list[Ratio]:
+def compute_ratios(timings: list[KernelTiming], judge: bool) -> list[Ratio]:
     """Every ratio of :data:`RATIO_SPECS` whose sections ran; ``judge=False`` leaves ``met`` None."""
     by_key = {t.key: t for t in timings}
     sections = {t.section for t in timings}
@@ -425,7 +377,7 @@ def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | N
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
-    timer = timer or Timer()
+    timer = timer or default_timer(device)
     shapes = shapes_for(tiny)
     env = asdict(capture_environment(device, seeds={"inputs": seed}))
     result = KernelBenchResult(env, str(device), tiny, timer.describe(device), asdict(shapes))

@@ -14,8 +14,9 @@ import pytest
 
 from bench import kernel_speed as ks
 from bench.cli import main
+from bench.timing import Timer
 
-FAST = ks.Timer(warmup=1, repeats=2)
+FAST = Timer(repeats=2, warmup=1)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,12 @@ def test_ratios_present_exactly_where_both_sides_ran(tiny_result):
 def test_verdicts_on_known_timings():
     """speed = other's time / ours; time = ours / other's; bandwidth compares bytes per second."""
     def t(section, backend, phase, ms, nbytes=None):
-        return ks.Timing(section, "", backend, phase, "ok", median_ms=ms, bytes=nbytes)
+        return ks.KernelTiming(section, "", backend, phase, "ok", median_ms=ms, bytes=nbytes)
 
     timings = [
         t("attention", "triton", "forward", 2.0), t("attention", "sdpa-flash", "forward", 1.0),
         t("attention", "triton", "backward", 1.05), t("attention", "triton-atomic", "backward", 1.0),
-        ks.Timing("attention", "attention", "eager", "forward", "skipped", "not here"),
+        ks.KernelTiming("attention", "attention", "eager", "forward", "skipped", "not here"),
         t("matmul", "triton", "forward", 1.0), t("matmul", "eager", "forward", 0.95),
         t("rmsnorm", "triton", "forward", 1.0, 200.0), t("rmsnorm", "triton", "backward", 1.0, 300.0),
         t("rmsnorm", ks.COPY, "copy", 1.0, 200.0),
