@@ -162,8 +162,8 @@ def check_attention(spec: ModelSpec, name: str, device: torch.device) -> None:
         if device.type != "cuda":
             raise SFTError("--attention flash_attention_2 needs a CUDA device; use --device cuda")
         return
-    if name == "detbench" or name.startswith("detbench-"):
-        backend = "triton" if name == "detbench" else name[len("detbench-"):]
+    backend = _detbench_backend(name)
+    if backend is not None:
         if importlib.util.find_spec("kernels.hf") is None:
             raise SFTError(f"--attention {name}: kernels/hf.py (register_attention) is not available in this checkout")
         try:
@@ -252,12 +252,22 @@ def _hf_classes(config: QwenConfig):
     return Qwen2Config, Qwen2ForCausalLM
 
 
+def _detbench_backend(name: str) -> str | None:
+    """The registry attention backend behind attn_implementation ``detbench`` (kernels.hf's default) or
+    ``detbench-<backend>``; None for transformers' own implementations."""
+    if name == "detbench":
+        from kernels.hf import DEFAULT_BACKEND  # in here: kernels.hf is only needed for hf: models
+
+        return DEFAULT_BACKEND
+    return name[len("detbench-"):] if name.startswith("detbench-") else None
+
+
 def _hf_attn_name(name: str) -> str:
     """Register detbench's transformers attention when asked for; return the attn_implementation."""
-    if name == "detbench" or name.startswith("detbench-"):
-        from kernels.hf import register_attention  # in here: imports transformers (optional)
+    backend = _detbench_backend(name)
+    if backend is not None:
+        from kernels.hf import register_attention  # in here: kernels.hf is only needed for hf: models
 
-        backend = "triton" if name == "detbench" else name[len("detbench-"):]
         return register_attention(backend, name=name)
     return name
 
@@ -649,6 +659,47 @@ class Plan:
         return len(self.attention) * len(self.modes) * len(self.dtypes) * len(self.lrs)
 
 
+def _check_numbers(*, steps: int, repeats: int, batch_size: int, n_batches: int | None, clip: float,
+                   betas: tuple[float, ...]) -> None:
+    if steps < 1:
+        raise SFTError(f"--steps must be at least 1, got {steps}")
+    if repeats < 1:
+        raise SFTError(f"--repeats must be at least 1, got {repeats}")
+    if batch_size < 1:
+        raise SFTError(f"--batch-size must be at least 1, got {batch_size}")
+    if n_batches is not None and n_batches < 1:
+        raise SFTError(f"--batches must be at least 1, got {n_batches}")
+    if not math.isfinite(clip) or clip < 0:
+        raise SFTError(f"--clip must be a finite norm >= 0 (0 disables clipping), got {clip}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise SFTError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {betas}")
+
+
+def _check_plants(spec: ModelSpec, plants: list[Plant], device: torch.device) -> None:
+    """Check the plant paths against a model of the same structure, without drawing weights."""
+    if not plants:
+        return
+    if spec.transformers:
+        apply_plants(nn.Module(), plants, device)
+    with torch.device("meta"):
+        skeleton = QwenForCausalLM(spec.config)
+    with planted_registered():
+        apply_plants(skeleton, plants, device)
+
+
+def _batches(config: QwenConfig, *, data: str | None, n_batches: int | None, steps: int, batch_size: int,
+             seq_len: int, data_seed: int) -> list[SFTBatch]:
+    """The user's token file, or seeded synthetic batches (one per step unless ``n_batches``)."""
+    if data is not None:
+        batches = read_token_file(data, vocab_size=config.vocab_size, batch_size=batch_size,
+                                  max_len=config.max_position_embeddings)
+        return batches[:n_batches] if n_batches is not None else batches
+    if seq_len > config.max_position_embeddings:
+        raise SFTError(f"--seq-len {seq_len} exceeds the model's {config.max_position_embeddings} positions")
+    return synthetic_batches(config.vocab_size, n_batches=n_batches or steps, batch_size=batch_size,
+                             seq_len=seq_len, seed=data_seed)
+
+
 def make_plan(
     *,
     model: str,
@@ -673,19 +724,8 @@ def make_plan(
 ) -> Plan:
     """Parse and check every setting; raises :class:`SFTError` / :class:`bench.data.DataError`."""
     device = torch.device(device)
-    if steps < 1:
-        raise SFTError(f"--steps must be at least 1, got {steps}")
-    if repeats < 1:
-        raise SFTError(f"--repeats must be at least 1, got {repeats}")
-    if batch_size < 1:
-        raise SFTError(f"--batch-size must be at least 1, got {batch_size}")
-    if n_batches is not None and n_batches < 1:
-        raise SFTError(f"--batches must be at least 1, got {n_batches}")
-    if not math.isfinite(clip) or clip < 0:
-        raise SFTError(f"--clip must be a finite norm >= 0 (0 disables clipping), got {clip}")
     betas = tuple(float(b) for b in betas)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise SFTError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {betas}")
+    _check_numbers(steps=steps, repeats=repeats, batch_size=batch_size, n_batches=n_batches, clip=clip, betas=betas)
     spec = parse_model(model)
     attention = parse_list(attention, "--attention") if isinstance(attention, str) else list(attention)
     modes = parse_list(modes, "--mode") if isinstance(modes, str) else list(modes)
@@ -700,24 +740,9 @@ def make_plan(
     for a in attention:
         check_attention(spec, a, device)
     plant_list = [p if isinstance(p, Plant) else parse_plant(p) for p in plants]
-    if plant_list:
-        # Check the plant paths against a model of the same structure without drawing weights.
-        if spec.transformers:
-            apply_plants(nn.Module(), plant_list, device)
-        with torch.device("meta"):
-            skeleton = QwenForCausalLM(spec.config)
-        with planted_registered():
-            apply_plants(skeleton, plant_list, device)
-    if data is not None:
-        batches = read_token_file(data, vocab_size=spec.config.vocab_size, batch_size=batch_size,
-                                  max_len=spec.config.max_position_embeddings)
-        if n_batches is not None:
-            batches = batches[:n_batches]
-    else:
-        if seq_len > spec.config.max_position_embeddings:
-            raise SFTError(f"--seq-len {seq_len} exceeds the model's {spec.config.max_position_embeddings} positions")
-        batches = synthetic_batches(spec.config.vocab_size, n_batches=n_batches or steps, batch_size=batch_size,
-                                    seq_len=seq_len, seed=data_seed)
+    _check_plants(spec, plant_list, device)
+    batches = _batches(spec.config, data=data, n_batches=n_batches, steps=steps, batch_size=batch_size,
+                       seq_len=seq_len, data_seed=data_seed)
     settings = SFTSettings(
         model=spec.text, model_kind="transformers" if spec.transformers else "detbench", preset=spec.preset,
         checkpoint=spec.path, attention=attention, modes=modes, dtypes=[torch_name(d) for d in dtype_list],

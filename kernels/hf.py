@@ -49,6 +49,8 @@ import torch
 
 from qwen_layers.registry import REGISTRY
 
+# The registry backend behind ``True`` and behind attn_implementation "detbench": detbench's own Triton kernels.
+DEFAULT_BACKEND = "triton"
 ATTENTION_NAME = "detbench"
 
 # -------------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def _interfaces():
     return AttentionInterface, AttentionMaskInterface, sdpa_mask
 
 
-def register_attention(backend: str = "triton", name: str = ATTENTION_NAME) -> str:
+def register_attention(backend: str = DEFAULT_BACKEND, name: str = ATTENTION_NAME) -> str:
     """Register detbench attention (``backend`` of the ``attention`` op) with transformers as ``name``.
 
     Also registers transformers' boolean ``sdpa_mask`` builder under ``name`` (without it transformers
@@ -210,7 +212,7 @@ def _install_rope(globals_: dict) -> Callable[[], None]:
 def _resolve_choice(op: str, choice: bool | str) -> str | None:
     if choice is False or choice is None:
         return None
-    name = "triton" if choice is True else choice
+    name = DEFAULT_BACKEND if choice is True else choice
     if not isinstance(name, str):
         raise TypeError(f"apply_detbench_kernels: {op} must be True, False or a backend name, got {choice!r}")
     REGISTRY.get(op, name)  # unknown backend: raise now, with the registered names
