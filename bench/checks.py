@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.compare import bits, mismatch, ulp_distance
+from bench.compare import bits, mismatch
 
 RISK = 0.05
 # Full mismatch reports (worst indices, copied to the CPU in float64) only for tensors up to this size.

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from bench.errors import InputError
 
 IGNORE_INDEX = -100

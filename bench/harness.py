@@ -34,8 +34,9 @@ import torch
 
 from bench import checks
 from bench.compare import mismatch
-from bench.report import render_markdown
+from bench.errors import InputError
 from bench.modes import MODES, apply_mode, get_mode, is_refusal
+from bench.report import render_markdown
 from bench.results import (
     RUN_SCHEMA,
     AccuracyRecord,
@@ -55,7 +56,6 @@ from bench.results import (
     write_json_atomic,
     write_text_atomic,
 )
-from bench.errors import InputError
 from bench.subjects import DTYPES, SUBJECTS, build_case, dtype_name, probe, reference_route
 from bench.timing import time_instance
 from qwen_layers import registry

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import torch
+
 from bench.errors import InputError
 
 _ABSENT = object()

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from qwen_layers.backends import eager_attention, eager_rmsnorm, repeat_kv
+from qwen_layers.backends import eager_rmsnorm, repeat_kv
 from qwen_layers.registry import REGISTRY, Registry
 
 _CHUNKS = 4

@@ -32,14 +32,15 @@ import subprocess
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from bench.errors import InputError
-import warnings
 import numpy
+import torch
+
+from bench.errors import InputError
 
 # ------------------------------------------------------------------------------------------------
 # dataclass <-> JSON

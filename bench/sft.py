@@ -29,31 +29,29 @@ before clipping is what is recorded), ``AdamW.step``. The module-level :func:`sf
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.util
 import math
-import sys
 import time
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from bench.data import DataError, SFTBatch, batch_for_step, read_token_file, synthetic_batches
-from qwen_layers.config import PRESETS, QwenConfig
-from bench.errors import InputError
-import hashlib
-import numpy as np
 from bench.compare import bits
+from bench.data import SFTBatch, batch_for_step, read_token_file, synthetic_batches
 from bench.dtypes import parse_dtype, short_name, torch_name
+from bench.errors import InputError
 from bench.modes import MODES, apply_mode, is_refusal
 from bench.pinpoint import fingerprints, phase
 from bench.planted import planted_registered
 from bench.results import capture_environment, check_out_dir, device_label, new_run_id, result_path, write_json_atomic
 from qwen_layers import model as qm
 from qwen_layers.checkpoint import CheckpointError, from_pretrained, read_config
+from qwen_layers.config import PRESETS, QwenConfig
 from qwen_layers.model import QwenForCausalLM, Routed, build_model, set_backends
 from qwen_layers.registry import OPS, REGISTRY, BackendError
 
@@ -758,7 +756,6 @@ def run_plan(plan: Plan, on_step: Callable[[], None] | None = None,
              on_config: Callable[[ConfigResult], None] | None = None) -> list[ConfigResult]:
     """Run the configuration matrix: attention x mode x dtype x lr (models are built once per
     attention x dtype; every configuration starts from the same seeded weights)."""
-    s = plan.settings
     results = []
     with planted_registered(bool(plan.plants)):
         _run_matrix(plan, results, on_step, on_config)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
 
 from .config import QwenConfig
 from .model import QwenForCausalLM
-from safetensors import safe_open
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

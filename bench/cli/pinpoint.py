@@ -11,6 +11,7 @@ from rich.console import Console
 from bench.cli.common import UsageError, one_value, parse_device
 from bench.cli.sft import add_common_model_args, plan_from_args
 from bench.data import batch_for_step
+from bench.dtypes import parse_dtype, torch_name
 from bench.modes import MODES, apply_mode
 from bench.pinpoint import compare_runs, replay
 from bench.planted import planted_registered
@@ -23,7 +24,6 @@ from bench.results import (
     to_json,
     write_json_atomic,
 )
-from bench.dtypes import parse_dtype, torch_name
 from bench.sft import apply_plants, build, make_optimizer, parse_model, parse_plant, sft_step
 from bench.subjects import PROFILES, SUBJECTS, build_case
 from qwen_layers.registry import REGISTRY, BackendError
