@@ -14,7 +14,7 @@ class UsageError(InputError):
 def check_kernels_package() -> None:
     """Refuse to run when ``import kernels`` is PyPI's unrelated ``kernels`` package, not detbench's."""
     try:
-        import kernels
+        import kernels  # in here: this is the check that the package is ours, with a message if not
     except ImportError as e:
         raise UsageError(f"cannot import detbench's 'kernels' package ({e}); reinstall detbench: pip install -e .")
     if not getattr(kernels, "__detbench__", False):
