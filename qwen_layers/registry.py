@@ -11,11 +11,31 @@ raises :class:`BackendUnavailable` with the reason it cannot run on the device y
 Built-in entries are loaded lazily the first time the table is read (no work at import time):
 ``qwen_layers.backends`` (PyTorch / flash-attn) and ``kernels`` (detbench's Triton kernels, when that
 package provides ``register_backends``).
+
+Observing calls. Tools that need to see every call routed through the table (``detbench pinpoint``
+replays each one) do not patch it; they open :func:`observe`::
+
+    def observer(fn, op, name):            # called by resolve(); returns what resolve() hands out
+        def call(*args, **kwargs):
+            print("calling", op, name)
+            return fn(*args, **kwargs)
+        return call
+
+    with registry.observe(observer):
+        model(ids)                         # every resolve() in this block returns observer(fn, op, name)
+
+The observer lives in a :class:`contextvars.ContextVar`: it applies to :meth:`Registry.resolve` of
+every :class:`Registry` (so ``registry.resolve(...)`` and ``REGISTRY.resolve(...)`` alike), only in the
+context that opened the block - other threads, and threads started inside the block, resolve
+unobserved - and only until the block ends (reset in ``finally``). Blocks nest: an inner observer
+receives what the outer one returned. ``Backend.fn`` read directly (``get(op, name).fn``) is the raw
+implementation, never observed. The table itself is not changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import threading
 from dataclasses import dataclass, field
@@ -53,6 +73,11 @@ class BackendUnavailable(BackendError, RuntimeError):
 
 
 Availability = Callable[[torch.device], "str | None"]
+
+# observer(fn, op, name) -> the callable resolve() returns instead of fn; see observe().
+Observer = Callable[[Callable, str, str], Callable]
+_OBSERVER: contextvars.ContextVar[Observer | None] = contextvars.ContextVar("qwen_layers_registry_observer",
+                                                                           default=None)
 
 
 def _always(device: torch.device) -> str | None:
@@ -214,13 +239,17 @@ class Registry:
             ) from None
 
     def resolve(self, op: str, name: str, device: torch.device | str | None = None) -> Callable:
-        """The implementation of ``op`` called ``name``, or :class:`BackendUnavailable` with the reason."""
+        """The implementation of ``op`` called ``name``, or :class:`BackendUnavailable` with the reason.
+
+        Inside an :func:`observe` block, what the observer makes of it.
+        """
         b = self.get(op, name)
         reason = b.why_not(device)
         if reason is not None:
             dev = torch.device("cpu") if device is None else torch.device(device)
             raise BackendUnavailable(f"{op} backend {name!r} cannot run on {dev}: {reason}")
-        return b.fn
+        observer = _OBSERVER.get()
+        return b.fn if observer is None else observer(b.fn, op, name)
 
     def available(self, op: str, device: torch.device | str | None = None) -> list[str]:
         return [b.name for b in self.backends(op) if b.is_available(device)]
@@ -240,6 +269,24 @@ get = REGISTRY.get
 resolve = REGISTRY.resolve
 backends = REGISTRY.backends
 names = REGISTRY.names
+
+
+@contextlib.contextmanager
+def observe(observer: Observer) -> Iterator[None]:
+    """Within the block, in this context only, :meth:`Registry.resolve` returns ``observer(fn, op, name)``
+    instead of the implementation ``fn`` (see the module docstring). Inside another ``observe`` block,
+    ``observer`` receives what the outer observer returned."""
+    outer = _OBSERVER.get()
+    if outer is None:
+        current = observer
+    else:
+        def current(fn: Callable, op: str, name: str) -> Callable:
+            return observer(outer(fn, op, name), op, name)
+    token = _OBSERVER.set(current)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
 
 
 def check_choice(choice: dict[str, str] | None) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -144,3 +146,56 @@ def test_set_backends_on_one_module():
 def test_module_rejects_unknown_choice():
     with pytest.raises(UnknownBackend, match="unknown backend 'fast'"):
         MLP(get_preset("qwen3-tiny"), backends={"swiglu": "fast"})
+
+
+def test_observer_sees_resolves_in_its_context_only():
+    """registry.observe: every resolve in the block (module shorthand and REGISTRY alike) goes through the
+    observer; another thread, the code after the block and the table itself are untouched."""
+    seen = []
+
+    def observer(fn, op, name):
+        def call(*args, **kwargs):
+            seen.append((op, name))
+            return fn(*args, **kwargs)
+        return call
+
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    before = {op: dict(REGISTRY._table[op]) for op in OPS}
+    plain = REGISTRY.resolve("linear", "eager", "cpu")
+    with registry.observe(observer):
+        registry.resolve("linear", "eager", "cpu")(x, w)
+        REGISTRY.resolve("swiglu", "eager")(x, x)
+        assert seen == [("linear", "eager"), ("swiglu", "eager")]
+        other = []
+        t = threading.Thread(target=lambda: other.append(REGISTRY.resolve("linear", "eager", "cpu")))
+        t.start()
+        t.join()
+        assert other == [plain]  # the other thread resolves the plain implementation
+    assert registry.resolve("linear", "eager", "cpu") is plain and REGISTRY.resolve("linear", "eager") is plain
+    plain(x, w)
+    assert len(seen) == 2
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with registry.observe(observer):
+            raise RuntimeError("inside")
+    assert REGISTRY.resolve("linear", "eager", "cpu") is plain
+    assert "resolve" not in REGISTRY.__dict__ and registry.resolve == REGISTRY.resolve
+    assert {op: dict(REGISTRY._table[op]) for op in OPS} == before
+
+
+def test_observers_nest():
+    order = []
+
+    def tag(label):
+        def observer(fn, op, name):
+            def call(*args, **kwargs):
+                order.append(label)
+                return fn(*args, **kwargs)
+            return call
+        return observer
+
+    with registry.observe(tag("outer")):
+        with registry.observe(tag("inner")):
+            REGISTRY.resolve("swiglu", "eager")(torch.ones(2), torch.ones(2))
+        REGISTRY.resolve("swiglu", "eager")(torch.ones(2), torch.ones(2))
+    assert order == ["inner", "outer", "outer"]
