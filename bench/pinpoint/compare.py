@@ -1,0 +1,246 @@
+"""``compare_runs``: two or more traced runs aligned event by event; the root cause of their difference.
+
+The runs (:func:`bench.pinpoint.trace.trace`) are aligned event by event and the report names the
+*root cause* (the first event whose inputs were identical and whose outputs differ), the first module
+whose output differs, and how far the difference spread (how many later ops differ). An event whose
+outputs differ while its inputs differ too is a consequence, not a cause; when the very first
+difference is such an event (its inputs came from identical values, wired differently), the report
+says so: that is the signature of Python code combining identical partial results in another order.
+``exact=True`` compares full copies instead of fingerprints and also reports how many elements differ
+at the root cause.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+from torch import nn
+
+from bench.compare import mismatch
+from bench.pinpoint.fingerprint import COLLISION_BOUND
+from bench.pinpoint.ops import _render
+from bench.pinpoint.trace import Trace, trace
+from bench.results import to_json
+
+
+@dataclass
+class PairComparison:
+    """Run ``run_b`` against run ``run_a`` (0-based)."""
+
+    run_a: int
+    run_b: int
+    events_a: int
+    events_b: int
+    aligned: int                            # events compared before the end or a control-flow change
+    control_flow: dict | None               # first event where the runs ran different things
+    identical: bool
+    root_cause: dict | None                 # first event with identical inputs and different outputs
+    root_cause_diff: dict | None            # exact mode: bench.compare.Mismatch of the differing output
+    first_difference: dict | None           # first event whose outputs differ
+    first_difference_note: str
+    first_module: dict | None               # first module whose forward output differs
+    first_module_note: str
+    differing_events: int
+    differing_ops_after_root: int           # aten ops after the root cause whose outputs differ
+    ops_after_root: int
+
+
+def _compare_pair(a: Trace, b: Trace, ia: int, ib: int) -> PairComparison:
+    n = min(len(a.events), len(b.events))
+    control = None
+    aligned = n
+    root = first = first_mod = None
+    differing = 0
+    diff_idx: list[int] = []
+    for i in range(n):
+        ea, eb = a.events[i], b.events[i]
+        if ea.key() != eb.key():
+            control = {"index": i, "a": ea.ref(), "b": eb.ref()}
+            aligned = i
+            break
+        if ea.out_key == eb.out_key:
+            continue
+        differing += 1
+        diff_idx.append(i)
+        if first is None:
+            first = i
+        if root is None and ea.in_key == eb.in_key:
+            root = i
+        if first_mod is None and ea.kind == "module":
+            first_mod = i
+    if control is None and len(a.events) != len(b.events):
+        control = {"index": n, "a": a.events[n].ref() if n < len(a.events) else None,
+                   "b": b.events[n].ref() if n < len(b.events) else None}
+    first_note = ""
+    if first is not None and first != root:
+        ev = a.events[first]
+        first_note = (f"{ev.op} at {ev.module or '<root>'} ({ev.phase}) is the first to differ, but its inputs differ "
+                      f"too although every earlier value agreed: identical partial results were combined in another "
+                      f"order" + (f" inside {ev.inside}" if ev.inside else ""))
+    mod_note = ""
+    if first is not None:
+        ev = a.events[root if root is not None else first]
+        if first_mod is None:
+            mod_note = (f"no module's forward output differs; the difference starts in the {ev.phase} phase at "
+                        f"{ev.module or '<root>'}")
+        elif first_mod < (root if root is not None else first):
+            pass
+        elif ev.phase != "forward":
+            later = a.events[first_mod]
+            mod_note = (f"the difference starts in the {ev.phase} phase at {ev.module or '<root>'} (its gradient "
+                        f"differs first); the first module whose forward output then differs is "
+                        f"{later.module or '<root>'}, event {later.index}")
+    root_diff = None
+    if root is not None and a.exact:
+        ea, eb = a.events[root], b.events[root]
+        for j, (da, db) in enumerate(zip(ea.out_key, eb.out_key)):
+            if da != db:
+                ta = _exact_tensor(a, root, j)
+                tb = _exact_tensor(b, root, j)
+                if ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype:
+                    root_diff = {"output_index": j, **mismatch(ta, tb).to_dict()}
+                break
+    after = [i for i in range(root + 1 if root is not None else aligned, aligned) if a.events[i].kind == "aten"]
+    diff_after = sum(1 for i in diff_idx if root is not None and i > root and a.events[i].kind == "aten")
+    return PairComparison(
+        run_a=ia, run_b=ib, events_a=len(a.events), events_b=len(b.events), aligned=aligned, control_flow=control,
+        identical=differing == 0 and control is None,
+        root_cause=a.events[root].ref() if root is not None else None, root_cause_diff=root_diff,
+        first_difference=a.events[first].ref() if first is not None else None, first_difference_note=first_note,
+        first_module=a.events[first_mod].ref() if first_mod is not None else None, first_module_note=mod_note,
+        differing_events=differing, differing_ops_after_root=diff_after if root is not None else 0,
+        ops_after_root=len(after) if root is not None else 0,
+    )
+
+
+def _exact_tensor(tr: Trace, index: int, j: int):
+    return tr.raw_out[index][j] if tr.raw_out is not None else None
+
+
+@dataclass
+class CompareReport:
+    """What :func:`compare_runs` found: every run compared with run 0."""
+
+    runs: int
+    exact: bool
+    pairs: list[PairComparison]
+    events: list[int]
+    skipped: dict[str, int]
+    seconds: float
+    collision_bound: str
+    value: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def identical(self) -> bool:
+        return all(p.identical for p in self.pairs)
+
+    @property
+    def root_cause(self) -> dict | None:
+        """The root cause of the first pair of runs that differ (None when all runs agree)."""
+        for p in self.pairs:
+            if not p.identical:
+                return p.root_cause
+        return None
+
+    @property
+    def first_differing(self) -> PairComparison | None:
+        return next((p for p in self.pairs if not p.identical), None)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "value"}
+        d["method"] = "compare"
+        d["identical"] = self.identical
+        d["root_cause"] = self.root_cause
+        return d
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(to_json(self.to_dict()), **kw)
+
+    def summary(self) -> str:
+        if self.identical:
+            return (f"trace-compare: {self.runs} runs identical in every one of {self.events[0]} traced events "
+                    f"({'exact' if self.exact else 'fingerprints'})")
+        p = self.first_differing
+        if p.root_cause is not None:
+            r = p.root_cause
+            return (f"trace-compare: root cause {r['op']} ({r['kind']}) at {r['module'] or '<root>'} ({r['phase']}), "
+                    f"event {r['index']}; {p.differing_ops_after_root} of the {p.ops_after_root} later ops differ")
+        if p.control_flow is not None:
+            return f"trace-compare: the runs ran different ops from event {p.control_flow['index']} on"
+        return "trace-compare: outputs differ but no event with identical inputs and different outputs was found"
+
+    def __rich__(self):
+        style = "green" if self.identical else "red"
+        parts = [f"[{style}]{escape(self.summary())}[/]"]
+        if self.identical:
+            return Group(*parts)
+        for p in self.pairs:
+            if p.identical:
+                continue
+            t = Table(title=f"runs {p.run_a} vs {p.run_b} ({'exact' if self.exact else 'fingerprints'})",
+                      title_justify="left")
+            for col in ("finding", "event", "op", "module", "phase"):
+                t.add_column(col, overflow="fold")
+            rows = [("root cause", p.root_cause), ("first diff", p.first_difference), ("first module", p.first_module)]
+            if p.control_flow is not None:
+                rows.append(("control flow", p.control_flow.get("a")))
+            shapes = []
+            for label, ev in rows:
+                if ev is None:
+                    continue
+                op = f"{escape(ev['op'])} [dim]({ev['kind']})[/]"
+                t.add_row(label, str(ev["index"]), f"[bold]{op}[/]" if label == "root cause" else op,
+                          escape(ev["module"] or "<root>"), ev["phase"])
+                shapes.append(f"  {label}: " + ", ".join(ev["inputs"][:4]) + (" ..." if len(ev["inputs"]) > 4 else "")
+                              + " -> " + ", ".join(ev["outputs"][:3]))
+            parts.append(t)
+            parts += [escape(x) for x in shapes]
+            parts.append(escape(f"  spread: {p.differing_events} of {p.aligned} aligned events differ; after the root "
+                                f"cause {p.differing_ops_after_root} of {p.ops_after_root} aten ops differ"))
+            parts += [escape("  " + n) for n in (p.first_difference_note, p.first_module_note) if n]
+            if p.root_cause_diff is not None:
+                m = p.root_cause_diff
+                parts.append(escape(f"  root cause output {m['output_index']}: {m['n_diff']}/{m['n_total']} elements "
+                                    f"differ, max abs {m['max_abs']:.3e}, max ulp {m['max_ulp']}"))
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        return _render(self)
+
+
+def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup: Callable[[], tuple] | None = None,
+                 seed: int | None = 0, roots: Mapping[str, nn.Module] | None = None, **kwargs) -> CompareReport:
+    """Run ``fn`` ``runs`` times under the tracer and compare every run with the first.
+
+    ``fn`` must start from the same state each time: pass ``setup``, a function called (untraced)
+    before each run whose return value (a tuple) replaces ``args`` - e.g. one that builds a fresh
+    model and optimizer. With ``seed`` set, the global generators are seeded with it before each run
+    (inside ``fork_rng``, so the caller's state is restored). ``exact=True`` compares full copies
+    instead of fingerprints (memory: one CPU copy of every tensor the runs produce).
+    """
+    if runs < 2:
+        raise ValueError(f"compare_runs needs at least 2 runs, got {runs}")
+    traces: list[Trace] = []
+    t0 = time.perf_counter()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    for _ in range(runs):
+        run_args = tuple(setup()) if setup is not None else args
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+            traces.append(trace(fn, *run_args, exact=exact, roots=roots, **kwargs))
+    pairs = [_compare_pair(traces[0], traces[j], 0, j) for j in range(1, runs)]
+    skipped: Counter = Counter()
+    for tr in traces:
+        skipped.update(tr.skipped)
+    return CompareReport(runs, exact, pairs, [len(t.events) for t in traces], dict(skipped),
+                         time.perf_counter() - t0, "exact comparison" if exact else COLLISION_BOUND,
+                         traces[0].value)

@@ -1,0 +1,310 @@
+"""Where an op runs - module path, phase, autograd node - and how pinpoint sees the calls it replays whole.
+
+Where an op ran is reported as a *module path* (``model.layers.1.mlp.down_proj``) and a *phase*:
+
+* forward: global module forward pre/post hooks keep a stack of module paths; the first module
+  called with an empty stack names its submodules (``roots=`` names them explicitly);
+* backward: every autograd node gets a sequence number when it is made. The module hooks record,
+  for each module call, the range of sequence numbers handed out during its forward (read with a
+  one-element probe node); during backward the node being executed
+  (``torch._C._current_autograd_node()``) falls in the innermost such range. Gradient accumulation
+  into a parameter is labelled with the parameter's name;
+* optimizer: inside ``Optimizer.step`` (global step hooks) or a :func:`phase` block named
+  ``"optimizer"`` (``bench.sft.sft_step`` puts gradient clipping there); the path is the name of
+  the parameter whose tensors (weight, grad, optimizer state) the op touches.
+
+Custom ``autograd.Function`` nodes are found by wrapping ``torch.autograd.Function.apply`` while a
+pinpoint context is open, registry calls by wrapping ``qwen_layers.registry.resolve``. Nothing here
+changes global state outside the ``with`` blocks of ``replay``, ``trace`` and ``compare_runs``: the
+hooks, the registry and ``Function.apply`` wrappers and the dispatch mode are removed in ``finally``.
+Tensor subclasses with their own ``__torch_dispatch__`` (DTensor, FakeTensor) are not supported.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import contextvars
+import threading
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import qwen_layers.registry as reg
+from bench.pinpoint.ops import _tensors
+
+# ------------------------------------------------------------------------------------------------
+# phases
+# ------------------------------------------------------------------------------------------------
+
+_PHASE: contextvars.ContextVar[str | None] = contextvars.ContextVar("detbench_pinpoint_phase", default=None)
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Label the ops run inside the block with phase ``name`` (e.g. ``"optimizer"``) for the pinpointer.
+
+    Costs nothing and changes nothing when no pinpoint run is active.
+    """
+    token = _PHASE.set(name)
+    try:
+        yield
+    finally:
+        _PHASE.reset(token)
+
+# ------------------------------------------------------------------------------------------------
+# where an op runs: module path, phase, autograd node
+# ------------------------------------------------------------------------------------------------
+
+_ACCUMULATE_GRAD = "torch::autograd::AccumulateGrad"
+
+
+class _Busy:
+    """Our own work (fingerprints, copies, comparisons) done from hooks and wrappers: while it runs,
+    Python dispatch is off (``torch._C._DisableTorchDispatch``), so it is neither traced nor replayed,
+    and a thread-local flag tells the wrappers and hooks to stay out of the way."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def __bool__(self) -> bool:
+        return bool(getattr(self.local, "on", False))
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        prev = getattr(self.local, "on", False)
+        self.local.on = True
+        try:
+            with torch._C._DisableTorchDispatch():
+                yield
+        finally:
+            self.local.on = prev
+
+
+class _Locator:
+    """Installs module/optimizer hooks and the registry and custom-Function wrappers; answers "where am
+    I?" for an op."""
+
+    def __init__(self, roots: Mapping[str, nn.Module] | None = None) -> None:
+        self.local = threading.local()
+        self.busy = _Busy()
+        self.names: dict[int, str] = {}
+        self.params: dict[int, tuple[str, torch.Tensor]] = {}
+        self.intervals: list[tuple[int, int, str]] = []   # (first, end) sequence numbers of a module call
+        self._sorted: list[tuple[int, int, str]] | None = None
+        self._starts: list[int] = []
+        self._seq_paths: dict[int, str] = {}
+        self._probe = torch.zeros((), requires_grad=True)
+        self.ptr_names: dict[int, str] = {}
+        self.optimizers: list = []
+        self.opt_depth = 0
+        self.last_phase: str | None = None
+        self.keep: list = []  # modules named here stay alive, so their ids stay theirs
+        # Set by the mode that owns this locator.
+        self.on_registry: Callable | None = None
+        self.on_module: Callable | None = None
+        self.on_pynode: Callable | None = None
+        for prefix, m in (roots or {}).items():
+            self._index(m, prefix)
+
+    # -- naming -----------------------------------------------------------------------------
+    def stack(self) -> list:
+        s = getattr(self.local, "stack", None)
+        if s is None:
+            s = self.local.stack = []
+        return s
+
+    def _index(self, root: nn.Module, prefix: str) -> None:
+        for n, m in root.named_modules():
+            self.names.setdefault(id(m), ".".join(p for p in (prefix, n) if p))
+        for n, p in root.named_parameters():
+            self.params.setdefault(id(p), (".".join(x for x in (prefix, n) if x), p))
+        self.keep.append(root)
+
+    def name_of(self, module: nn.Module) -> str:
+        path = self.names.get(id(module))
+        if path is None:
+            st = self.stack()
+            prefix = f"{st[-1][0]}.<{type(module).__name__}>".lstrip(".") if st else ""
+            self._index(module, prefix)
+            path = self.names[id(module)]
+        return path
+
+    # -- autograd nodes -> module paths ------------------------------------------------------
+    def _next_seq(self) -> int | None:
+        """The sequence number the next autograd node of this thread will get (a probe node takes one)."""
+        with self.busy(), torch.enable_grad():
+            try:
+                fn = self._probe.view(()).grad_fn
+            except RuntimeError:  # inference mode: no autograd nodes are made
+                return None
+        return None if fn is None else fn._sequence_nr() + 1
+
+    def path_of_node(self, node) -> str:
+        """The innermost module whose forward created ``node`` (by sequence-number interval), or ""."""
+        seq = node._sequence_nr()
+        hit = self._seq_paths.get(seq)
+        if hit is not None:
+            return hit
+        if self._sorted is None:
+            self._sorted = sorted(self.intervals)
+            self._starts = [iv[0] for iv in self._sorted]
+        i = bisect.bisect_right(self._starts, seq) - 1
+        path = ""
+        while i >= 0:  # intervals nest: the rightmost one that contains seq is the innermost
+            first, end, p = self._sorted[i]
+            if seq < end:
+                path = p
+                break
+            i -= 1
+        self._seq_paths[seq] = path
+        return path
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _pre_hook(self, module, args):
+        self.stack().append((self.name_of(module), self._next_seq()))
+
+    def _post_hook(self, module, args, kwargs, output):
+        st = self.stack()
+        if not st:
+            return
+        path, first = st.pop()
+        end = self._next_seq()
+        if first is not None and end is not None and end > first:
+            self.intervals.append((first, end, path))
+            self._sorted = None
+            self._seq_paths.clear()
+        if self.on_module is not None:
+            self.on_module(path, module, (args, kwargs), output)
+
+    def _function_applied(self, output) -> None:
+        if self.on_pynode is None:
+            return
+        pynode = torch.autograd.function.BackwardCFunction
+        seen = set()
+        for t in _tensors(output):
+            node = t.grad_fn
+            if isinstance(node, pynode) and id(node) not in seen:
+                seen.add(id(node))
+                self.on_pynode(node)
+
+    def _opt_pre(self, optimizer, args, kwargs):
+        self.opt_depth += 1
+        if all(o is not optimizer for o in self.optimizers):
+            self.optimizers.append(optimizer)
+        self._index_pointers()
+
+    def _opt_post(self, optimizer, args, kwargs):
+        self.opt_depth = max(0, self.opt_depth - 1)
+
+    def _index_pointers(self) -> None:
+        ptrs: dict[int, str] = {}
+        for name, p in self.params.values():
+            ptrs[p.data_ptr()] = name
+            if p.grad is not None:
+                ptrs[p.grad.data_ptr()] = name
+        for opt in self.optimizers:
+            for p, state in opt.state.items():
+                name = self.params.get(id(p), ("", None))[0]
+                for v in state.values():
+                    if isinstance(v, torch.Tensor) and v.numel() > 1:
+                        ptrs[v.data_ptr()] = name
+        self.ptr_names = ptrs
+
+    def where(self, tensors=()) -> tuple[str, str, str | None]:
+        """(module path, phase, autograd node name or None) of the op running now."""
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            name = node.name()
+            if name == _ACCUMULATE_GRAD:
+                var = getattr(node, "variable", None)
+                return self.params.get(id(var), ("<parameter>", None))[0], "backward", name
+            return self.path_of_node(node), "backward", name
+        ph = "optimizer" if self.opt_depth else (_PHASE.get() or "forward")
+        if ph == "optimizer":
+            if self.last_phase != "optimizer":
+                self._index_pointers()
+            self.last_phase = ph
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    name = self.ptr_names.get(t.data_ptr())
+                    if name is not None:
+                        return name, ph, None
+            return "", ph, None
+        self.last_phase = ph
+        st = self.stack()
+        return (st[-1][0] if st else ""), ph, None
+
+    # -- registry wrapper --------------------------------------------------------------------
+    def in_unit(self) -> bool:
+        return bool(getattr(self.local, "unit", None))
+
+    def wrap(self, fn: Callable, op: str, backend: str) -> Callable:
+        locator = self
+
+        def call(*args, **kwargs):
+            cb = locator.on_registry
+            if cb is None or locator.in_unit() or locator.busy or torch._C._current_autograd_node() is not None:
+                return fn(*args, **kwargs)
+            return cb(fn, f"{op}/{backend}", args, kwargs)
+
+        call.__wrapped__ = fn
+        return call
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Hooks and wrappers in place for the block; all removed in ``finally``."""
+        handles = []
+        registry = reg.REGISTRY
+        had_instance_resolve = "resolve" in registry.__dict__
+        saved_instance = registry.__dict__.get("resolve")
+        saved_module = reg.resolve
+        inner = saved_instance if had_instance_resolve else saved_module
+        function_cls = torch.autograd.Function
+        saved_apply = function_cls.__dict__["apply"]
+        locator = self
+
+        def resolve(op, name, device=None):
+            return locator.wrap(inner(op, name, device), op, name)
+
+        def apply(cls, *args, **kwargs):
+            out = saved_apply.__get__(None, cls)(*args, **kwargs)
+            if not locator.busy:
+                locator._function_applied(out)
+            return out
+
+        try:
+            handles.append(register_module_forward_pre_hook(self._pre_hook))
+            handles.append(register_module_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+            handles.append(register_optimizer_step_pre_hook(self._opt_pre))
+            handles.append(register_optimizer_step_post_hook(self._opt_post))
+            reg.resolve = resolve
+            registry.resolve = resolve
+            function_cls.apply = classmethod(apply)
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            function_cls.apply = saved_apply
+            reg.resolve = saved_module
+            if had_instance_resolve:
+                registry.resolve = saved_instance
+            else:
+                registry.__dict__.pop("resolve", None)
+
+
+@contextlib.contextmanager
+def running(mode: TorchDispatchMode, locator: _Locator) -> Iterator[None]:
+    """``mode`` (a replay or trace dispatch mode owning ``locator``) and ``locator``'s hooks active for the block."""
+    with locator.installed():
+        mode.active = True
+        try:
+            with mode:
+                yield
+        finally:
+            mode.active = False
+            locator.on_registry = locator.on_module = locator.on_pynode = None

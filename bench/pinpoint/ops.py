@@ -1,0 +1,289 @@
+"""What kind of op is this, and did two results agree? The layer every other pinpoint module builds on.
+
+* op classification: :func:`op_info` reads an aten op's schema and tags once and says how replay and
+  trace treat it (functional, mutating, view, uninitialised, skipped; random; order-free);
+* tree helpers over an op's arguments and results (``_leaves``, ``_tensors``, ``_clone`` ...);
+* generator state (:class:`_Rng`), saved and restored around a replay;
+* bitwise comparison of results (:func:`same_bits`, :func:`first_difference`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import functools
+import struct
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from bench.compare import bitwise_equal
+
+# ------------------------------------------------------------------------------------------------
+# what kind of op is this?
+# ------------------------------------------------------------------------------------------------
+
+SKIP_NAMESPACES = {
+    "profiler": "profiler range markers (a side effect, no result)",
+    "c10d": "collective communication (running it twice would communicate twice)",
+    "_c10d_functional": "collective communication (running it twice would communicate twice)",
+    "_c10d_functional_autograd": "collective communication (running it twice would communicate twice)",
+    "_dtensor": "distributed tensor bookkeeping",
+}
+UNINITIALISED = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted",
+                           "_empty_affine_quantized", "_empty_per_channel_affine_quantized"})
+METADATA_OR_SIDE_EFFECT = frozenset({
+    "resize_", "resize_as_", "_resize_output_", "set_", "record_stream", "_assert_async", "_assert_scalar",
+    "_functional_assert_async", "_functional_assert_scalar", "_print", "sym_constrain_range",
+    "sym_constrain_range_for_size", "_functional_sym_constrain_range", "_functional_sym_constrain_range_for_size",
+    "_assert_tensor_metadata", "_make_dep_token",
+})
+# Ops that only move, copy or fill data (no arithmetic that could be ordered): like pointwise ops,
+# each output element is a fixed function of fixed input elements.
+DATA_MOVEMENT = frozenset({
+    "clone", "copy_", "_to_copy", "cat", "stack", "constant_pad_nd", "slice_backward", "select_backward",
+    "fill_", "zero_", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
+    "new_full", "scalar_tensor", "arange", "_unsafe_view", "lift_fresh_copy", "contiguous", "repeat", "flip",
+    "roll", "tril", "triu", "masked_fill", "masked_fill_", "where", "expand_copy", "permute_copy", "view_copy",
+    "transpose_copy", "t_copy", "unsqueeze_copy", "squeeze_copy", "alias_copy", "_copy_from",
+    "_copy_from_and_resize", "detach_copy", "index_select", "embedding", "gather",
+})
+IGNORED_RETURN_NAMES = frozenset({"philox_seed", "philox_offset", "rng_state", "seed", "offset", "debug_attn_mask",
+                                  "unused"})
+
+SKIP_REASONS = {
+    "order_free": "pointwise or data-movement op: each output element is a fixed function of fixed input "
+                  "elements, so no order can change it (replay(..., all_ops=True) replays them too)",
+    "view": "views and aliases compute nothing (their data is their base's)",
+    "uninitialised": "allocates uninitialised memory: its contents are not a result",
+    "inplace_view": "changes shape/strides in place: running it twice would apply it twice",
+    "side_effect": "metadata change, assertion, print or stream bookkeeping: not run twice",
+}
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str                       # "aten.mm.default"
+    kind: str                       # functional | mutating | view | uninitialised | skip
+    reason: str | None              # why it is skipped (SKIP_REASONS key or namespace text)
+    random: bool                    # draws from a generator
+    written: tuple                  # positional indices / kwarg names of arguments it writes
+    out_args: tuple                 # those of them that are out= arguments (prior content unused)
+    ignored_returns: frozenset      # return indices never compared
+    order_free: bool = False        # pointwise or pure data movement: cannot depend on an order
+
+
+def op_info(func, cache: dict) -> OpInfo:
+    """How replay and trace treat ``func`` (cached in ``cache``)."""
+    info = cache.get(func)
+    if info is None:
+        info = cache[func] = _op_info(func)
+    return info
+
+
+@functools.lru_cache(maxsize=4096)
+def _op_info(func) -> OpInfo:
+    name = str(func)
+    schema = getattr(func, "_schema", None)
+    namespace = getattr(func, "namespace", name.split(".")[0])
+    base = getattr(getattr(func, "overloadpacket", None), "__name__", name.split(".")[1] if "." in name else name)
+    tags = set(getattr(func, "tags", ()))
+    written, out_args, ignored = [], [], set()
+    view = False
+    random = torch.Tag.nondeterministic_seeded in tags
+    if schema is not None:
+        for i, a in enumerate(schema.arguments):
+            key = a.name if a.kwarg_only else i
+            if a.alias_info is not None and a.alias_info.is_write:
+                written.append(key)
+                if getattr(a, "is_out", False):
+                    out_args.append(key)
+            if a.name in ("generator", "dropout_p"):
+                random = True
+        for i, r in enumerate(schema.returns):
+            if r.alias_info is not None and not r.alias_info.is_write:
+                view = True
+            if r.name in IGNORED_RETURN_NAMES:
+                ignored.add(i)
+    kind, reason = "functional", None
+    if namespace in SKIP_NAMESPACES:
+        kind, reason = "skip", namespace
+    elif base in METADATA_OR_SIDE_EFFECT:
+        kind, reason = "skip", "side_effect"
+    elif torch.Tag.inplace_view in tags:
+        kind, reason = "skip", "inplace_view"
+    elif base in UNINITIALISED:
+        kind, reason = "uninitialised", "uninitialised"
+    elif view and not written:
+        kind, reason = "view", "view"
+    elif written:
+        kind = "mutating"
+    order_free = (not random and kind in ("functional", "mutating")
+                  and (torch.Tag.pointwise in tags or base in DATA_MOVEMENT))
+    return OpInfo(name, kind, reason, random, tuple(written), tuple(out_args), frozenset(ignored), order_free)
+
+
+def _arg(args, kwargs, key):
+    if isinstance(key, int):
+        return args[key] if key < len(args) else None
+    return kwargs.get(key)
+
+
+def _written_values(info: OpInfo, args, kwargs) -> list:
+    return [_arg(args, kwargs, k) for k in info.written]
+
+
+def _leaves(x, ignored: frozenset = frozenset()) -> list:
+    """Leaves (tensors, numbers, None ...) of nested tuples/lists/dicts/dataclasses, in order.
+
+    ``ignored`` drops top-level positions of a tuple/list (an op's returns that are never compared).
+    Hand-written rather than ``torch.utils._pytree``: it runs for every op, and speed matters here.
+    """
+    if isinstance(x, torch.Tensor):
+        return [x]
+    out: list = []
+    if isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            if i in ignored:
+                continue
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+            elif isinstance(v, (list, tuple, dict)) or (dataclasses.is_dataclass(v) and not isinstance(v, type)):
+                out.extend(_leaves(v))
+            else:
+                out.append(v)
+        return out
+    if isinstance(x, dict):
+        for v in x.values():
+            out.extend(_leaves(v))
+        return out
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            out.extend(_leaves(getattr(x, f.name)))
+        return out
+    return [x]
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    """Every tensor in nested tuples/lists/dicts/dataclasses (model outputs are often dataclasses)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [v for v in _leaves(x) if isinstance(v, torch.Tensor)]
+
+
+def _args_tensors(args, kwargs) -> list[torch.Tensor]:
+    out = [a for a in args if isinstance(a, torch.Tensor)]
+    if len(out) != len(args) or kwargs:
+        out = _tensors(args) + (_tensors(list(kwargs.values())) if kwargs else [])
+    return out
+
+
+def _clone(x):
+    """Detached copies of every tensor in nested tuples/lists/dicts; other values as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, tuple):
+        return tuple(_clone(v) for v in x)
+    if isinstance(x, list):
+        return [_clone(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+def _meta(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
+    return type(x).__name__
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# generator state
+# ------------------------------------------------------------------------------------------------
+
+
+class _Rng:
+    """Generator states to restore: the CPU default, every initialised CUDA device, an explicit one."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.gen = generator
+        self.gen_state = generator.get_state() if generator is not None else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        if self.gen is not None:
+            self.gen.set_state(self.gen_state)
+
+
+# ------------------------------------------------------------------------------------------------
+# comparing results
+# ------------------------------------------------------------------------------------------------
+
+
+def _value_key(x):
+    if isinstance(x, float):
+        return ("f", struct.pack("<d", x))
+    return ("v", x)
+
+
+@functools.lru_cache(maxsize=None)
+def _memcmp():
+    """libc's memcmp through ctypes (None where it cannot be found). Looked up on first use, not at
+    import: ``find_library`` may run ``ldconfig``."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        fn = libc.memcmp
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``bench.compare.bitwise_equal`` with a fast path: contiguous CPU tensors are compared with
+    ``memcmp`` over their bytes (the same bits, without a dispatcher call per comparison)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.device.type == "meta" or b.device.type == "meta":
+        return True  # no data to compare
+    if (a.device.type == "cpu" and b.device.type == "cpu" and a.layout == torch.strided and b.layout == torch.strided
+            and a.is_contiguous() and b.is_contiguous()):
+        fn = _memcmp()
+        n = a.numel() * a.element_size()
+        if fn is not None:
+            return n == 0 or fn(a.data_ptr(), b.data_ptr(), n) == 0
+    return bitwise_equal(a, b)
+
+
+def first_difference(a, b, ignored: frozenset = frozenset()):
+    """(index, leaf_a, leaf_b) of the first leaf of ``a`` and ``b`` that is not bitwise equal, or None."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return None if same_bits(a, b) else (0, a, b)
+    la, lb = _leaves(a, ignored), _leaves(b, ignored)
+    if len(la) != len(lb):
+        return (min(len(la), len(lb)), None, None)
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and same_bits(x, y)):
+                return (i, x, y)
+        elif _value_key(x) != _value_key(y):
+            return (i, x, y)
+    return None
+
+
+
+def _render(report) -> str:
+    """A report's rich rendering as plain text (its ``__str__``)."""
+    console = Console(width=160, force_terminal=False, color_system=None)
+    with console.capture() as cap:
+        console.print(report)
+    return cap.get()

@@ -1,0 +1,429 @@
+"""``replay``: every op run twice on the spot and compared bit for bit (one run, no cascade).
+
+Under a ``TorchDispatchMode`` every aten op runs a second time right after the first, on the same
+inputs, and the two results are compared bit for bit. An op whose result changed although its inputs
+could not have is nondeterministic by itself (a GPU kernel that adds with atomics, a split-K reduction
+ordered by arrival). Two coarser *units* are replayed as a whole, because nondeterminism can live in
+how Python composes deterministic ops (bench/planted.py sums deterministic partial products in a random
+order; every single ``mm`` and ``add`` is deterministic, so replaying aten ops one by one cannot see it):
+
+* every call of a registry backend (observed with ``qwen_layers.registry.observe`` while a pinpoint
+  context is open, so every op the model routes through the registry, and detbench's transformers
+  attention, is covered) - replayed on detached copies of its arguments under ``no_grad``;
+* every backward of a custom ``torch.autograd.Function`` (a Python-level backward) - replayed by
+  calling the node's backward again on copies of its incoming gradients, inside the node's post-hook
+  while its saved tensors are still alive.
+
+Inside such a unit the aten ops are recorded (not replayed one by one), the replay's ops are recorded
+too, and the two lists are compared op by op. So an op inside a unit whose inputs were equal but whose
+output differed is still reported at aten level (with ``inside`` naming the unit), and a unit whose
+output changed while each of its ops agreed with itself is reported at the unit's level, with the
+first op whose *inputs* differed (the place the order changed). Every op thus runs exactly twice.
+
+How each kind of op is handled:
+
+=============================  ==================================================================
+functional ops                 replayed on their own inputs (their schema has no mutable argument,
+                               so the inputs after the first run are exactly what a copy would be)
+order-free ops                 pointwise ops (``torch.Tag.pointwise``) and pure data movement
+                               (copy, cat, fill, gather ...; ``DATA_MOVEMENT``): each output
+                               element is a fixed function of fixed input elements, so no order can
+                               change it. Not replayed on their own (``all_ops=True`` does); inside
+                               a unit they are compared when the unit's output differs
+in-place and ``out=`` ops      every tensor argument is copied before the first run; the replay
+                               runs on the copies; the written arguments and results are compared
+views and aliases              not replayed: a view computes nothing (its data is its base's)
+random ops (``dropout``,       the generator state (CPU, initialised CUDA devices, an explicit
+``bernoulli_``, ops with a     ``generator=``) is saved before the first run, restored before the
+``dropout_p``/``generator``)   replay and set back to the state after the first run
+uninitialised outputs          ``empty``, ``empty_like``, ``empty_strided``, ``new_empty*``,
+                               ``empty_permuted``: skipped (their contents are not a result)
+metadata and side effects      skipped, never run twice: in-place view ops (``transpose_``,
+                               ``as_strided_`` ...: running twice would apply them twice),
+                               ``resize_``/``resize_as_``/``set_``, ``record_stream``, assertions
+                               and prints, ``profiler::*``, collectives (``c10d*``)
+RNG bookkeeping outputs        outputs named ``philox_seed``, ``philox_offset``, ``rng_state``,
+                               ``seed``, ``offset``, ``debug_attn_mask``, ``unused`` (e.g. of SDPA's
+                               flash/efficient kernels) are not compared: they may be uninitialised
+
+Speed: a Python call per aten op (a do-nothing dispatch mode alone doubles a tiny CPU step), and every
+order-dependent op runs twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import weakref
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from rich.console import Group
+from rich.markup import escape
+from rich.table import Table
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.compare import mismatch
+from bench.pinpoint.locate import _Locator, running
+from bench.pinpoint.ops import (
+    SKIP_NAMESPACES,
+    SKIP_REASONS,
+    OpInfo,
+    _args_tensors,
+    _clone,
+    _leaves,
+    _meta,
+    _render,
+    _Rng,
+    _tensors,
+    _written_values,
+    first_difference,
+    op_info,
+)
+from bench.results import to_json
+
+
+@dataclass
+class Finding:
+    """One op (or unit) that disagreed with its own replay."""
+
+    level: str                  # "aten" | "registry" | "autograd.Function"
+    op: str                     # aten.mm.default | linear/planted-nondet | _PVNondetDVBackward
+    module: str                 # module path ("" = the root module / outside every module) or parameter name
+    phase: str                  # forward | backward | optimizer | <user phase>
+    count: int                  # calls of this op at this place that disagreed
+    inputs: list[str]           # dtype[shape] of the tensor inputs (first call)
+    outputs: list[str]
+    output_index: int           # which output leaf differed (first call)
+    n_diff: int                 # elements that differ in that output (first call)
+    n_total: int
+    max_abs: float
+    max_ulp: int
+    inside: str | None = None   # the registry op / custom Function this aten op ran in
+    node: str | None = None     # the autograd node executing (backward)
+    note: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.module or '<root>'} ({self.phase})"
+
+
+def _diff_stats(a, b) -> tuple[int, int, float, int]:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype:
+        m = mismatch(a, b)
+        return m.n_diff, m.n_total, m.max_abs, m.max_ulp
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        n = a.numel() if isinstance(a, torch.Tensor) else 1
+        return n, n, math.inf, 0
+    try:
+        return 1, 1, abs(float(a) - float(b)), 0
+    except (TypeError, ValueError):
+        return 1, 1, math.inf, 0
+
+
+class _Unit:
+    """A registry call or custom-Function backward being recorded (first run, then its replay)."""
+
+    def __init__(self, level: str, name: str, path: str, ph: str, node: str | None) -> None:
+        self.level, self.name, self.path, self.phase, self.node = level, name, path, ph, node
+        self.first: list = []
+        self.second: list = []
+        self.target = self.first
+        self.inputs: list[str] = []
+
+
+class ReplayMode(TorchDispatchMode):
+    """The dispatch mode behind :func:`replay` (use that function; this class is its engine)."""
+
+    def __init__(self, locator: _Locator, all_ops: bool = False) -> None:
+        super().__init__()
+        self.loc = locator
+        self.all_ops = all_ops
+        self.busy = locator.busy
+        self.infos: dict = {}
+        self.findings: dict[tuple, Finding] = {}
+        self.replayed = 0
+        self.units = 0
+        self.skipped: Counter = Counter()
+        self.errors: list[str] = []
+        self.active = False
+        locator.on_registry = self._registry_call
+        locator.on_pynode = self._hook_pynode
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.busy:
+            return func(*args, **kwargs)
+        info = op_info(func, self.infos)
+        unit = getattr(self.loc.local, "unit", None)
+        if unit is not None:
+            return self._record(unit, func, info, args, kwargs)
+        if info.kind in ("skip", "view", "uninitialised"):
+            self.skipped[info.reason] += 1
+            return func(*args, **kwargs)
+        if info.order_free and not self.all_ops:
+            self.skipped["order_free"] += 1
+            return func(*args, **kwargs)
+        return self._replay_op(func, info, args, kwargs)
+
+    def _replay_op(self, func, info: OpInfo, args, kwargs):
+        # Inside __torch_dispatch__ this mode is off: the ops run here are not dispatched to it again.
+        rng = _Rng(kwargs.get("generator")) if info.random else None
+        if info.kind == "mutating":
+            pre_args, pre_kwargs = _clone(args), _clone(kwargs)
+        out = func(*args, **kwargs)
+        after = _Rng(kwargs.get("generator")) if rng is not None else None
+        try:
+            if rng is not None:
+                rng.restore()
+            if info.kind == "mutating":
+                out2 = func(*pre_args, **pre_kwargs)
+                a = (_written_values(info, args, kwargs), out)
+                b = (_written_values(info, pre_args, pre_kwargs), out2)
+                ignored = frozenset()
+            else:
+                out2 = func(*args, **kwargs)
+                a, b, ignored = out, out2, info.ignored_returns
+        except Exception as e:  # an op that cannot run twice: say so, keep the first result
+            self.errors.append(f"{info.name}: replay raised {type(e).__name__}: {e}")
+            return out
+        finally:
+            if after is not None:
+                after.restore()
+        self.replayed += 1
+        d = first_difference(a, b, ignored)
+        if d is not None:
+            ins = _args_tensors(args, kwargs)
+            path, ph, node = self.loc.where(ins)
+            self._add(Finding("aten", info.name, path, ph, 1, [_meta(t) for t in ins],
+                              [_meta(t) for t in _leaves(out)], d[0], *_diff_stats(d[1], d[2]), node=node))
+        return out
+
+    def _add(self, f: Finding) -> None:
+        key = (f.level, f.op, f.module, f.phase, f.inside)
+        old = self.findings.get(key)
+        if old is None:
+            self.findings[key] = f
+        else:
+            old.count += 1
+
+    # -- units ------------------------------------------------------------------------------
+    def _record(self, unit: _Unit, func, info: OpInfo, args, kwargs):
+        if info.kind in ("skip", "view", "uninitialised"):
+            return func(*args, **kwargs)
+        if info.kind == "mutating":
+            snap = _args_tensors(_clone(args), _clone(kwargs))
+            out = func(*args, **kwargs)
+            outs = _clone((_written_values(info, args, kwargs), out))
+            unit.target.append((func, info, snap, outs))
+            return out
+        out = func(*args, **kwargs)
+        unit.target.append((func, info, _args_tensors(args, kwargs), out))
+        return out
+
+    def _finish_unit(self, unit: _Unit, out1, out2) -> None:
+        """Compare a unit's two runs: its outputs, and its ops pairwise.
+
+        Ops that can depend on an order are always compared (an aten op inside the unit that disagreed
+        with itself is reported even when the unit's outputs agree); order-free ops only when the
+        unit's outputs differ, to find the first op that got different inputs.
+        """
+        self.units += 1
+        d_unit = first_difference(out1, out2)
+        full = d_unit is not None or self.all_ops
+        composition = None
+        first_diff_seen = False
+        for (f1, info, in1, o1), (f2, _, in2, o2) in zip(unit.first, unit.second):
+            if f1 is not f2:
+                composition = composition or f"the replay ran other ops from {info.name} on (control flow changed)"
+                break
+            if info.order_free and not full:
+                continue
+            ignored = frozenset() if info.kind == "mutating" else info.ignored_returns
+            d = first_difference(o1, o2, ignored)
+            if d is None:
+                continue
+            if first_difference(in1, in2) is None:
+                self._add(Finding("aten", info.name, unit.path, unit.phase, 1, [_meta(t) for t in in1],
+                                  [_meta(t) for t in _leaves(o1)], d[0], *_diff_stats(d[1], d[2]),
+                                  inside=unit.name, node=unit.node))
+            elif not first_diff_seen and composition is None:
+                composition = (f"every op agreed with itself; the first to differ, {info.name}, got different "
+                               f"inputs built from identical values (the order in which Python combined them "
+                               f"changed)")
+            first_diff_seen = True
+        if len(unit.first) != len(unit.second) and composition is None:
+            composition = f"the replay ran {len(unit.second)} ops, the first run {len(unit.first)}"
+        if d_unit is not None:
+            self._add(Finding(unit.level, unit.name, unit.path, unit.phase, 1, unit.inputs,
+                              [_meta(t) for t in _leaves(out1)], d_unit[0], *_diff_stats(d_unit[1], d_unit[2]),
+                              node=unit.node, note=composition or ""))
+
+    def _registry_call(self, fn, name: str, args, kwargs):
+        path, ph, node = self.loc.where()
+        unit = _Unit("registry", name, path, ph, node)
+        unit.inputs = [_meta(t) for t in _args_tensors(args, kwargs)]
+        rng = _Rng()
+        self.loc.local.unit = unit
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            self.loc.local.unit = None
+        with self.busy():
+            after = _Rng()
+            copies = (_clone(args), _clone(kwargs))
+            rng.restore()
+        unit.target = unit.second
+        self.loc.local.unit = unit
+        try:
+            with torch.no_grad():
+                out2 = fn(*copies[0], **copies[1])
+        except Exception as e:
+            self.errors.append(f"{name} at {path}: replay raised {type(e).__name__}: {e}")
+            return out
+        finally:
+            self.loc.local.unit = None
+            with self.busy():
+                after.restore()
+        with self.busy():
+            self._finish_unit(unit, out, out2)
+        return out
+
+    def _hook_pynode(self, node) -> None:
+        ref = weakref.ref(node)
+        mode = self
+
+        def pre(grad_outputs):
+            n = ref()
+            if n is None or mode.loc.in_unit() or not mode.active:
+                return None
+            path = mode.loc.path_of_node(n)
+            unit = _Unit("autograd.Function", n.name(), path, "backward", n.name())
+            unit.inputs = [_meta(g) for g in _tensors(grad_outputs)]
+            unit.rng = _Rng()
+            mode.loc.local.unit = unit
+            return None
+
+        def post(grad_inputs, grad_outputs):
+            unit = getattr(mode.loc.local, "unit", None)
+            n = ref()
+            if unit is None or n is None or unit.level != "autograd.Function":
+                return None
+            mode.loc.local.unit = None
+            with mode.busy():
+                after = _Rng()
+                copies = [_clone(g) for g in grad_outputs]
+                unit.rng.restore()
+            unit.target = unit.second
+            mode.loc.local.unit = unit
+            try:
+                out2 = n.apply(*copies)
+            except Exception as e:
+                mode.errors.append(f"{unit.name} at {unit.path}: backward replay raised {type(e).__name__}: {e}")
+                return None
+            finally:
+                mode.loc.local.unit = None
+                with mode.busy():
+                    after.restore()
+            with mode.busy():
+                out2 = out2 if isinstance(out2, tuple) else (out2,)
+                first = list(grad_inputs)
+                second = []
+                for g1, g2 in zip(first, out2):  # what the engine's validate_outputs does to the result
+                    if isinstance(g1, torch.Tensor) and isinstance(g2, torch.Tensor):
+                        if g2.shape != g1.shape:
+                            g2 = g2.sum_to_size(g1.shape)
+                        if g2.dtype != g1.dtype:
+                            g2 = g2.to(g1.dtype)
+                    elif g1 is None:
+                        g2 = None
+                    second.append(g2)
+                mode._finish_unit(unit, first, second)
+            return None
+
+        node.register_prehook(pre)
+        node.register_hook(post)
+
+
+@dataclass
+class ReplayReport:
+    """What :func:`replay` found. Prints as a rich table; :meth:`to_dict` / :meth:`to_json` serialise."""
+
+    findings: list[Finding]
+    ops_replayed: int
+    units_replayed: int          # registry calls and custom-Function backwards replayed as a whole
+    skipped: dict[str, int]      # reason -> ops not replayed
+    errors: list[str]
+    seconds: float
+    value: Any = field(default=None, repr=False, compare=False)  # what fn returned (not serialised)
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings and not self.errors
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "value"}
+        d["method"] = "replay"
+        d["clean"] = self.clean
+        d["skip_reasons"] = {k: SKIP_REASONS.get(k, SKIP_NAMESPACES.get(k, k)) for k in self.skipped}
+        return d
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(to_json(self.to_dict()), **kw)
+
+    def summary(self) -> str:
+        if self.clean:
+            return (f"replay: every op agreed with itself ({self.ops_replayed} aten ops and {self.units_replayed} "
+                    f"registry/custom-Function units replayed once each)")
+        names = "; ".join(f"{f.op} at {f.where}" for f in self.findings)
+        return f"replay: {len(self.findings)} op(s) disagreed with their own replay: {names}"
+
+    def __rich__(self):
+        if not self.findings:
+            parts = [f"[green]{escape(self.summary())}[/]"]
+        else:
+            t = Table(title="replay: ops that disagreed with their own replay", title_justify="left")
+            for col in ("#", "level", "op", "module", "phase", "calls", "differs", "max |d|", "max ulp"):
+                t.add_column(col, overflow="fold")
+            notes = []
+            for i, f in enumerate(self.findings, 1):
+                t.add_row(str(i), f.level, f"[bold]{escape(f.op)}[/]", escape(f.module or "<root>"), f.phase,
+                          str(f.count), f"{f.n_diff}/{f.n_total} of output {f.output_index}", f"{f.max_abs:.3e}",
+                          str(f.max_ulp))
+                ins = ", ".join(f.inputs[:4]) + (" ..." if len(f.inputs) > 4 else "")
+                extra = "; ".join(x for x in (f"inside {f.inside}" if f.inside else "",
+                                              f"node {f.node}" if f.node and f.node != f.op else "", f.note) if x)
+                notes.append(f"  #{i}: inputs {ins}" + (f"; {extra}" if extra else ""))
+            parts = [t, *[escape(n) for n in notes]]
+        if self.errors:
+            parts += [f"[yellow]{escape(e)}[/]" for e in self.errors]
+        if self.skipped:
+            parts.append("not replayed: " + ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items())))
+        return Group(*parts)
+
+    def __str__(self) -> str:
+        return _render(self)
+
+
+def replay(fn: Callable, *args, roots: Mapping[str, nn.Module] | None = None, all_ops: bool = False,
+           **kwargs) -> ReplayReport:
+    """Run ``fn(*args, **kwargs)`` once, replaying every op (and every registry call and custom-Function
+    backward) on the spot and comparing bit for bit. Returns a :class:`ReplayReport`.
+
+    ``fn`` runs normally otherwise: its result (``report.value``), its side effects and the generator
+    state afterwards are those of a plain run. ``roots`` names modules explicitly
+    (``{"model": m}``); by default the first module called names its submodules from ``""``.
+    Order-free ops (pointwise, data movement) are not replayed unless ``all_ops=True``.
+    """
+    loc = _Locator(roots)
+    mode = ReplayMode(loc, all_ops)
+    t0 = time.perf_counter()
+    with running(mode, loc):
+        value = fn(*args, **kwargs)
+    return ReplayReport(list(mode.findings.values()), mode.replayed, mode.units, dict(mode.skipped), mode.errors,
+                        time.perf_counter() - t0, value)

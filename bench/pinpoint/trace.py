@@ -1,0 +1,249 @@
+"""``trace``: one run recorded op by op, every input and output as a content descriptor.
+
+Every aten op's inputs and outputs are described in execution order (:mod:`bench.pinpoint.fingerprint`:
+fingerprints, exact bytes, symbolic descriptors of order-free ops; ``exact=True``: CPU copies),
+together with every registry call, every custom-Function backward and every module's forward output
+(these by value). :func:`bench.pinpoint.compare.compare_runs` aligns two or more traces.
+
+Speed: a Python call per aten op (a do-nothing dispatch mode alone doubles a tiny CPU step), plus one
+more read of every order-dependent output to fingerprint it. A tensor is fingerprinted once per
+version: an input whose contents a traced op described (as its output, or as the tensor it wrote in
+place) reuses that descriptor. On the CPU fingerprinting is the bulk of the cost at large batches.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.pinpoint.fingerprint import MAX_SYMBOLIC_DEPTH, Fingerprints, _scalar_key
+from bench.pinpoint.locate import _PHASE, _Locator, running
+from bench.pinpoint.ops import _arg, _args_tensors, _leaves, _tensors, _written_values, op_info
+
+
+@dataclass
+class Event:
+    """One traced op, registry call, custom-Function backward or module output, in execution order."""
+
+    index: int
+    kind: str                   # aten | registry | autograd.Function | module
+    op: str
+    module: str
+    phase: str
+    inside: str | None          # registry op or autograd node this aten op ran in
+    inputs: list[str]           # dtype[shape]
+    outputs: list[str]
+    in_key: tuple = field(default=(), repr=False)    # digests of the inputs' contents
+    out_key: tuple = field(default=(), repr=False)
+
+    def key(self) -> tuple:
+        return (self.kind, self.op, self.module, self.phase, tuple(self.inputs), tuple(self.outputs))
+
+    def ref(self) -> dict:
+        return {"index": self.index, "kind": self.kind, "op": self.op, "module": self.module, "phase": self.phase,
+                "inside": self.inside, "inputs": self.inputs, "outputs": self.outputs}
+
+
+def _shape_meta(t) -> tuple:
+    return (t.dtype, t.shape) if isinstance(t, torch.Tensor) else (type(t).__name__, None)
+
+
+_META_STR: dict = {}
+
+
+def _meta_str(m: tuple) -> str:
+    s = _META_STR.get(m)
+    if s is None:
+        dtype, shape = m
+        s = str(dtype) if shape is None else f"{str(dtype).replace('torch.', '')}{list(shape)}"
+        if len(_META_STR) < 65536:
+            _META_STR[m] = s
+    return s
+
+
+class TraceMode(TorchDispatchMode):
+    """The dispatch mode behind :func:`trace` / :func:`compare_runs`."""
+
+    def __init__(self, locator: _Locator, exact: bool = False) -> None:
+        super().__init__()
+        self.loc = locator
+        self.busy = locator.busy
+        self.infos: dict = {}
+        self.fp = Fingerprints(exact)
+        self.events: list[tuple] = []   # raw tuples; :func:`trace` turns them into Events
+        self.skipped: Counter = Counter()
+        self.active = False
+        locator.on_registry = self._registry_call
+        locator.on_module = self._module_output
+        locator.on_pynode = self._hook_pynode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        if self.busy:
+            return func(*args, **kwargs)
+        info = self.infos.get(func) or op_info(func, self.infos)
+        kind = info.kind
+        fp = self.fp
+        # Inside __torch_dispatch__ this mode is off: the ops run here are not dispatched to it again.
+        if kind == "skip":
+            self.skipped[info.reason] += 1
+            return func(*args, **kwargs)
+        if kind == "uninitialised":
+            out = func(*args, **kwargs)
+            fp.uninitialised(out)
+            return out
+        if kind == "view":
+            out = func(*args, **kwargs)
+            fp.view(out, args[0] if args else None)
+            return out
+        ins_t = _args_tensors(args, kwargs)
+        if info.out_args:
+            skip_ids = {id(_arg(args, kwargs, k)) for k in info.out_args}
+            ins_t = [t for t in ins_t if id(t) not in skip_ids]
+        in_desc = [fp.describe(t) for t in ins_t]
+        out = func(*args, **kwargs)
+        if kind == "mutating":
+            leaves = _leaves(_written_values(info, args, kwargs))
+        else:
+            leaves = _leaves(out, info.ignored_returns)
+        sym = None
+        if info.order_free and not fp.exact:
+            depth = 1 + max((d[1] for d in in_desc if d[0] == "f"), default=0)
+            if depth <= MAX_SYMBOLIC_DEPTH:
+                flat = args if not any(isinstance(a, (list, tuple, dict)) for a in args) else _leaves(args)
+                scalars = tuple(_scalar_key(v) for v in flat if not isinstance(v, torch.Tensor))
+                if kwargs:
+                    scalars += tuple((k, _scalar_key(v)) for k, v in sorted(kwargs.items())
+                                     if not isinstance(v, torch.Tensor))
+                sym = (depth, info.name, tuple(in_desc), scalars)
+        out_desc = []
+        written = kind == "mutating"
+        for i, t in enumerate(leaves):
+            if not isinstance(t, torch.Tensor):
+                out_desc.append(("s", _scalar_key(t)))
+            elif sym is not None:
+                out_desc.append(fp.put(t, ("f", sym[0], sym[1], sym[2], sym[3] + (("out", i),)), written))
+            else:
+                out_desc.append(fp.put(t, fp.value(t), written))
+        where = self.loc.where(ins_t)
+        inside = getattr(self.loc.local, "unit", None) or where[2]
+        self.events.append(("aten", info.name, where[0], where[1], inside, [_shape_meta(t) for t in ins_t],
+                            [_shape_meta(t) for t in leaves], in_desc, out_desc))
+        return out
+
+    def _registry_call(self, fn, name: str, args, kwargs):
+        with self.busy():
+            path, ph, _ = self.loc.where()
+            ins_t = _args_tensors(args, kwargs)
+            in_desc = [self.fp.describe_value(t) for t in ins_t]
+        self.loc.local.unit = name
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            self.loc.local.unit = None
+        with self.busy():
+            leaves = _tensors(out)
+            self.events.append(("registry", name, path, ph, None, [_shape_meta(t) for t in ins_t],
+                                [_shape_meta(t) for t in leaves], in_desc,
+                                [self.fp.describe_value(t) for t in leaves]))
+        return out
+
+    def _module_output(self, path, module, args, output) -> None:
+        if self.busy:
+            return
+        with self.busy():
+            ins_t, outs_t = _tensors(args), _tensors(output)
+            if not outs_t:
+                return
+            ph = "optimizer" if self.loc.opt_depth else (_PHASE.get() or "forward")
+            # A module's inputs are its arguments and its own parameters and buffers.
+            state = list(module.parameters()) + list(module.buffers())
+            self.events.append(("module", type(module).__name__, path, ph, None, [_shape_meta(t) for t in ins_t],
+                                [_shape_meta(t) for t in outs_t],
+                                [self.fp.describe_value(t) for t in ins_t + state],
+                                [self.fp.describe_value(t) for t in outs_t]))
+
+    def _hook_pynode(self, node) -> None:
+        mode = self
+        pending: list = []
+        name = node.name()
+        ref = weakref.ref(node)
+
+        def pre(grad_outputs):
+            if not mode.active or mode.busy:
+                return None
+            with mode.busy():
+                gs = _tensors(grad_outputs)
+                pending.append(([_shape_meta(g) for g in gs], [mode.fp.describe_value(g) for g in gs]))
+            return None
+
+        def post(grad_inputs, grad_outputs):
+            if not mode.active or mode.busy or not pending:
+                return None
+            ins, in_desc = pending.pop()
+            n = ref()
+            with mode.busy():
+                leaves = _tensors(grad_inputs)
+                path = mode.loc.path_of_node(n) if n is not None else ""
+                mode.events.append(("autograd.Function", name, path, "backward", None, ins,
+                                    [_shape_meta(t) for t in leaves], in_desc,
+                                    [mode.fp.describe_value(t) for t in leaves]))
+            return None
+
+        node.register_prehook(pre)
+        node.register_hook(post)
+
+
+@dataclass
+class Trace:
+    """One traced run: its events, their inputs' and outputs' content digests, in execution order."""
+
+    events: list[Event]
+    skipped: dict[str, int]
+    exact: bool
+    seconds: float
+    raw_out: list | None = field(default=None, repr=False)   # exact mode: output tensors per event
+    value: Any = field(default=None, repr=False)             # what fn returned
+
+
+def _materialise(desc, copies):
+    """Exact mode: the tensor a descriptor refers to (views are re-made from their base), else None."""
+    if desc[0] == "x":
+        return copies[desc[3]]
+    if desc[0] == "v":
+        base = _materialise(desc[1], copies)
+        if base is None:
+            return None
+        try:
+            return torch.as_strided(base, desc[2], desc[3], base.storage_offset() + desc[4])
+        except RuntimeError:
+            return None
+    return None
+
+
+def trace(fn: Callable, *args, exact: bool = False, roots: Mapping[str, nn.Module] | None = None,
+          **kwargs) -> Trace:
+    """Run ``fn(*args, **kwargs)`` once, recording the contents of every op's inputs and outputs (as
+    fingerprints; ``exact``: copies), every registry call, custom-Function backward and module output."""
+    loc = _Locator(roots)
+    mode = TraceMode(loc, exact)
+    t0 = time.perf_counter()
+    with running(mode, loc):
+        value = fn(*args, **kwargs)
+    digest = mode.fp.resolver()
+    events = []
+    raw = [] if exact else None
+    for i, (kind, op, path, ph, inside, ins, outs, in_desc, out_desc) in enumerate(mode.events):
+        events.append(Event(i, kind, op, path, ph, inside, [_meta_str(m) for m in ins], [_meta_str(m) for m in outs],
+                            tuple(digest(d) for d in in_desc), tuple(digest(d) for d in out_desc)))
+        if raw is not None:
+            raw.append([_materialise(d, mode.fp.copies) for d in out_desc])
+    return Trace(events, dict(mode.skipped), exact, time.perf_counter() - t0, raw, value)
