@@ -1,15 +1,31 @@
-"""Kernel speed: what detbench's deterministic Triton kernels cost next to what they replace.
+"""Kernel speed: what the deterministic kernels cost next to what they replace.
 
-Measured in one run, so every ratio compares timings taken on the same machine minutes apart:
+Which backends are timed, and in which role, is read from the registry (:func:`lineup`), never
+named here. Per section (an op at a fixed shape), every backend registered for the op is timed:
 
-=====================================  ==========================================  ===============
-measurement                            ratio                                       target
-=====================================  ==========================================  ===============
-attention forward, causal              speed of triton / speed of sdpa-flash       >= 1.0
-attention backward, causal             time of triton / time of triton-atomic      <= 1.10
-linear forward (one 4096^3 matmul)     speed of triton / speed of eager (cuBLAS)   >= 0.9
-rmsnorm forward + backward             bytes/s of triton / bytes/s of a copy       >= 0.8
-=====================================  ==========================================  ===============
+* **subjects**: the deterministic kernels with an atomic twin (``deterministic`` claim ``True`` and a
+  ``twin`` whose claim is not ``True``): today ``triton``, and ``flash-attn-det`` where installed;
+* their **twins**: the same kernel adding its parts with atomics (``triton-atomic``, ``flash-attn``);
+* **baselines**: every other backend of the op (attention: ``eager`` and the ``sdpa*`` variants;
+  linear and rmsnorm: ``eager``). The *fastest baseline* of a phase is the baseline with the lowest
+  median in this run, picked after timing them all: the vendor's fastest path on this machine (flash,
+  cuDNN or efficient SDPA for attention; cuBLAS behind ``eager`` for linear), not a name guessed in
+  advance. Taking the minimum of several noisy medians favours the baselines slightly, so a met
+  target errs on the strict side;
+* the **reference**: the one backend every op registers (``eager``, also the default of a per-op
+  choice in ``qwen_layers.registry.check_choice``), see :func:`reference_backend`.
+
+Measured in one run, so every ratio compares timings taken on the same machine minutes apart
+(:data:`RATIO_SPECS`; one ratio per subject):
+
+=====================================  ================================================  ========
+measurement                            ratio                                             target
+=====================================  ================================================  ========
+attention forward, causal              speed of subject / speed of the fastest baseline  >= 1.0
+attention backward, causal             time of subject / time of its atomic twin         <= 1.10
+linear forward (one 4096^3 matmul)     speed of subject / speed of the fastest baseline  >= 0.9
+rmsnorm forward + backward             bytes/s of subject / bytes/s of a device copy     >= 0.8
+=====================================  ================================================  ========
 
 Full shapes (bfloat16, a Qwen3-8B layer): attention B=1, Hq=32, Hkv=8, S=4096, D=128; linear
 M=N=K=4096; rmsnorm 16384 rows of 4096. The device copy is ``torch.empty_like(x).copy_(x)`` on the
@@ -17,8 +33,8 @@ rmsnorm input. ``--tiny`` (automatic on the CPU) uses shapes that run in seconds
 interpreter in float32 (``tl.dot`` on bfloat16 is broken there, triton issue 11584): it proves the
 code runs, it measures nothing, and its ratios carry no verdict.
 
-Backends are looked up in the registry by name; one that is not registered or cannot run on the
-device is reported as skipped with the registry's reason, and a ratio missing a side says which.
+A backend that cannot run on the device is reported as skipped with the registry's reason, and a
+ratio missing a side says which (or, for the fastest baseline, that no baseline ran).
 
 Timing: :func:`bench.timing.measure`, the timer ``detbench run`` uses too: warm-up calls, then on
 CUDA events around each call after the L2 cache has been flushed (as ``triton.testing.do_bench``
@@ -29,8 +45,9 @@ backward is timed with ``torch.autograd.grad(..., retain_graph=True)`` on one re
 a fixed upstream gradient. FLOPs and bytes are the algorithmic counts (causal attention counts half
 the score matrix; the backward counts 2.5x the forward; bytes are what must be read and written once).
 
-API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func:`print_table`;
-:func:`write_json`. CLI: ``detbench kernel-bench [--tiny] [--device D] [--only SECTIONS] [--json PATH]``.
+API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func:`write_json`;
+:func:`lineup`; the table is printed by ``bench.cli.kernel_bench.print_table``.
+CLI: ``detbench kernel-bench [--tiny] [--device D] [--only SECTIONS] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -38,17 +55,60 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import torch
 
 from bench.results import capture_environment, write_json_atomic
 from bench.timing import Timer
-from qwen_layers.registry import REGISTRY, BackendError
+from qwen_layers.registry import REGISTRY, BackendError, Registry
 
 SECTIONS = ("attention", "matmul", "rmsnorm")
-ATTENTION_BACKENDS = ("triton", "triton-atomic", "sdpa-flash", "eager")
-MATMUL_BACKENDS = ("triton", "triton-atomic", "eager")
-RMSNORM_BACKENDS = ("triton", "eager")
-COPY = "device copy"  # the pseudo-backend of the bandwidth reference
+SECTION_OPS = {"attention": "attention", "matmul": "linear", "rmsnorm": "rmsnorm"}  # section -> registry op
+COPY = "device copy"  # the pseudo-backend of the bandwidth reference (not a registry entry)
+
+# -------------------------------------------------------------------------------------------------
+# who is timed: roles read from the registry
+# -------------------------------------------------------------------------------------------------
+
+
+def reference_backend(registry: Registry = REGISTRY) -> str:
+    """The name every op of the registry has an entry under (``eager``); an error unless exactly one."""
+    common = set.intersection(*(set(registry.names(op)) for op in registry.ops()))
+    if len(common) != 1:
+        raise ValueError(f"the reference backend is the one name every op registers; found "
+                         f"{sorted(common) or 'none'}")
+    return common.pop()
+
+
+@dataclass(frozen=True)
+class Lineup:
+    """The backends of one section by role (see the module docstring); names in registry order."""
+
+    section: str
+    op: str
+    subjects: tuple[str, ...]  # deterministic claim True, with an atomic twin
+    twins: dict[str, str]  # subject -> its atomic twin
+    baselines: tuple[str, ...]  # every other backend of the op
+    reference: str  # the backend every op registers
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Everything to time: each subject followed by its twin, then the baselines."""
+        return tuple(n for s in self.subjects for n in (s, self.twins[s])) + self.baselines
+
+
+def lineup(section: str, registry: Registry = REGISTRY) -> Lineup:
+    """Read the roles of ``section``'s op from the registry's claims and twins."""
+    op = SECTION_OPS[section]
+    entries = {b.name: b for b in registry.backends(op)}
+    subjects = tuple(name for name, b in entries.items()
+                     if b.deterministic is True and b.twin in entries
+                     and entries[b.twin].deterministic is not True)
+    twins = {s: entries[s].twin for s in subjects}
+    paired = set(subjects) | set(twins.values())
+    baselines = tuple(name for name in entries if name not in paired)
+    return Lineup(section, op, subjects, twins, baselines, reference_backend(registry))
+
 
 # -------------------------------------------------------------------------------------------------
 # records
@@ -201,8 +261,8 @@ def _fwd_bwd_timings(section, op, name, device, timer, make_inputs, call, fwd_co
 
 
 def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
-                    backends: tuple[str, ...] = ATTENTION_BACKENDS) -> list[KernelTiming]:
-    """Forward and backward of causal GQA attention for each backend."""
+                    backends: tuple[str, ...] | None = None) -> list[KernelTiming]:
+    """Forward and backward of causal GQA attention for each backend (default: :func:`lineup`'s)."""
     a = shapes.attention
     dtype = getattr(torch, shapes.dtype)
     B, Hq, Hkv, S, D = a["B"], a["Hq"], a["Hkv"], a["S"], a["D"]
@@ -223,7 +283,7 @@ def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: in
         return fn(q, k, v, scale=scale, causal=a["causal"])
 
     out = []
-    for name in backends:
+    for name in (lineup("attention").backends if backends is None else backends):
         out += _fwd_bwd_timings("attention", "attention", name, device, timer, make, call,
                                 (fwd_flops, fwd_bytes), (bwd_flops, bwd_bytes), seed)
         _release(device)
@@ -231,8 +291,9 @@ def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: in
 
 
 def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
-                 backends: tuple[str, ...] = MATMUL_BACKENDS) -> list[KernelTiming]:
-    """Forward of one M x K by K x N product (the ``linear`` op without bias) for each backend."""
+                 backends: tuple[str, ...] | None = None) -> list[KernelTiming]:
+    """Forward of one M x K by K x N product (the ``linear`` op without bias) for each backend (default:
+    :func:`lineup`'s)."""
     m = shapes.matmul
     dtype = getattr(torch, shapes.dtype)
     M, N, K = m["M"], m["N"], m["K"]
@@ -241,7 +302,7 @@ def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int =
     x = _seeded((M, K), seed, dtype, device)
     w = _seeded((N, K), seed + 1, dtype, device, scale=K ** -0.5)
     out = []
-    for name in backends:
+    for name in (lineup("matmul").backends if backends is None else backends):
         fn, claim, reason = _resolve("linear", name, device)
         if fn is None:
             out.append(KernelTiming("matmul", "linear", name, "forward", "skipped", reason))
@@ -254,8 +315,9 @@ def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int =
 
 
 def bench_rmsnorm(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
-                  backends: tuple[str, ...] = RMSNORM_BACKENDS) -> list[KernelTiming]:
-    """RMSNorm forward and backward for each backend, and a device copy of its input as the roofline."""
+                  backends: tuple[str, ...] | None = None) -> list[KernelTiming]:
+    """RMSNorm forward and backward for each backend (default: :func:`lineup`'s), and a device copy of its
+    input as the roofline."""
     r = shapes.rmsnorm
     dtype = getattr(torch, shapes.dtype)
     R, H, eps = r["rows"], r["hidden"], r["eps"]
@@ -270,7 +332,7 @@ def bench_rmsnorm(device: torch.device, shapes: Shapes, timer: Timer, seed: int 
         return fn(inputs[0], inputs[1], eps)
 
     out = []
-    for name in backends:
+    for name in (lineup("rmsnorm").backends if backends is None else backends):
         out += _fwd_bwd_timings("rmsnorm", "rmsnorm", name, device, timer, make, call,
                                 (None, fwd_bytes), (None, bwd_bytes), seed)
         _release(device)
@@ -289,25 +351,23 @@ def _release(device: torch.device) -> None:
 # ratios
 # -------------------------------------------------------------------------------------------------
 
-# (name, numerator, denominator, kind, target op, target value); numerator/denominator are
-# (section, backend, phase) and, for "bandwidth", the numerator's phases are summed.
+SUBJECT, TWIN, FASTEST, REFERENCE = "subject", "atomic twin", "fastest baseline", "reference"
+
+# (section, numerator role, phase, kind, denominator role, target op, target value): one ratio per
+# backend in the numerator role (each subject, or the reference) of the section's :class:`Lineup`.
+# Roles: SUBJECT, TWIN (the numerator's atomic twin), FASTEST (the baseline with the lowest median of
+# that phase in this run), REFERENCE, COPY (the device copy's "copy" phase). "forward+backward" sums
+# both phases (times and bytes).
 RATIO_SPECS: tuple[tuple, ...] = (
-    ("attention forward: triton vs sdpa-flash", ("attention", "triton", "forward"),
-     ("attention", "sdpa-flash", "forward"), "speed", ">=", 1.0),
-    ("attention backward: triton vs triton-atomic", ("attention", "triton", "backward"),
-     ("attention", "triton-atomic", "backward"), "time", "<=", 1.10),
-    ("attention backward: triton vs sdpa-flash", ("attention", "triton", "backward"),
-     ("attention", "sdpa-flash", "backward"), "speed", None, None),
-    ("attention forward: triton vs eager", ("attention", "triton", "forward"),
-     ("attention", "eager", "forward"), "speed", None, None),
-    ("matmul forward: triton vs eager (cuBLAS)", ("matmul", "triton", "forward"),
-     ("matmul", "eager", "forward"), "speed", ">=", 0.9),
-    ("matmul forward: triton vs triton-atomic (split-K)", ("matmul", "triton", "forward"),
-     ("matmul", "triton-atomic", "forward"), "speed", None, None),
-    ("rmsnorm fwd+bwd bytes/s: triton vs device copy", ("rmsnorm", "triton", "forward+backward"),
-     ("rmsnorm", COPY, "copy"), "bandwidth", ">=", 0.8),
-    ("rmsnorm fwd+bwd bytes/s: eager vs device copy", ("rmsnorm", "eager", "forward+backward"),
-     ("rmsnorm", COPY, "copy"), "bandwidth", None, None),
+    ("attention", SUBJECT, "forward", "speed", FASTEST, ">=", 1.0),
+    ("attention", SUBJECT, "backward", "time", TWIN, "<=", 1.10),
+    ("attention", SUBJECT, "backward", "speed", FASTEST, None, None),
+    ("attention", SUBJECT, "forward", "speed", REFERENCE, None, None),
+    ("matmul", SUBJECT, "forward", "speed", FASTEST, ">=", 0.9),
+    ("matmul", SUBJECT, "forward", "speed", TWIN, None, None),
+    ("rmsnorm", SUBJECT, "forward+backward", "bandwidth", COPY, ">=", 0.8),
+    ("rmsnorm", SUBJECT, "forward+backward", "time", TWIN, None, None),
+    ("rmsnorm", REFERENCE, "forward+backward", "bandwidth", COPY, None, None),
 )
 
 
@@ -326,33 +386,76 @@ def _lookup(timings: dict, key: tuple[str, str, str]) -> tuple[float | None, flo
     return ms, nbytes, None
 
 
-def compute_ratios(timings: list[KernelTiming], judge: bool) -> list[Ratio]:
-    """Every ratio of :data:`RATIO_SPECS` whose sections ran; ``judge=False`` leaves ``met`` None."""
+def fastest_baseline(timings: dict, lu: Lineup, phase: str) -> str | None:
+    """The baseline of ``lu`` with the lowest median of ``phase`` in ``timings`` (None if none ran)."""
+    best, best_ms = None, None
+    for name in lu.baselines:
+        ms, _, why = _lookup(timings, (lu.section, name, phase))
+        if why is None and (best_ms is None or ms < best_ms):  # equal times: the first registered
+            best, best_ms = name, ms
+    return best
+
+
+def _label(section: str, phase: str, kind: str) -> str:
+    short = "fwd+bwd" if phase == "forward+backward" else phase
+    return f"{section} {short}{' bytes/s' if kind == 'bandwidth' else ''}"
+
+
+def _ratio(by_key: dict, lu: Lineup, num_name: str, phase: str, kind: str, against: str,
+           op: str | None, target: float | None, judge: bool) -> Ratio:
+    section = lu.section
+    target_text = f"{op} {target}" if op else None
+    num = (section, num_name, phase)
+    if against == COPY:
+        den_name, den_phase, shown = COPY, "copy", COPY
+    else:
+        den_name = {TWIN: lu.twins.get(num_name), REFERENCE: lu.reference,
+                    FASTEST: fastest_baseline(by_key, lu, phase)}[against]
+        den_phase, shown = phase, f"{den_name or 'none'} ({against})"
+    den = (section, den_name or against, den_phase)
+    name = f"{_label(section, phase, kind)}: {num_name} vs {shown}"
+    n_ms, n_bytes, why_n = _lookup(by_key, num)
+    if den_name is None:  # no backend in that role
+        d_ms = d_bytes = None
+        why_d = (f"no baseline of {section}/{phase} ran (of {', '.join(lu.baselines) or 'none registered'})"
+                 if against == FASTEST else f"{section}/{num_name} has no {against}")
+    else:
+        d_ms, d_bytes, why_d = _lookup(by_key, den)
+    if why_n or why_d:
+        return Ratio(name, "/".join(num), "/".join(den), kind, None, target_text, None,
+                     "; ".join(w for w in (why_n, why_d) if w))
+    if kind == "speed":
+        value = d_ms / n_ms
+    elif kind == "time":
+        value = n_ms / d_ms
+    else:  # bandwidth: bytes per second of the numerator over the denominator's
+        value = (n_bytes / n_ms) / (d_bytes / d_ms)
+    met, note = None, None
+    if op and judge:
+        met = value >= target if op == ">=" else value <= target
+    elif op:
+        note = "not judged: tiny shapes / not a GPU; the target applies to the full shapes on CUDA"
+    return Ratio(name, "/".join(num), "/".join(den), kind, value, target_text, met, note)
+
+
+def compute_ratios(timings: list[KernelTiming], judge: bool,
+                   lineups: dict[str, Lineup] | None = None) -> list[Ratio]:
+    """Every ratio of :data:`RATIO_SPECS` whose section ran; ``judge=False`` leaves ``met`` None.
+
+    ``lineups`` (section -> :class:`Lineup`) defaults to :func:`lineup` of the registry.
+    """
     by_key = {t.key: t for t in timings}
     sections = {t.section for t in timings}
+    lineups = {s: (lineups or {}).get(s) or lineup(s) for s in sections}
     out = []
-    for name, num, den, kind, op, target in RATIO_SPECS:
-        if num[0] not in sections:
-            continue
-        target_text = f"{op} {target}" if op else None
-        n_ms, n_bytes, why_n = _lookup(by_key, num)
-        d_ms, d_bytes, why_d = _lookup(by_key, den)
-        if why_n or why_d:
-            out.append(Ratio(name, "/".join(num), "/".join(den), kind, None, target_text, None,
-                             "; ".join(w for w in (why_n, why_d) if w)))
-            continue
-        if kind == "speed":
-            value = d_ms / n_ms
-        elif kind == "time":
-            value = n_ms / d_ms
-        else:  # bandwidth: bytes per second of the numerator over the denominator's
-            value = (n_bytes / n_ms) / (d_bytes / d_ms)
-        met, note = None, None
-        if op and judge:
-            met = value >= target if op == ">=" else value <= target
-        elif op:
-            note = "not judged: tiny shapes / not a GPU; the target applies to the full shapes on CUDA"
-        out.append(Ratio(name, "/".join(num), "/".join(den), kind, value, target_text, met, note))
+    for section in (s for s in SECTIONS if s in sections):
+        lu = lineups[section]
+        specs = [spec for spec in RATIO_SPECS if spec[0] == section]
+        # Grouped by numerator: each subject's ratios together, then the reference's.
+        for who, num_name in [(SUBJECT, n) for n in lu.subjects] + [(REFERENCE, lu.reference)]:
+            for _, spec_who, phase, kind, against, op, target in specs:
+                if spec_who == who:
+                    out.append(_ratio(by_key, lu, num_name, phase, kind, against, op, target, judge))
     return out
 
 
@@ -378,14 +481,15 @@ def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | N
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     timer = timer or default_timer(device)
+    lineups = {s: lineup(s) for s in sections}
     shapes = shapes_for(tiny)
     env = asdict(capture_environment(device, seeds={"inputs": seed}))
     result = KernelBenchResult(env, str(device), tiny, timer.describe(device), asdict(shapes))
     benches = {"attention": bench_attention, "matmul": bench_matmul, "rmsnorm": bench_rmsnorm}
     for section in SECTIONS:
         if section in sections:
-            result.timings += benches[section](device, shapes, timer, seed)
-    result.ratios = compute_ratios(result.timings, judge=not tiny and device.type == "cuda")
+            result.timings += benches[section](device, shapes, timer, seed, lineups[section].backends)
+    result.ratios = compute_ratios(result.timings, judge=not tiny and device.type == "cuda", lineups=lineups)
     return result
 
 

@@ -1,4 +1,4 @@
-"""``detbench kernel-bench``: the Triton kernels timed against what they replace (``bench.kernel_speed``)."""
+"""``detbench kernel-bench``: the deterministic kernels timed against what they replace (``bench.kernel_speed``)."""
 
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ def print_table(result: KernelBenchResult, console=None) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "kernel-bench", help="time the Triton kernels against SDPA flash, cuBLAS and a device copy",
-        description="Time detbench's Triton kernels against what they replace (attention vs SDPA flash "
-                    "and the atomic twin, matmul vs cuBLAS, RMSNorm vs a device copy); all ratios from "
-                    "one run.",
+        "kernel-bench", help="time the deterministic kernels against their atomic twins, the fastest "
+                             "other backend and a device copy",
+        description="Time the registry's deterministic kernels (those with an atomic twin) against what "
+                    "they replace: their twin, the fastest of the op's other backends in this run "
+                    "(attention, matmul) and a device copy (RMSNorm bytes/s); all ratios from one run.",
     )
     p.add_argument("--device", help="cuda or cpu (default: cuda if present, else cpu)")
     p.add_argument("--tiny", action="store_true",
