@@ -256,8 +256,7 @@ def _fwd_bwd_timings(section, op, name, device, timer, make_inputs, call, fwd_co
     out.append(_measure(section, op, name, "backward",
                         lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True),
                         device, timer, *bwd_counts, claim))
-    del y
-    return out
+    return out  # the graph of y is freed with this frame
 
 
 def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
