@@ -13,11 +13,21 @@ Where an op ran is reported as a *module path* (``model.layers.1.mlp.down_proj``
   ``"optimizer"`` (``bench.sft.sft_step`` puts gradient clipping there); the path is the name of
   the parameter whose tensors (weight, grad, optimizer state) the op touches.
 
-Custom ``autograd.Function`` nodes are found by wrapping ``torch.autograd.Function.apply`` while a
-pinpoint context is open, registry calls by wrapping ``qwen_layers.registry.resolve``. Nothing here
-changes global state outside the ``with`` blocks of ``replay``, ``trace`` and ``compare_runs``: the
-hooks, the registry and ``Function.apply`` wrappers and the dispatch mode are removed in ``finally``.
-Tensor subclasses with their own ``__torch_dispatch__`` (DTensor, FakeTensor) are not supported.
+How the units replayed or traced whole are seen (:meth:`_Locator.installed`), with nothing patched
+in the registry:
+
+* registry calls: :func:`qwen_layers.registry.observe` - a context variable the registry's
+  ``resolve`` consults - hands every implementation resolved in this context to
+  :meth:`_Locator.wrap`, which returns it wrapped. Only the calling context (thread, task) is observed;
+* custom ``autograd.Function`` nodes: ``torch.autograd.Function.apply`` is wrapped once per process
+  while at least one pinpoint run is open anywhere (reference-counted under a lock; the original is
+  put back when the last run ends). The wrapper acts only when a pinpoint run is active in the
+  calling context (the context variable ``_ACTIVE``); other threads and contexts call straight
+  through to the original. Calls made in threads the run starts itself (which do not inherit the
+  context) are not seen - the same holds for registry calls.
+
+The module and optimizer hooks are torch's global hooks, registered for the block and removed in
+``finally``, like the dispatch mode.
 """
 
 from __future__ import annotations
@@ -34,8 +44,8 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import qwen_layers.registry as reg
 from bench.pinpoint.ops import _tensors
+from qwen_layers import registry
 
 # ------------------------------------------------------------------------------------------------
 # phases
@@ -86,8 +96,8 @@ class _Busy:
 
 
 class _Locator:
-    """Installs module/optimizer hooks and the registry and custom-Function wrappers; answers "where am
-    I?" for an op."""
+    """Installs module/optimizer hooks, observes registry calls and custom-Function applications; answers
+    "where am I?" for an op."""
 
     def __init__(self, roots: Mapping[str, nn.Module] | None = None) -> None:
         self.local = threading.local()
@@ -239,11 +249,13 @@ class _Locator:
         st = self.stack()
         return (st[-1][0] if st else ""), ph, None
 
-    # -- registry wrapper --------------------------------------------------------------------
+    # -- registry observer -------------------------------------------------------------------
     def in_unit(self) -> bool:
         return bool(getattr(self.local, "unit", None))
 
     def wrap(self, fn: Callable, op: str, backend: str) -> Callable:
+        """The registry observer (:func:`qwen_layers.registry.observe`): ``fn``, the implementation just
+        resolved, wrapped so that its calls reach ``on_registry`` (outside units, hooks and backward)."""
         locator = self
 
         def call(*args, **kwargs):
@@ -257,44 +269,76 @@ class _Locator:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """Hooks and wrappers in place for the block; all removed in ``finally``."""
+        """Hooks in place, registry calls observed and this locator active in the calling context for the
+        block; all removed in ``finally``."""
         handles = []
-        registry = reg.REGISTRY
-        had_instance_resolve = "resolve" in registry.__dict__
-        saved_instance = registry.__dict__.get("resolve")
-        saved_module = reg.resolve
-        inner = saved_instance if had_instance_resolve else saved_module
-        function_cls = torch.autograd.Function
-        saved_apply = function_cls.__dict__["apply"]
-        locator = self
-
-        def resolve(op, name, device=None):
-            return locator.wrap(inner(op, name, device), op, name)
-
-        def apply(cls, *args, **kwargs):
-            out = saved_apply.__get__(None, cls)(*args, **kwargs)
-            if not locator.busy:
-                locator._function_applied(out)
-            return out
-
+        token = _ACTIVE.set(self)
         try:
             handles.append(register_module_forward_pre_hook(self._pre_hook))
             handles.append(register_module_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
             handles.append(register_optimizer_step_pre_hook(self._opt_pre))
             handles.append(register_optimizer_step_post_hook(self._opt_post))
-            reg.resolve = resolve
-            registry.resolve = resolve
-            function_cls.apply = classmethod(apply)
-            yield
+            with registry.observe(self.wrap), _FUNCTION_APPLY.held():
+                yield
         finally:
             for h in handles:
                 h.remove()
-            function_cls.apply = saved_apply
-            reg.resolve = saved_module
-            if had_instance_resolve:
-                registry.resolve = saved_instance
-            else:
-                registry.__dict__.pop("resolve", None)
+            _ACTIVE.reset(token)
+
+
+# The locator of the pinpoint run active in this context (thread, task), or None.
+_ACTIVE: contextvars.ContextVar[_Locator | None] = contextvars.ContextVar("detbench_pinpoint_locator", default=None)
+
+
+class _FunctionApplyHook:
+    """``torch.autograd.Function.apply`` wrapped while at least one pinpoint run is open in the process.
+
+    One wrapper for the whole process, installed by the first :meth:`held` and removed by the last
+    (a count under a lock, so concurrent runs in several threads share it). The wrapper calls the
+    original and then reports the new custom-Function nodes to the locator active in the *calling*
+    context (``_ACTIVE``); with none active - another thread, another context - it does nothing else.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._original = None
+        self._installed = None
+
+    @staticmethod
+    def _wrapper(original) -> classmethod:
+        def apply(cls, *args, **kwargs):
+            out = original.__get__(None, cls)(*args, **kwargs)
+            locator = _ACTIVE.get()
+            if locator is not None and not locator.busy:
+                locator._function_applied(out)
+            return out
+
+        return classmethod(apply)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        function_cls = torch.autograd.Function
+        with self._lock:
+            if self._installed is None:
+                self._original = function_cls.__dict__["apply"]
+                self._installed = self._wrapper(self._original)
+                function_cls.apply = self._installed
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                # The last user puts the original back - unless someone wrapped ours meanwhile: then
+                # ours stays in their chain (calling straight through while no run is active) and is
+                # reused by the next run rather than wrapped a second time.
+                if self._users == 0 and function_cls.__dict__.get("apply") is self._installed:
+                    function_cls.apply = self._original
+                    self._original = self._installed = None
+
+
+_FUNCTION_APPLY = _FunctionApplyHook()
 
 
 @contextlib.contextmanager
