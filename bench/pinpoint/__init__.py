@@ -40,7 +40,7 @@ Modules, each importing only those before it::
 
     ops          what kind of op; tree helpers; generator state; bitwise comparison
     locate       phase(); module path / phase / autograd node of the running op; hooks   (ops)
-    fingerprint  Fingerprints, fingerprints(), COLLISION_BOUND                           (ops)
+    fingerprint  Fingerprints, Coefficients, fingerprints(), COLLISION_BOUND             (ops)
     replay       replay(), ReplayMode, ReplayReport, Finding                             (ops, locate)
     trace        trace(), TraceMode, Trace, Event                                        (ops, locate, fingerprint)
     compare      compare_runs(), CompareReport, PairComparison                           (ops, fingerprint, trace)

@@ -25,9 +25,9 @@ from rich.table import Table
 from torch import nn
 
 from bench.compare import mismatch
-from bench.pinpoint.fingerprint import COLLISION_BOUND
+from bench.pinpoint.fingerprint import COLLISION_BOUND, Coefficients
 from bench.pinpoint.ops import _render
-from bench.pinpoint.trace import Trace, trace
+from bench.pinpoint.trace import Trace, _trace
 from bench.results import to_json
 
 
@@ -229,6 +229,7 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
     if runs < 2:
         raise ValueError(f"compare_runs needs at least 2 runs, got {runs}")
     traces: list[Trace] = []
+    coefficients = Coefficients()  # drawn once for all runs
     t0 = time.perf_counter()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     for _ in range(runs):
@@ -236,7 +237,7 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
                 torch.manual_seed(seed)
-            traces.append(trace(fn, *run_args, exact=exact, roots=roots, **kwargs))
+            traces.append(_trace(fn, run_args, kwargs, exact, roots, coefficients))
     pairs = [_compare_pair(traces[0], traces[j], 0, j) for j in range(1, runs)]
     skipped: Counter = Counter()
     for tr in traces:

@@ -18,12 +18,15 @@ descriptors mean equal contents. ``exact=True`` keeps a CPU copy of every tensor
 Cost: a tensor is fingerprinted once per version (:meth:`Fingerprints.cached`). On the CPU the two
 readings cost about one int64 multiply-add per 4 bytes (numpy on aligned words, ``torch.dot`` on large
 unaligned ones); on CUDA a fingerprint is one multiply (widening by type promotion) and one integer sum
-per chunk, resolved with one synchronisation at the end (:meth:`Fingerprints.resolver`).
+per chunk, resolved with one synchronisation at the end (:meth:`Fingerprints.resolver`). The random
+coefficients (:class:`Coefficients`) are drawn on demand - about 0.5 ms per 2^16 words on the CPU, so
+up to ~70 ms for the two full CPU lanes - and live as long as the object that drew them: one per
+:class:`Fingerprints` unless one is passed in (``compare_runs`` shares one across its runs; a caller
+fingerprinting every step can keep one for the run). Nothing is cached for the process.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import struct
 import weakref
@@ -44,6 +47,38 @@ _CPU = torch.device("cpu")
 MAX_SYMBOLIC_DEPTH = 48     # longer chains of order-free ops are cut by fingerprinting the value
 
 VALUE_KINDS = frozenset({"b", "h", "d", "x"})
+
+
+class Coefficients:
+    """The seeded random int64 coefficients fingerprints are dotted with, drawn on demand.
+
+    One vector per (device, lane), grown by whole blocks up to the longest request (at most
+    ``FP_CHUNK`` words, 32 MiB); block b of lane l is drawn from seed FP_SEED + l * 2^40 + b, so every
+    object holds the same values and a longer vector starts with the shorter one. Kept until this
+    object is dropped.
+    """
+
+    def __init__(self) -> None:
+        self.vectors: dict[tuple, torch.Tensor] = {}   # (device, lane) -> coefficients drawn so far
+        self.cpu_numpy: list = [None, None]            # CPU vectors of lanes 0 and 1, as numpy views
+
+    def get(self, device: torch.device, lane: int, n: int) -> torch.Tensor:
+        """The first ``n`` coefficients of ``lane`` on ``device``."""
+        key = (device, lane)
+        c = self.vectors.get(key)
+        if c is None or c.numel() < n:
+            have = 0 if c is None else c.numel() // _FP_BLOCK
+            more = _coefficient_blocks(device, lane, have, -(-n // _FP_BLOCK))
+            c = self.vectors[key] = more if c is None else torch.cat([c, more])
+        return c[:n]
+
+    def numpy(self, lane: int, n: int):
+        """The CPU coefficients of ``lane`` as a numpy array of at least ``n`` words (a view of the torch
+        vector, kept so that the hot path slices numpy only)."""
+        c = self.cpu_numpy[lane]
+        if c is None or c.size < n:
+            c = self.cpu_numpy[lane] = self.get(_CPU, lane, n).numpy()
+        return c
 
 
 class Fingerprints:
@@ -68,34 +103,17 @@ class Fingerprints:
     cannot change them.
     """
 
-    def __init__(self, exact: bool) -> None:
+    def __init__(self, exact: bool, coefficients: Coefficients | None = None) -> None:
         self.exact = exact
+        self.coefficients = Coefficients() if coefficients is None else coefficients
         self.device_values: list[torch.Tensor] = []   # 'd' fingerprints still on their device
         self.copies: list[torch.Tensor] = []          # 'x' copies
         self.cache: dict[int, tuple] = {}   # id(tensor) -> (weakref, version, descriptor)
         self.by_place: dict[tuple, tuple] = {}  # (address, dtype, shape, strides) -> the same entry
         self.pending: list = []             # (tensor, entry, place) written by the last mutating op
         self._sweep_at = 4096
-        self.coeff: dict[tuple, torch.Tensor] = {}
-        self.np_coeff: list = [None, None]              # CPU coefficients of lanes 0 and 1, as numpy
 
     # -- value fingerprints -----------------------------------------------------------------
-    def _coefficients(self, device: torch.device, lane: int, n: int) -> torch.Tensor:
-        key = (device, lane)
-        c = self.coeff.get(key)
-        if c is None or c.numel() < n:
-            c = _coefficient_vector(device, lane, -(-n // _FP_BLOCK))
-            self.coeff[key] = c
-        return c[:n]
-
-    def _np_coefficients(self, lane: int, n: int):
-        """The CPU coefficients of ``lane`` as a numpy array of at least ``n`` words (a view of the torch
-        vector, kept so that the hot path slices numpy only)."""
-        c = self.np_coeff[lane]
-        if c is None or c.size < n:
-            c = self.np_coeff[lane] = self._coefficients(_CPU, lane, n).numpy()
-        return c
-
     def _cpu_dots(self, arr, offset: int, lane: int) -> tuple[int, ...]:
         """Dot products of the bytes of ``arr`` from ``offset`` on, read as int64 words, with lane ``lane``'s
         coefficients, one per chunk of FP_CHUNK words. numpy on aligned words and on small unaligned
@@ -103,14 +121,14 @@ class Fingerprints:
         count = (arr.nbytes - offset) >> 3
         words = arr[offset:offset + 8 * count].view(np.int64)
         if count <= FP_CHUNK:
-            c = self._np_coefficients(lane, count)
+            c = self.coefficients.numpy(lane, count)
             if offset == 0 or count <= _NUMPY_WORDS:
                 return (int(np.dot(words, c[:count])),)
             return (int(torch.dot(torch.from_numpy(words), torch.from_numpy(c[:count]))),)
         out = []
         for start in range(0, count, FP_CHUNK):
             w = words[start:start + FP_CHUNK]
-            c = self._np_coefficients(lane, w.size)[:w.size]
+            c = self.coefficients.numpy(lane, w.size)[:w.size]
             out.append(int(np.dot(w, c)) if offset == 0 else int(torch.dot(torch.from_numpy(w), torch.from_numpy(c))))
         return tuple(out)
 
@@ -145,7 +163,7 @@ class Fingerprints:
             w = words[start:start + FP_CHUNK]
             # One multiply (the narrow words are widened to int64 inside it, by type promotion) and one
             # integer sum per chunk; the scalars stay on the device until :meth:`resolver`.
-            values.append(torch.mul(w, self._coefficients(w.device, 0, w.numel())).sum())
+            values.append(torch.mul(w, self.coefficients.get(w.device, 0, w.numel())).sum())
             idx.append(len(values) - 1)
         return ("d",) + head + (tuple(idx),)
 
@@ -291,19 +309,20 @@ class Fingerprints:
         return digest
 
 
-@functools.lru_cache(maxsize=16)
-def _coefficient_vector(device: torch.device, lane: int, blocks: int) -> torch.Tensor:
-    """``blocks * 2^16`` int64 coefficients of one lane; block b is drawn from seed FP_SEED + lane * 2^40 + b,
-    so a longer vector starts with the shorter one (the same tensor gets the same fingerprint)."""
+def _coefficient_blocks(device: torch.device, lane: int, start: int, stop: int) -> torch.Tensor:
+    """Blocks ``start`` to ``stop`` (2^16 int64 coefficients each) of one lane; block b is drawn from seed
+    FP_SEED + lane * 2^40 + b (the same tensor gets the same fingerprint, whatever object draws them)."""
     parts = [torch.randint(-2 ** 63, 2 ** 63 - 1, (_FP_BLOCK,), dtype=torch.int64,
-                           generator=torch.Generator().manual_seed(FP_SEED + (lane << 40) + b)) for b in range(blocks)]
+                           generator=torch.Generator().manual_seed(FP_SEED + (lane << 40) + b))
+             for b in range(start, stop)]
     return torch.cat(parts).to(device)
 
 
-def fingerprints(tensors) -> list:
+def fingerprints(tensors, coefficients: Coefficients | None = None) -> list:
     """Comparable fingerprints of ``tensors`` (``None`` stays ``None``), with the collision bound of
-    :class:`Fingerprints`; one device synchronisation for all of them."""
-    fp = Fingerprints(exact=False)
+    :class:`Fingerprints`; one device synchronisation for all of them. Pass ``coefficients`` (a
+    :class:`Coefficients` kept by the caller) to draw them once for many calls."""
+    fp = Fingerprints(exact=False, coefficients=coefficients)
     with torch.no_grad():
         descs = [None if t is None else fp.value(t) for t in tensors]
     digest = fp.resolver()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.pinpoint.fingerprint import MAX_SYMBOLIC_DEPTH, Fingerprints, _scalar_key
+from bench.pinpoint.fingerprint import MAX_SYMBOLIC_DEPTH, Coefficients, Fingerprints, _scalar_key
 from bench.pinpoint.locate import _PHASE, _Locator, running
 from bench.pinpoint.ops import _arg, _args_tensors, _leaves, _tensors, _written_values, op_info
 
@@ -71,12 +71,12 @@ def _meta_str(m: tuple) -> str:
 class TraceMode(TorchDispatchMode):
     """The dispatch mode behind :func:`trace` / :func:`compare_runs`."""
 
-    def __init__(self, locator: _Locator, exact: bool = False) -> None:
+    def __init__(self, locator: _Locator, exact: bool = False, coefficients: Coefficients | None = None) -> None:
         super().__init__()
         self.loc = locator
         self.busy = locator.busy
         self.infos: dict = {}
-        self.fp = Fingerprints(exact)
+        self.fp = Fingerprints(exact, coefficients)
         self.events: list[tuple] = []   # raw tuples; :func:`trace` turns them into Events
         self.skipped: Counter = Counter()
         self.active = False
@@ -233,8 +233,14 @@ def trace(fn: Callable, *args, exact: bool = False, roots: Mapping[str, nn.Modul
           **kwargs) -> Trace:
     """Run ``fn(*args, **kwargs)`` once, recording the contents of every op's inputs and outputs (as
     fingerprints; ``exact``: copies), every registry call, custom-Function backward and module output."""
+    return _trace(fn, args, kwargs, exact, roots, None)
+
+
+def _trace(fn: Callable, args: tuple, kwargs: dict, exact: bool, roots: Mapping[str, nn.Module] | None,
+           coefficients: Coefficients | None) -> Trace:
+    """:func:`trace`, fingerprinting with ``coefficients`` (shared by the runs of ``compare_runs``)."""
     loc = _Locator(roots)
-    mode = TraceMode(loc, exact)
+    mode = TraceMode(loc, exact, coefficients)
     t0 = time.perf_counter()
     with running(mode, loc):
         value = fn(*args, **kwargs)
