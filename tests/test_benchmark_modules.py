@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_subject_benchmarks_run_and_store_verdicts(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run(

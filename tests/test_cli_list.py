@@ -33,6 +33,7 @@ def test_list_table(capsys):
     assert "sdpa-math" in out and "available" in out
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     """The installed `detbench` entry point works from a fresh interpreter."""
     r = subprocess.run([sys.executable, "-m", "bench", "list", "--json", "--device", "cpu"],

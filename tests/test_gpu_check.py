@@ -12,6 +12,7 @@ from bench import cli
 from bench.gpu_check import FILES, Stage, _run_stage
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_file(tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["gpu-check", "--dry-run", "--out", str(out), "--budget", "400"])
@@ -27,6 +28,7 @@ def test_dry_run_writes_every_file(tmp_path, capsys):
     assert printed.rstrip().endswith("┘")  # the summary table comes last
 
 
+@pytest.mark.slow
 def test_stage_over_its_limit_is_stopped(tmp_path):
     st = Stage("slow")
     with open(tmp_path / "log", "w") as log:

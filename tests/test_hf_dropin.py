@@ -163,6 +163,7 @@ def test_left_padding_rows_stay_finite(dropin_run):
     assert torch.isfinite(dropin_run["det"][0]).all()
 
 
+@pytest.mark.slow
 def test_repeats_are_bitwise_equal(detbench_attention):
     """Logits, loss and every gradient of the padded training step, 3 runs, bitwise equal."""
     model = build("qwen3", detbench_attention)

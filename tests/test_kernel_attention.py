@@ -217,6 +217,7 @@ def test_right_padding_does_not_change_a_sequence():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "padded"])
 def test_repeat_bitwise_equal(masked):
     """20 runs, fixed upstream gradient: output and all grads bitwise equal to the first run."""

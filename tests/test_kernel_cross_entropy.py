@@ -130,6 +130,7 @@ def test_all_rows_ignored_matches_torch(backend, n):
 # -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_run_to_run_bitwise(dtype):
     logits, labels = make(17, 150, dtype)

@@ -76,6 +76,7 @@ def test_accuracy_vs_float64(backend, dtype, m):
         assert_close_to_reference(a, e, r, f"{backend} {dtype} m={m} {name}")
 
 
+@pytest.mark.slow
 def test_small_tiles_many_programs():
     """A 16x16x16 tile: many output tiles, several K steps with a tail, dW over 8 row tiles."""
     cfg = SMALL_TILES
@@ -107,6 +108,7 @@ def test_leading_dims_no_bias_and_non_contiguous():
 # -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_run_to_run_bitwise(dtype):
     x, w, b, g = make(127, dtype)
@@ -134,6 +136,7 @@ def batch_variance(fn, x, w, b, g, rows_list) -> list[str]:
     return kc.batch_variance(lambda rows: run(fn, x[rows], w, b, g[rows]), rows_list, NAMES, ("y", "dx"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["pinned", "16x16x16"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batch_invariance(dtype, config):

@@ -86,6 +86,7 @@ def test_mixed_dtypes_follow_eager_promotion():
         assert_close_to_reference(out, r, e, name, rounding_dtype=torch.bfloat16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_repeats_are_bitwise_equal(dtype):
     """20 runs, fixed upstream gradient: y, dx and dW bitwise equal to the first run."""

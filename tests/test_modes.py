@@ -83,6 +83,7 @@ def test_refusal_is_recognised():
     assert not is_refusal(ValueError("shapes do not match"))
 
 
+@pytest.mark.slow
 def test_hf_full_matches_transformers_enable_full_determinism():
     """Run transformers' own enable_full_determinism in a child process and compare what it set."""
     pytest.importorskip("transformers")

@@ -59,6 +59,7 @@ def planted_registry():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("place", list(PLACES))
 def test_replay_names_the_planted_op(tmp_path, planted_registry, place):
     plant, (level, op, module, phase), data = PLACES[place]
@@ -76,6 +77,7 @@ def test_replay_names_the_planted_op(tmp_path, planted_registry, place):
     assert not report.errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("place", list(PLACES))
 def test_trace_compare_names_the_planted_op(tmp_path, planted_registry, place):
     plant, (level, op, module, phase), data = PLACES[place]
@@ -104,6 +106,7 @@ def test_trace_compare_names_the_planted_op(tmp_path, planted_registry, place):
         assert pair.first_module["module"] == module and pair.first_module["index"] > root["index"]
 
 
+@pytest.mark.slow
 def test_sft_planted_divergence_is_seen_by_both_methods_from_the_cli(tmp_path, capsys):
     """`detbench pinpoint` on a planted SFT step: both methods name the op (6 steps: miss <= 12^-6)."""
     path = token_file(tmp_path / "t.jsonl", n_seqs=12, length=16, prompt=4)
@@ -123,6 +126,7 @@ def test_sft_planted_divergence_is_seen_by_both_methods_from_the_cli(tmp_path, c
     assert "planted-nondet" not in REGISTRY.names("linear")  # registered for the command only
 
 
+@pytest.mark.slow
 def test_cli_pinpoint_tables_name_the_planted_op(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich folds long names in narrow tables
     path = token_file(tmp_path / "t.jsonl", n_seqs=12, length=16, prompt=4)
