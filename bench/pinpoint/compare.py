@@ -53,13 +53,27 @@ class PairComparison:
     ops_after_root: int
 
 
-def _compare_pair(a: Trace, b: Trace, ia: int, ib: int) -> PairComparison:
+@dataclass
+class _Alignment:
+    """Two traces walked event by event: where they stop running the same things, and which events differ."""
+
+    aligned: int                    # events compared before the end or a control-flow change
+    control_flow: dict | None       # first event where the runs ran different things
+    differing: list[int]            # aligned events whose outputs differ, in order
+    root: int | None                # the first of them whose inputs are identical
+    first_module: int | None        # the first of them that is a module's forward output
+
+    @property
+    def first(self) -> int | None:
+        return self.differing[0] if self.differing else None
+
+
+def _align(a: Trace, b: Trace) -> _Alignment:
     n = min(len(a.events), len(b.events))
     control = None
     aligned = n
-    root = first = first_mod = None
-    differing = 0
-    diff_idx: list[int] = []
+    differing: list[int] = []
+    root = first_mod = None
     for i in range(n):
         ea, eb = a.events[i], b.events[i]
         if ea.key() != eb.key():
@@ -68,10 +82,7 @@ def _compare_pair(a: Trace, b: Trace, ia: int, ib: int) -> PairComparison:
             break
         if ea.out_key == eb.out_key:
             continue
-        differing += 1
-        diff_idx.append(i)
-        if first is None:
-            first = i
+        differing.append(i)
         if root is None and ea.in_key == eb.in_key:
             root = i
         if first_mod is None and ea.kind == "module":
@@ -79,45 +90,73 @@ def _compare_pair(a: Trace, b: Trace, ia: int, ib: int) -> PairComparison:
     if control is None and len(a.events) != len(b.events):
         control = {"index": n, "a": a.events[n].ref() if n < len(a.events) else None,
                    "b": b.events[n].ref() if n < len(b.events) else None}
-    first_note = ""
-    if first is not None and first != root:
-        ev = a.events[first]
-        first_note = (f"{ev.op} at {ev.module or '<root>'} ({ev.phase}) is the first to differ, but its inputs differ "
-                      f"too although every earlier value agreed: identical partial results were combined in another "
-                      f"order" + (f" inside {ev.inside}" if ev.inside else ""))
-    mod_note = ""
-    if first is not None:
-        ev = a.events[root if root is not None else first]
-        if first_mod is None:
-            mod_note = (f"no module's forward output differs; the difference starts in the {ev.phase} phase at "
-                        f"{ev.module or '<root>'}")
-        elif first_mod < (root if root is not None else first):
-            pass
-        elif ev.phase != "forward":
-            later = a.events[first_mod]
-            mod_note = (f"the difference starts in the {ev.phase} phase at {ev.module or '<root>'} (its gradient "
-                        f"differs first); the first module whose forward output then differs is "
-                        f"{later.module or '<root>'}, event {later.index}")
-    root_diff = None
-    if root is not None and a.exact:
-        ea, eb = a.events[root], b.events[root]
-        for j, (da, db) in enumerate(zip(ea.out_key, eb.out_key)):
-            if da != db:
-                ta = _exact_tensor(a, root, j)
-                tb = _exact_tensor(b, root, j)
-                if ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype:
-                    root_diff = {"output_index": j, **mismatch(ta, tb).to_dict()}
-                break
-    after = [i for i in range(root + 1 if root is not None else aligned, aligned) if a.events[i].kind == "aten"]
-    diff_after = sum(1 for i in diff_idx if root is not None and i > root and a.events[i].kind == "aten")
+    return _Alignment(aligned, control, differing, root, first_mod)
+
+
+def _first_difference_note(a: Trace, al: _Alignment) -> str:
+    """Why the first differing event is not the root cause ("" when it is, or when nothing differs)."""
+    if al.first is None or al.first == al.root:
+        return ""
+    ev = a.events[al.first]
+    return (f"{ev.op} at {ev.module or '<root>'} ({ev.phase}) is the first to differ, but its inputs differ "
+            f"too although every earlier value agreed: identical partial results were combined in another "
+            f"order" + (f" inside {ev.inside}" if ev.inside else ""))
+
+
+def _first_module_note(a: Trace, al: _Alignment) -> str:
+    """Where the difference starts, when that is not (before) a module's forward output ("" otherwise)."""
+    if al.first is None:
+        return ""
+    start = al.root if al.root is not None else al.first
+    ev = a.events[start]
+    if al.first_module is None:
+        return (f"no module's forward output differs; the difference starts in the {ev.phase} phase at "
+                f"{ev.module or '<root>'}")
+    if al.first_module < start or ev.phase == "forward":
+        return ""
+    later = a.events[al.first_module]
+    return (f"the difference starts in the {ev.phase} phase at {ev.module or '<root>'} (its gradient "
+            f"differs first); the first module whose forward output then differs is "
+            f"{later.module or '<root>'}, event {later.index}")
+
+
+def _root_cause_diff(a: Trace, b: Trace, root: int | None) -> dict | None:
+    """Exact mode: the root cause's first differing output as a bench.compare.Mismatch (plus its index);
+    None without a root cause, in fingerprint mode, or when the outputs cannot be compared element-wise."""
+    if root is None or not a.exact:
+        return None
+    for j, (da, db) in enumerate(zip(a.events[root].out_key, b.events[root].out_key)):
+        if da != db:
+            ta, tb = _exact_tensor(a, root, j), _exact_tensor(b, root, j)
+            if ta is not None and tb is not None and ta.shape == tb.shape and ta.dtype == tb.dtype:
+                return {"output_index": j, **mismatch(ta, tb).to_dict()}
+            return None
+    return None
+
+
+def _spread(a: Trace, al: _Alignment) -> tuple[int, int]:
+    """(aten ops after the root cause whose outputs differ, aten ops after the root cause); (0, 0) without one."""
+    if al.root is None:
+        return 0, 0
+    ops_after = sum(1 for i in range(al.root + 1, al.aligned) if a.events[i].kind == "aten")
+    differing_after = sum(1 for i in al.differing if i > al.root and a.events[i].kind == "aten")
+    return differing_after, ops_after
+
+
+def _compare_pair(a: Trace, b: Trace, ia: int, ib: int) -> PairComparison:
+    al = _align(a, b)
+    differing_after, ops_after = _spread(a, al)
+
+    def ref(i: int | None) -> dict | None:
+        return a.events[i].ref() if i is not None else None
+
     return PairComparison(
-        run_a=ia, run_b=ib, events_a=len(a.events), events_b=len(b.events), aligned=aligned, control_flow=control,
-        identical=differing == 0 and control is None,
-        root_cause=a.events[root].ref() if root is not None else None, root_cause_diff=root_diff,
-        first_difference=a.events[first].ref() if first is not None else None, first_difference_note=first_note,
-        first_module=a.events[first_mod].ref() if first_mod is not None else None, first_module_note=mod_note,
-        differing_events=differing, differing_ops_after_root=diff_after if root is not None else 0,
-        ops_after_root=len(after) if root is not None else 0,
+        run_a=ia, run_b=ib, events_a=len(a.events), events_b=len(b.events), aligned=al.aligned,
+        control_flow=al.control_flow, identical=not al.differing and al.control_flow is None,
+        root_cause=ref(al.root), root_cause_diff=_root_cause_diff(a, b, al.root),
+        first_difference=ref(al.first), first_difference_note=_first_difference_note(a, al),
+        first_module=ref(al.first_module), first_module_note=_first_module_note(a, al),
+        differing_events=len(al.differing), differing_ops_after_root=differing_after, ops_after_root=ops_after,
     )
 
 
