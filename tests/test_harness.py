@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import checks, harness, subjects
-from bench.compare import mismatch
 from bench.cli import build_parser
 from bench.cli.run import plan_from_args
+from bench.compare import mismatch
 from bench.errors import InputError
 from bench.planted import PLANTED, register_planted
 from qwen_layers import registry

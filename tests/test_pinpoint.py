@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.planted import planted_registered
 from bench import cli, pinpoint, sft
 from bench.compare import bits
 from bench.data import batch_for_step, read_token_file
+from bench.planted import planted_registered
 from qwen_layers.registry import REGISTRY
 
 from .planted_checks import MAX_MISS, PLACES, OrderSpy, token_file
@@ -414,8 +414,9 @@ def test_reports_serialise_to_json_and_print(tmp_path, planted_registry):
 
 
 def test_pinpoint_leaves_no_hooks_or_wrappers_behind():
-    import qwen_layers.registry as reg
     from torch.nn.modules import module as nn_module
+
+    import qwen_layers.registry as reg
 
     before = (reg.resolve, "resolve" in reg.REGISTRY.__dict__, torch.autograd.Function.__dict__["apply"],
               len(nn_module._global_forward_hooks), len(nn_module._global_forward_pre_hooks))

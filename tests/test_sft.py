@@ -20,11 +20,10 @@ import pytest
 import torch
 
 from bench import cli, sft
-from bench.data import DataError, IGNORE_INDEX, batch_for_step, read_token_file, synthetic_batches
 from bench.compare import bits
+from bench.data import IGNORE_INDEX, DataError, batch_for_step, read_token_file, synthetic_batches
 
 from .planted_checks import MAX_MISS, PLACES, OrderSpy, token_file
-
 
 # ------------------------------------------------------------------------------------------------
 # data
