@@ -67,7 +67,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.compare import mismatch
+from bench.compare import Mismatch, mismatch
 from bench.pinpoint.locate import _Locator, running
 from bench.pinpoint.ops import (
     SKIP_NAMESPACES,
@@ -112,17 +112,39 @@ class Finding:
         return f"{self.module or '<root>'} ({self.phase})"
 
 
-def _diff_stats(a, b) -> tuple[int, int, float, int]:
+def _diff_stats(a, b) -> Mismatch:
+    """How leaf ``a`` differs from leaf ``b``, as the project's diff record: :func:`bench.compare.mismatch`
+    for two tensors of one shape and dtype; for leaves it cannot compare element by element (a tensor
+    against a number, None or another shape/dtype; two numbers) a record in which every element of
+    ``a`` differs, with the numbers' distance as ``max_abs`` (infinite where there is none)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype:
-        m = mismatch(a, b)
-        return m.n_diff, m.n_total, m.max_abs, m.max_ulp
+        return mismatch(a, b)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         n = a.numel() if isinstance(a, torch.Tensor) else 1
-        return n, n, math.inf, 0
+        return _incomparable(a, n, math.inf, math.inf)
     try:
-        return 1, 1, abs(float(a) - float(b)), 0
+        dist = abs(float(a) - float(b))
+        rel = dist / abs(float(b)) if float(b) else math.inf
     except (TypeError, ValueError):
-        return 1, 1, math.inf, 0
+        dist = rel = math.inf
+    return _incomparable(a, 1, dist, rel)
+
+
+def _incomparable(a, n: int, max_abs: float, max_rel: float) -> Mismatch:
+    if isinstance(a, torch.Tensor):
+        shape, dtype = list(a.shape), str(a.dtype).replace("torch.", "")
+    else:
+        shape, dtype = [], type(a).__name__
+    return Mismatch(equal=False, shape=shape, dtype=dtype, n_diff=n, n_total=n, max_abs=max_abs, max_rel=max_rel,
+                    max_ulp=0, nan_a=0, nan_b=0, inf_a=0, inf_b=0, worst=[])
+
+
+def _finding(level: str, op: str, module: str, phase: str, inputs: list[str], outputs: list[str], diff: tuple,
+             **kw) -> Finding:
+    """One call's finding; ``diff`` is :func:`first_difference`'s (index, leaf of run 1, leaf of run 2)."""
+    m = _diff_stats(diff[1], diff[2])
+    return Finding(level, op, module, phase, 1, inputs, outputs, diff[0], m.n_diff, m.n_total, m.max_abs, m.max_ulp,
+                   **kw)
 
 
 class _Unit:
@@ -200,8 +222,8 @@ class ReplayMode(TorchDispatchMode):
         if d is not None:
             ins = _args_tensors(args, kwargs)
             path, ph, node = self.loc.where(ins)
-            self._add(Finding("aten", info.name, path, ph, 1, [_meta(t) for t in ins],
-                              [_meta(t) for t in _leaves(out)], d[0], *_diff_stats(d[1], d[2]), node=node))
+            self._add(_finding("aten", info.name, path, ph, [_meta(t) for t in ins], [_meta(t) for t in _leaves(out)],
+                               d, node=node))
         return out
 
     def _add(self, f: Finding) -> None:
@@ -249,9 +271,8 @@ class ReplayMode(TorchDispatchMode):
             if d is None:
                 continue
             if first_difference(in1, in2) is None:
-                self._add(Finding("aten", info.name, unit.path, unit.phase, 1, [_meta(t) for t in in1],
-                                  [_meta(t) for t in _leaves(o1)], d[0], *_diff_stats(d[1], d[2]),
-                                  inside=unit.name, node=unit.node))
+                self._add(_finding("aten", info.name, unit.path, unit.phase, [_meta(t) for t in in1],
+                                   [_meta(t) for t in _leaves(o1)], d, inside=unit.name, node=unit.node))
             elif not first_diff_seen and composition is None:
                 composition = (f"every op agreed with itself; the first to differ, {info.name}, got different "
                                f"inputs built from identical values (the order in which Python combined them "
@@ -260,9 +281,8 @@ class ReplayMode(TorchDispatchMode):
         if len(unit.first) != len(unit.second) and composition is None:
             composition = f"the replay ran {len(unit.second)} ops, the first run {len(unit.first)}"
         if d_unit is not None:
-            self._add(Finding(unit.level, unit.name, unit.path, unit.phase, 1, unit.inputs,
-                              [_meta(t) for t in _leaves(out1)], d_unit[0], *_diff_stats(d_unit[1], d_unit[2]),
-                              node=unit.node, note=composition or ""))
+            self._add(_finding(unit.level, unit.name, unit.path, unit.phase, unit.inputs,
+                               [_meta(t) for t in _leaves(out1)], d_unit, node=unit.node, note=composition or ""))
 
     def _registry_call(self, fn, name: str, args, kwargs):
         path, ph, node = self.loc.where()
