@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -194,7 +194,8 @@ class CompareReport:
         return next((p for p in self.pairs if not p.identical), None)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "value"}
+        d = asdict(replace(self, value=None))  # fn's value is not serialised (nor deep-copied)
+        del d["value"]
         d["method"] = "compare"
         d["identical"] = self.identical
         d["root_cause"] = self.root_cause

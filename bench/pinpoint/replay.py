@@ -57,7 +57,7 @@ import math
 import time
 import weakref
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -387,7 +387,8 @@ class ReplayReport:
         return not self.findings and not self.errors
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "value"}
+        d = asdict(replace(self, value=None))  # fn's value is not serialised (nor deep-copied)
+        del d["value"]
         d["method"] = "replay"
         d["clean"] = self.clean
         d["skip_reasons"] = {k: SKIP_REASONS.get(k, SKIP_NAMESPACES.get(k, k)) for k in self.skipped}
