@@ -4,7 +4,8 @@
   trace treat it (functional, mutating, view, uninitialised, skipped; random; order-free);
 * tree helpers over an op's arguments and results (``_leaves``, ``_tensors``, ``_clone`` ...);
 * generator state (:class:`_Rng`), saved and restored around a replay;
-* bitwise comparison of results (:func:`same_bits`, :func:`first_difference`).
+* bitwise comparison of results (:func:`same_bits`, :func:`first_difference`);
+* ``_render``: a report's rich table as plain text (the reports' ``__str__``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def op_info(func, cache: dict) -> OpInfo:
     return info
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)  # keyed by op overloads: holds no tensors
 def _op_info(func) -> OpInfo:
     name = str(func)
     schema = getattr(func, "_schema", None)
@@ -279,6 +280,11 @@ def first_difference(a, b, ignored: frozenset = frozenset()):
             return (i, x, y)
     return None
 
+
+
+# ------------------------------------------------------------------------------------------------
+# reports as text
+# ------------------------------------------------------------------------------------------------
 
 
 def _render(report) -> str:
