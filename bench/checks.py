@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.compare import bits, mismatch
+from bench.compare import mismatch
+from bench.pinpoint.fingerprint import Coefficients, fingerprints
 
 RISK = 0.05
 # Full mismatch reports (worst indices, copied to the CPU in float64) only for tensors up to this size.
@@ -45,38 +46,6 @@ def bound_sentence(n: int, risk: float = RISK) -> str:
 # ------------------------------------------------------------------------------------------------
 # bitwise statistics
 # ------------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_K1, _K2 = _signed(0x9E3779B97F4A7C15), _signed(0xC2B2AE3D27D4EB4F)
-_K3, _K4 = _signed(0x165667B19E3779F9), _signed(0xD6E8FEB86659FD93)
-_CHUNK = 1 << 24
-
-
-def fingerprint(t: torch.Tensor) -> tuple[int, int, int, str, tuple[int, ...]]:
-    """A 128-bit fingerprint of ``t``'s bits (two position-keyed integer hashes), computed on its device.
-
-    Integer sums wrap modulo 2**64 in any order, so the fingerprint itself is deterministic. Two
-    different tensors share one with probability about 2**-128.
-    """
-    b = bits(t.detach()).reshape(-1).to(torch.int64)
-    h1 = h2 = 0
-    for s in range(0, b.numel(), _CHUNK):
-        v = b[s:s + _CHUNK]
-        idx = torch.arange(s, s + v.numel(), device=v.device, dtype=torch.int64)
-        x = v * _K1 + idx * _K2
-        x = x ^ (x >> 29)
-        y = (v ^ (idx * _K3)) * _K4
-        y = y ^ (y >> 31)
-        h1 = (h1 + int(x.sum())) & _MASK64
-        h2 = (h2 + int(y.sum())) & _MASK64
-    return h1, h2, b.numel(), str(t.dtype), tuple(t.shape)
-
 
 def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
     """(NaN count, inf count)."""
@@ -119,14 +88,20 @@ class TensorRepeats:
 class RepeatTracker:
     """Feed it the results of each repeat (``{name: tensor}``); it compares each with repeat 0.
 
-    Only repeat 0 is kept in memory; later repeats are reduced to statistics and a fingerprint.
-    A tensor missing from a later repeat, or with another shape or dtype, counts as different.
+    Only repeat 0 is kept in memory; later repeats are reduced to statistics and a fingerprint
+    (``bench.pinpoint``'s, the project's one fingerprint; distinct results collide with probability
+    <= 2^-33 each). A tensor missing from a later repeat, or with another shape or dtype, counts as
+    different.
     """
 
     def __init__(self) -> None:
         self.first: dict[str, torch.Tensor] = {}
         self.stats: dict[str, TensorRepeats] = {}
         self.repeats = 0
+        self._coefficients = Coefficients()  # fingerprint coefficients, drawn once per tracker
+
+    def _fingerprint(self, t: torch.Tensor):
+        return fingerprints([t], self._coefficients)[0]
 
     def add(self, results: dict[str, torch.Tensor]) -> None:
         if self.repeats == 0:
@@ -134,7 +109,7 @@ class RepeatTracker:
                 st = TensorRepeats(name, list(t.shape), str(t.dtype).replace("torch.", ""))
                 st.nan, st.inf = count_nonfinite(t)
                 st.repeats, st.n_equal_to_first = 1, 1
-                st.fingerprints.add(fingerprint(t))
+                st.fingerprints.add(self._fingerprint(t))
                 self.first[name] = t.detach()
                 self.stats[name] = st
             self.repeats = 1
@@ -151,7 +126,7 @@ class RepeatTracker:
             if d.equal:  # same bits as repeat 0, hence the same fingerprint
                 st.n_equal_to_first += 1
                 continue
-            st.fingerprints.add(fingerprint(t))
+            st.fingerprints.add(self._fingerprint(t))
             st.max_n_diff = max(st.max_n_diff, d.n_diff)
             st.max_abs = max(st.max_abs, d.max_abs)
             st.max_ulp = max(st.max_ulp, d.max_ulp)

@@ -462,7 +462,7 @@ class RepeatRecord:
     tensor_dtype: str
     repeats: int
     n_equal_to_first: int          # repeats bitwise equal to repeat 0 (including repeat 0)
-    n_distinct: int                # distinct bit patterns among the N (64+64-bit fingerprints)
+    n_distinct: int                # distinct bit patterns among the N (bench.pinpoint fingerprints)
     max_n_diff: int                # most elements differing from repeat 0 in any repeat
     n_total: int
     max_abs: float                 # largest |a - b| vs repeat 0 over finite pairs

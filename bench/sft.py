@@ -46,7 +46,8 @@ from bench.data import SFTBatch, batch_for_step, read_token_file, synthetic_batc
 from bench.dtypes import parse_dtype, short_name, torch_name
 from bench.errors import InputError
 from bench.modes import MODES, apply_mode, is_refusal
-from bench.pinpoint import fingerprints, phase
+from bench.pinpoint import phase
+from bench.pinpoint.fingerprint import Coefficients, fingerprints
 from bench.planted import planted_registered
 from bench.results import capture_environment, check_out_dir, device_label, new_run_id, result_path, write_json_atomic
 from qwen_layers import model as qm
@@ -521,6 +522,7 @@ def train_repeats(
     ref: dict[str, torch.Tensor] | None = None
     loss_dtype = None
     params = dict(model.named_parameters())
+    coefficients = Coefficients()  # drawn once for every step's gradient digest
     for r in range(repeats):
         with torch.no_grad():
             for name, p in params.items():
@@ -535,7 +537,7 @@ def train_repeats(
                 rlb.append(value_bits(loss))
                 rn.append(float(norm.item()))
                 rnb.append(value_bits(norm))
-                rg.append(grad_digest(model))
+                rg.append(grad_digest(model, coefficients))
                 loss_dtype = torch_name(loss.dtype)
                 if on_step is not None:
                     on_step()
@@ -549,13 +551,14 @@ def train_repeats(
             "grad_digests": digests, "param_diff": diffs, "loss_dtype": loss_dtype or "float32"}
 
 
-def grad_digest(model: nn.Module) -> str:
+def grad_digest(model: nn.Module, coefficients: Coefficients | None = None) -> str:
     """One hex digest of every parameter's gradient (after clipping), by name, from bench.pinpoint's
     fingerprints (two differing gradients collide with probability <= 2^-33): it sees a gradient
-    difference that the gradient norm rounds away and the optimizer absorbs."""
+    difference that the gradient norm rounds away and the optimizer absorbs. Pass the same
+    ``coefficients`` to many calls to draw the fingerprint coefficients once."""
     named = [(n, p.grad) for n, p in model.named_parameters()]
     h = hashlib.blake2b(digest_size=12)
-    for (name, _), fp in zip(named, fingerprints([g for _, g in named])):
+    for (name, _), fp in zip(named, fingerprints([g for _, g in named], coefficients)):
         h.update(repr((name, fp)).encode())
     return h.hexdigest()
 

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from bench import checks, harness, subjects
 from bench.cli import build_parser
 from bench.cli.run import plan_from_args
-from bench.compare import mismatch
+from bench.compare import bits, mismatch
 from bench.errors import InputError
+from bench.pinpoint import fingerprints
 from bench.planted import PLANTED, register_planted
 from qwen_layers import registry
 from qwen_layers.config import PRESETS
@@ -79,8 +80,8 @@ def test_bitwise_checks_tell_nan_payloads_and_signed_zeros_apart():
     assert mismatch(qnan, qnan.clone()).equal  # same NaN bits: equal
     zero, neg_zero = torch.tensor([0.0]), torch.tensor([-0.0])
     assert not mismatch(zero, neg_zero).equal
-    assert checks.fingerprint(zero) != checks.fingerprint(neg_zero)
-    assert checks.fingerprint(qnan) != checks.fingerprint(payload_nan)
+    assert fingerprints([zero]) != fingerprints([neg_zero])
+    assert fingerprints([qnan]) != fingerprints([payload_nan])
 
     tracker = checks.RepeatTracker()
     for t in (qnan, qnan.clone(), payload_nan, zero, neg_zero, qnan.clone()):
@@ -130,7 +131,7 @@ def test_every_subject_runs_forward_and_backward_with_identical_inputs(small_sha
         r1, r2 = inst.run(), inst.run()
         assert r1.keys() == r2.keys() and any(k.startswith("grad.") for k in r1), name
         for k in r1:  # fresh copies each repeat: nothing accumulates
-            assert torch.equal(checks.bits(r1[k]), checks.bits(r2[k])), f"{name}: {k} changed between repeats"
+            assert torch.equal(bits(r1[k]), bits(r2[k])), f"{name}: {k} changed between repeats"
         assert all(p.grad is None for p in inst.module.parameters()), name
         if case.batch_sizes():
             sub = inst.run(rows=case.batch_sizes()[0])
