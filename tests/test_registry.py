@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from qwen_layers import MLP, QwenForCausalLM, build_model, get_preset, registry, set_backends
+from qwen_layers import MLP, build_model, get_preset, registry, set_backends
 from qwen_layers.backends import eager_attention, eager_linear
 from qwen_layers.registry import OPS, REGISTRY, BackendUnavailable, Registry, UnknownBackend
 
