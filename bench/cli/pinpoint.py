@@ -6,14 +6,16 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
 
 from bench.cli.common import UsageError, one_value, parse_device
 from bench.cli.sft import add_common_model_args, plan_from_args
 from bench.data import batch_for_step
 from bench.dtypes import parse_dtype, torch_name
 from bench.modes import MODES, apply_mode
-from bench.pinpoint import compare_runs, replay
+from bench.pinpoint import CompareReport, ReplayReport, compare_runs, replay
 from bench.planted import planted_registered
 from bench.results import (
     capture_environment,
@@ -27,6 +29,45 @@ from bench.results import (
 from bench.sft import apply_plants, build, make_optimizer, parse_model, parse_plant, sft_step
 from bench.subjects import PROFILES, SUBJECTS, build_case
 from qwen_layers.registry import REGISTRY, BackendError
+
+
+def replay_table(report: ReplayReport) -> Group:
+    """A replay report as a rich table: one row per op that disagreed with its own replay."""
+    if not report.findings:
+        parts = [f"[green]{escape(report.summary())}[/]"]
+    else:
+        t = Table(title="replay: ops that disagreed with their own replay", title_justify="left")
+        for col in ("#", "level", "op", "module", "phase", "calls", "differs", "max |d|", "max ulp"):
+            t.add_column(col, overflow="fold")
+        for i, f in enumerate(report.findings, 1):
+            t.add_row(str(i), f.level, f"[bold]{escape(f.op)}[/]", escape(f.module or "<root>"), f.phase,
+                      str(f.count), f"{f.n_diff}/{f.n_total} of output {f.output_index}", f"{f.max_abs:.3e}",
+                      str(f.max_ulp))
+        parts = [t, *[escape(f"  #{i}: {f.detail()}") for i, f in enumerate(report.findings, 1)]]
+    parts += [f"[yellow]{escape(e)}[/]" for e in report.errors]
+    if report.skipped:
+        parts.append(escape(report.skipped_line()))
+    return Group(*parts)
+
+
+def compare_tables(report: CompareReport) -> Group:
+    """A trace-compare report as rich tables: per differing pair of runs, its findings, then its notes."""
+    style = "green" if report.identical else "red"
+    parts = [f"[{style}]{escape(report.summary())}[/]"]
+    for p in report.pairs:
+        if p.identical:
+            continue
+        t = Table(title=f"runs {p.run_a} vs {p.run_b} ({'exact' if report.exact else 'fingerprints'})",
+                  title_justify="left")
+        for col in ("finding", "event", "op", "module", "phase"):
+            t.add_column(col, overflow="fold")
+        for label, ev in p.findings():
+            op = f"{escape(ev['op'])} [dim]({ev['kind']})[/]"
+            t.add_row(label, str(ev["index"]), f"[bold]{op}[/]" if label == "root cause" else op,
+                      escape(ev["module"] or "<root>"), ev["phase"])
+        parts.append(t)
+        parts += [escape(line) for line in p.notes()]
+    return Group(*parts)
 
 
 def add_parser(sub) -> None:
@@ -136,14 +177,14 @@ def _pinpoint(args, device, out_dir) -> int:
                 console.print(f"[bold]replay[/]: {desc}, mode {mode}")
             reports["replay"] = replay(fn, *setup(), roots=roots, all_ops=args.all_ops)
             if not args.json:
-                console.print(reports["replay"])
+                console.print(replay_table(reports["replay"]))
         if args.method in ("both", "compare"):
             if not args.json:
                 console.print(f"[bold]trace-compare[/]: {desc}, mode {mode}, {args.runs} runs")
             reports["compare"] = compare_runs(fn, runs=args.runs, exact=args.exact, setup=setup, seed=args.seed,
                                               roots=roots)
             if not args.json:
-                console.print(reports["compare"])
+                console.print(compare_tables(reports["compare"]))
     payload = {"schema": "detbench.pinpoint/1", "subject": desc, "mode": mode, "device": str(device),
                "command": list(sys.argv), **{k: r.to_dict() for k, r in reports.items()}}
     if out_dir is not None:

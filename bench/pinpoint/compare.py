@@ -19,14 +19,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
-from rich.console import Group
-from rich.markup import escape
-from rich.table import Table
 from torch import nn
 
 from bench.compare import mismatch
 from bench.pinpoint.fingerprint import COLLISION_BOUND, Coefficients
-from bench.pinpoint.ops import _render
 from bench.pinpoint.trace import Trace, _trace
 from bench.results import to_json
 
@@ -51,6 +47,28 @@ class PairComparison:
     differing_events: int
     differing_ops_after_root: int           # aten ops after the root cause whose outputs differ
     ops_after_root: int
+
+    def findings(self) -> list[tuple[str, dict]]:
+        """(label, event) of the root cause, the first difference, the first module and the first
+        control-flow change, those that exist."""
+        rows = [("root cause", self.root_cause), ("first diff", self.first_difference),
+                ("first module", self.first_module)]
+        if self.control_flow is not None:
+            rows.append(("control flow", self.control_flow.get("a")))
+        return [(label, ev) for label, ev in rows if ev is not None]
+
+    def notes(self) -> list[str]:
+        """Indented lines: the findings' shapes, the spread, the notes and the root cause's difference."""
+        lines = [f"  {label}: " + ", ".join(ev["inputs"][:4]) + (" ..." if len(ev["inputs"]) > 4 else "")
+                 + " -> " + ", ".join(ev["outputs"][:3]) for label, ev in self.findings()]
+        lines.append(f"  spread: {self.differing_events} of {self.aligned} aligned events differ; after the root "
+                     f"cause {self.differing_ops_after_root} of {self.ops_after_root} aten ops differ")
+        lines += ["  " + n for n in (self.first_difference_note, self.first_module_note) if n]
+        if self.root_cause_diff is not None:
+            m = self.root_cause_diff
+            lines.append(f"  root cause output {m['output_index']}: {m['n_diff']}/{m['n_total']} elements differ, "
+                         f"max abs {m['max_abs']:.3e}, max ulp {m['max_ulp']}")
+        return lines
 
 
 @dataclass
@@ -217,43 +235,18 @@ class CompareReport:
             return f"trace-compare: the runs ran different ops from event {p.control_flow['index']} on"
         return "trace-compare: outputs differ but no event with identical inputs and different outputs was found"
 
-    def __rich__(self):
-        style = "green" if self.identical else "red"
-        parts = [f"[{style}]{escape(self.summary())}[/]"]
-        if self.identical:
-            return Group(*parts)
+    def __str__(self) -> str:
+        """Plain text: the summary, then each differing pair's findings and notes (the CLI draws tables)."""
+        lines = [self.summary()]
         for p in self.pairs:
             if p.identical:
                 continue
-            t = Table(title=f"runs {p.run_a} vs {p.run_b} ({'exact' if self.exact else 'fingerprints'})",
-                      title_justify="left")
-            for col in ("finding", "event", "op", "module", "phase"):
-                t.add_column(col, overflow="fold")
-            rows = [("root cause", p.root_cause), ("first diff", p.first_difference), ("first module", p.first_module)]
-            if p.control_flow is not None:
-                rows.append(("control flow", p.control_flow.get("a")))
-            shapes = []
-            for label, ev in rows:
-                if ev is None:
-                    continue
-                op = f"{escape(ev['op'])} [dim]({ev['kind']})[/]"
-                t.add_row(label, str(ev["index"]), f"[bold]{op}[/]" if label == "root cause" else op,
-                          escape(ev["module"] or "<root>"), ev["phase"])
-                shapes.append(f"  {label}: " + ", ".join(ev["inputs"][:4]) + (" ..." if len(ev["inputs"]) > 4 else "")
-                              + " -> " + ", ".join(ev["outputs"][:3]))
-            parts.append(t)
-            parts += [escape(x) for x in shapes]
-            parts.append(escape(f"  spread: {p.differing_events} of {p.aligned} aligned events differ; after the root "
-                                f"cause {p.differing_ops_after_root} of {p.ops_after_root} aten ops differ"))
-            parts += [escape("  " + n) for n in (p.first_difference_note, p.first_module_note) if n]
-            if p.root_cause_diff is not None:
-                m = p.root_cause_diff
-                parts.append(escape(f"  root cause output {m['output_index']}: {m['n_diff']}/{m['n_total']} elements "
-                                    f"differ, max abs {m['max_abs']:.3e}, max ulp {m['max_ulp']}"))
-        return Group(*parts)
-
-    def __str__(self) -> str:
-        return _render(self)
+            lines.append(f"runs {p.run_a} vs {p.run_b} ({'exact' if self.exact else 'fingerprints'}):")
+            for label, ev in p.findings():
+                lines.append(f"  {label}: event {ev['index']} {ev['op']} ({ev['kind']}) at {ev['module'] or '<root>'} "
+                             f"({ev['phase']})")
+            lines += p.notes()
+        return "\n".join(lines) + "\n"
 
 
 def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup: Callable[[], tuple] | None = None,

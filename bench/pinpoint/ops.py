@@ -5,7 +5,6 @@
 * tree helpers over an op's arguments and results (``_leaves``, ``_tensors``, ``_clone`` ...);
 * generator state (:class:`_Rng`), saved and restored around a replay;
 * bitwise comparison of results (:func:`same_bits`, :func:`first_difference`);
-* ``_render``: a report's rich table as plain text (the reports' ``__str__``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import struct
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
 
 from bench.compare import bitwise_equal
 
@@ -279,17 +277,3 @@ def first_difference(a, b, ignored: frozenset = frozenset()):
         elif _value_key(x) != _value_key(y):
             return (i, x, y)
     return None
-
-
-
-# ------------------------------------------------------------------------------------------------
-# reports as text
-# ------------------------------------------------------------------------------------------------
-
-
-def _render(report) -> str:
-    """A report's rich rendering as plain text (its ``__str__``)."""
-    console = Console(width=160, force_terminal=False, color_system=None)
-    with console.capture() as cap:
-        console.print(report)
-    return cap.get()

@@ -61,9 +61,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
-from rich.console import Group
-from rich.markup import escape
-from rich.table import Table
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -77,7 +74,6 @@ from bench.pinpoint.ops import (
     _clone,
     _leaves,
     _meta,
-    _render,
     _Rng,
     _tensors,
     _written_values,
@@ -110,6 +106,14 @@ class Finding:
     @property
     def where(self) -> str:
         return f"{self.module or '<root>'} ({self.phase})"
+
+    def detail(self) -> str:
+        """The inputs' shapes, and where it ran inside (registry op / autograd node), and any note."""
+        ins = ", ".join(self.inputs[:4]) + (" ..." if len(self.inputs) > 4 else "")
+        extra = "; ".join(x for x in (f"inside {self.inside}" if self.inside else "",
+                                      f"node {self.node}" if self.node and self.node != self.op else "", self.note)
+                          if x)
+        return f"inputs {ins}" + (f"; {extra}" if extra else "")
 
 
 def _diff_stats(a, b) -> Mismatch:
@@ -372,7 +376,7 @@ class ReplayMode(TorchDispatchMode):
 
 @dataclass
 class ReplayReport:
-    """What :func:`replay` found. Prints as a rich table; :meth:`to_dict` / :meth:`to_json` serialise."""
+    """What :func:`replay` found. ``str()`` is plain text; :meth:`to_dict` / :meth:`to_json` serialise."""
 
     findings: list[Finding]
     ops_replayed: int
@@ -404,31 +408,20 @@ class ReplayReport:
         names = "; ".join(f"{f.op} at {f.where}" for f in self.findings)
         return f"replay: {len(self.findings)} op(s) disagreed with their own replay: {names}"
 
-    def __rich__(self):
-        if not self.findings:
-            parts = [f"[green]{escape(self.summary())}[/]"]
-        else:
-            t = Table(title="replay: ops that disagreed with their own replay", title_justify="left")
-            for col in ("#", "level", "op", "module", "phase", "calls", "differs", "max |d|", "max ulp"):
-                t.add_column(col, overflow="fold")
-            notes = []
-            for i, f in enumerate(self.findings, 1):
-                t.add_row(str(i), f.level, f"[bold]{escape(f.op)}[/]", escape(f.module or "<root>"), f.phase,
-                          str(f.count), f"{f.n_diff}/{f.n_total} of output {f.output_index}", f"{f.max_abs:.3e}",
-                          str(f.max_ulp))
-                ins = ", ".join(f.inputs[:4]) + (" ..." if len(f.inputs) > 4 else "")
-                extra = "; ".join(x for x in (f"inside {f.inside}" if f.inside else "",
-                                              f"node {f.node}" if f.node and f.node != f.op else "", f.note) if x)
-                notes.append(f"  #{i}: inputs {ins}" + (f"; {extra}" if extra else ""))
-            parts = [t, *[escape(n) for n in notes]]
-        if self.errors:
-            parts += [f"[yellow]{escape(e)}[/]" for e in self.errors]
-        if self.skipped:
-            parts.append("not replayed: " + ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items())))
-        return Group(*parts)
-
     def __str__(self) -> str:
-        return _render(self)
+        """Plain text: the summary, one line per finding and its details (the CLI draws a table)."""
+        lines = [self.summary()]
+        for i, f in enumerate(self.findings, 1):
+            lines.append(f"  #{i} {f.level} {f.op} at {f.where}: {f.count} call(s); {f.n_diff}/{f.n_total} elements "
+                         f"of output {f.output_index} differ, max |d| {f.max_abs:.3e}, max ulp {f.max_ulp}")
+            lines.append(f"     {f.detail()}")
+        lines += self.errors
+        if self.skipped:
+            lines.append(self.skipped_line())
+        return "\n".join(lines) + "\n"
+
+    def skipped_line(self) -> str:
+        return "not replayed: " + ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items()))
 
 
 def replay(fn: Callable, *args, roots: Mapping[str, nn.Module] | None = None, all_ops: bool = False,
