@@ -19,6 +19,8 @@ from torch import nn
 from bench import cli, pinpoint, sft
 from bench.compare import bits
 from bench.data import batch_for_step, read_token_file
+from bench.pinpoint.fingerprint import Fingerprints
+from bench.pinpoint.locate import _PHASE
 from bench.planted import planted_registered
 from qwen_layers.registry import REGISTRY
 
@@ -353,7 +355,7 @@ def test_every_skipped_op_kind_is_documented():
 
 
 def _fp(t, exact=False):
-    f = pinpoint._Fingerprints(exact)
+    f = Fingerprints(exact)
     d = f.value(t)
     return f.resolver()(d)
 
@@ -390,7 +392,7 @@ def test_fingerprints_are_reproducible_integers():
     """The same values give the same fingerprint, also when they arrive through another layout."""
     t = torch.randn(64, 33)
     assert _fp(t) == _fp(t.t().contiguous().t().contiguous())
-    f = pinpoint._Fingerprints(False)
+    f = Fingerprints(False)
     d = f.value(t)
     assert d[0] == "h" and all(isinstance(v, int) for v in d[3] + d[4])
 
@@ -434,10 +436,10 @@ def test_pinpoint_leaves_no_hooks_or_wrappers_behind():
 
 
 def test_phase_context_restores():
-    assert pinpoint._PHASE.get() is None
+    assert _PHASE.get() is None
     with pinpoint.phase("optimizer"):
-        assert pinpoint._PHASE.get() == "optimizer"
-    assert pinpoint._PHASE.get() is None
+        assert _PHASE.get() == "optimizer"
+    assert _PHASE.get() is None
 
 
 def test_pinpoint_cli_on_a_harness_subject(capsys):

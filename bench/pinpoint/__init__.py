@@ -52,14 +52,11 @@ from the modules with ``from bench.pinpoint.trace import TraceMode``.)
 from __future__ import annotations
 
 from bench.pinpoint.compare import CompareReport, compare_runs
-from bench.pinpoint.fingerprint import Fingerprints, fingerprints
-from bench.pinpoint.locate import _PHASE as _PHASE  # re-exported: tests/test_pinpoint.py reads it
+from bench.pinpoint.fingerprint import fingerprints
 from bench.pinpoint.locate import phase
 from bench.pinpoint.ops import SKIP_NAMESPACES, SKIP_REASONS
 from bench.pinpoint.replay import Finding, ReplayReport, replay
 from bench.pinpoint.trace import Trace, trace
-
-_Fingerprints = Fingerprints  # the name tests/test_pinpoint.py builds fingerprints with
 
 __all__ = [
     "replay", "trace", "compare_runs", "phase", "fingerprints",
