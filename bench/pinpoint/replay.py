@@ -162,6 +162,11 @@ class _Unit:
         self.inputs: list[str] = []
 
 
+def _call_no_grad(fn: Callable, args, kwargs):
+    with torch.no_grad():
+        return fn(*args, **kwargs)
+
+
 class ReplayMode(TorchDispatchMode):
     """The dispatch mode behind :func:`replay` (use that function; this class is its engine)."""
 
@@ -298,25 +303,32 @@ class ReplayMode(TorchDispatchMode):
             out = fn(*args, **kwargs)
         finally:
             self.loc.local.unit = None
+        ok, out2 = self._rerun(unit, rng, (args, kwargs), lambda c: _call_no_grad(fn, *c),
+                               f"{name} at {path}: replay raised")
+        if ok:
+            with self.busy():
+                self._finish_unit(unit, out, out2)
+        return out
+
+    def _rerun(self, unit: _Unit, rng: _Rng, inputs, call: Callable, failure: str):
+        """A unit's second run: ``call`` on detached copies of ``inputs``, from the generator state
+        ``rng`` saved before the first run; the state after the first run is put back afterwards.
+        Returns (True, output), or (False, None) with the error recorded after ``failure``."""
         with self.busy():
             after = _Rng()
-            copies = (_clone(args), _clone(kwargs))
+            copies = _clone(inputs)
             rng.restore()
         unit.target = unit.second
         self.loc.local.unit = unit
         try:
-            with torch.no_grad():
-                out2 = fn(*copies[0], **copies[1])
+            return True, call(copies)
         except Exception as e:
-            self.errors.append(f"{name} at {path}: replay raised {type(e).__name__}: {e}")
-            return out
+            self.errors.append(f"{failure} {type(e).__name__}: {e}")
+            return False, None
         finally:
             self.loc.local.unit = None
             with self.busy():
                 after.restore()
-        with self.busy():
-            self._finish_unit(unit, out, out2)
-        return out
 
     def _hook_pynode(self, node) -> None:
         ref = weakref.ref(node)
@@ -339,21 +351,10 @@ class ReplayMode(TorchDispatchMode):
             if unit is None or n is None or unit.level != "autograd.Function":
                 return None
             mode.loc.local.unit = None
-            with mode.busy():
-                after = _Rng()
-                copies = [_clone(g) for g in grad_outputs]
-                unit.rng.restore()
-            unit.target = unit.second
-            mode.loc.local.unit = unit
-            try:
-                out2 = n.apply(*copies)
-            except Exception as e:
-                mode.errors.append(f"{unit.name} at {unit.path}: backward replay raised {type(e).__name__}: {e}")
+            ok, out2 = mode._rerun(unit, unit.rng, list(grad_outputs), lambda c: n.apply(*c),
+                                   f"{unit.name} at {unit.path}: backward replay raised")
+            if not ok:
                 return None
-            finally:
-                mode.loc.local.unit = None
-                with mode.busy():
-                    after.restore()
             with mode.busy():
                 out2 = out2 if isinstance(out2, tuple) else (out2,)
                 first = list(grad_inputs)
