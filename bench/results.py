@@ -40,7 +40,7 @@ from typing import Any
 import numpy
 import torch
 
-from bench.errors import InputError
+from bench.errors import InputError, SaveError
 
 # ------------------------------------------------------------------------------------------------
 # dataclass <-> JSON
@@ -193,30 +193,44 @@ def result_path(out_dir: str | os.PathLike, kind: str, device: str, run_id: str,
 
 
 def _write_atomic(path: Path, data: bytes, exclusive: bool) -> Path:
+    """Write ``data`` to a hidden temporary file next to ``path``, then link or rename it into place.
+
+    A failure (disk full, folder gone, no permission) raises :class:`bench.errors.SaveError` naming the
+    file; the temporary file is removed either way, so nothing partial is left under the results folder.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)  # fails if path exists: never overwrites
-            except FileExistsError:
-                raise FileExistsError(f"{path} already exists; detbench never overwrites a result") from None
-            except OSError:  # file system without hard links: check, then rename
-                if path.exists():
-                    raise FileExistsError(f"{path} already exists; detbench never overwrites a result") from None
-                os.replace(tmp, path)
-        else:
-            os.replace(tmp, path)
+        _write_and_place(path, tmp, data, exclusive)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise SaveError(f"could not save {path}: {e.strerror or e}; nothing was written there "
+                        f"(free some space or choose another folder)") from None
     finally:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
     return path
+
+
+def _write_and_place(path: Path, tmp: Path, data: bytes, exclusive: bool) -> None:
+    with open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if exclusive:
+        try:
+            os.link(tmp, path)  # fails if path exists: never overwrites
+        except FileExistsError:
+            raise FileExistsError(f"{path} already exists; detbench never overwrites a result") from None
+        except OSError:  # file system without hard links: check, then rename
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; detbench never overwrites a result") from None
+            os.replace(tmp, path)
+    else:
+        os.replace(tmp, path)
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any, *, exclusive: bool = True) -> Path:

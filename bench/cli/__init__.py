@@ -9,11 +9,14 @@ printed as one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+from typing import Iterator
 
 from bench.cli.common import UsageError, check_kernels_package, parse_device
-from bench.errors import InputError
+from bench.errors import InputError, SaveError, Terminated
 
 __all__ = ["main", "build_parser", "UsageError", "parse_device"]
 
@@ -37,18 +40,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit statuses of an interrupted command: 128 + the signal number, as a shell reports them.
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class Signals:
+    """What a command received while :func:`sigterm_as_interrupt` was active."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[Signals]:
+    """While the block runs, SIGTERM (what ``timeout``, schedulers and containers send) raises
+    :class:`bench.errors.Terminated`, a ``KeyboardInterrupt``: every command saves its finished work
+    for it as it does for Ctrl-C. The previous handler is put back in ``finally``. Only the main
+    thread can install signal handlers; elsewhere (a command called from a worker thread) nothing
+    changes."""
+    received = Signals()
+
+    def handler(signum, frame):
+        received.terminated = True
+        raise Terminated(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    received = Signals()
     try:
-        check_kernels_package()
-        return args.func(args)
+        with sigterm_as_interrupt() as received:
+            check_kernels_package()
+            status = args.func(args)
     except InputError as e:
         print(f"detbench: error: {e}", file=sys.stderr)
         return 2
+    except SaveError as e:
+        print(f"detbench {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"detbench {args.command}: interrupted; nothing partial was written", file=sys.stderr)
-        return 130
+        return EXIT_SIGTERM if received.terminated else EXIT_SIGINT
+    # A command that saved its finished work on an interrupt returns EXIT_SIGINT; say which signal it was.
+    return EXIT_SIGTERM if status == EXIT_SIGINT and received.terminated else status
 
 
 if __name__ == "__main__":
