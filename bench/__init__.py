@@ -1,1 +1,1 @@
-"""detbench's harness: identical inputs through every backend, checks, timing, results, CLI."""
+"""detbench's harness: the measurement library (inputs, checks, timing, results, pinpoint) under ``bench.cli``."""
