@@ -45,19 +45,21 @@ backward is timed with ``torch.autograd.grad(..., retain_graph=True)`` on one re
 a fixed upstream gradient. FLOPs and bytes are the algorithmic counts (causal attention counts half
 the score matrix; the backward counts 2.5x the forward; bytes are what must be read and written once).
 
-API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func:`write_json`;
-:func:`lineup`; the table is printed by ``bench.cli.kernel_bench.print_table``.
+API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func:`check_json_path`
+(before measuring: refuses a destination that cannot be written); :func:`write_json`; :func:`lineup`; the table is printed by ``bench.cli.kernel_bench.print_table``.
 CLI: ``detbench kernel-bench [--tiny] [--device D] [--only SECTIONS] [--json PATH]``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from bench.errors import InputError
 from bench.results import capture_environment, write_json_atomic
 from bench.timing import Timer
 from qwen_layers.registry import REGISTRY, BackendError, Registry
@@ -492,6 +494,43 @@ def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | N
     return result
 
 
+class JsonPathError(InputError):
+    """The ``--json`` destination cannot be written; the message names the fix."""
+
+
+def check_json_path(path: str | os.PathLike) -> Path:
+    """Refuse a JSON destination :func:`write_json` could not write, before anything is measured.
+
+    Refused: a folder (or a name ending in a slash), a folder that does not exist or is not a folder,
+    and a folder this process cannot create files in (proved by creating and removing a probe file,
+    as :func:`write_json` creates its temporary file there). An existing file is fine: it is replaced.
+    A write that still fails later (disk full, folder removed meanwhile) is a
+    :class:`bench.errors.SaveError` from :func:`write_json`.
+    """
+    text = os.fspath(path)
+    dest = Path(text)
+    if not text or text.endswith(os.sep) or dest.is_dir():
+        raise JsonPathError(f"--json {text}: is a directory; give a file name, e.g. {dest / 'kernel_speed.json'}")
+    folder = dest.resolve().parent
+    if not folder.exists():
+        raise JsonPathError(f"--json {text}: folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise JsonPathError(f"--json {text}: {folder} is not a folder; give a path inside a folder")
+    probe = folder / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise JsonPathError(f"--json {text}: cannot write in {folder} ({e.strerror or e}); "
+                            f"choose a writable folder") from None
+    try:
+        probe.unlink()
+    except OSError:
+        pass
+    return dest
+
+
 def write_json(result: KernelBenchResult, path: str | os.PathLike) -> Path:
-    """Write ``result`` as JSON atomically (bench.results' writer; an existing file is replaced)."""
+    """Write ``result`` as JSON atomically (bench.results' writer; an existing file is replaced).
+
+    A failure raises :class:`bench.errors.SaveError` naming the file; no temporary file is left."""
     return write_json_atomic(path, result, exclusive=False)

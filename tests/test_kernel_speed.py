@@ -214,3 +214,82 @@ def test_cli_writes_json_atomically(tmp_path):
 def test_cli_bad_input(argv, message, capsys):
     assert main(["kernel-bench", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# --- --json destinations: checked before anything is measured; a save failing later is one line, exit 1 ---
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Measuring fails loudly: a --json refusal must come before the benchmark runs."""
+    def fail(*args, **kwargs):
+        raise AssertionError("kernel-bench measured before checking --json")
+
+    monkeypatch.setattr("bench.cli.kernel_bench.run_kernel_bench", fail)
+
+
+TINY = ["kernel-bench", "--tiny", "--device", "cpu", "--only", "rmsnorm"]
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_cli_json_to_a_directory_is_refused_before_measuring(tmp_path, no_measuring, capsys):
+    assert main([*TINY, "--json", str(tmp_path)]) == 2
+    assert "is a directory" in _one_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_json_in_a_read_only_folder_is_refused_before_measuring(tmp_path, no_measuring, monkeypatch, capsys):
+    import errno
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through a mode of 0o555: the OS refusal is simulated instead
+        real_open = os.open
+
+        def refusing_open(path, *args, **kwargs):
+            if os.path.dirname(os.path.abspath(path)) == str(ro):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    try:
+        assert main([*TINY, "--json", str(ro / "speed.json")]) == 2
+    finally:
+        ro.chmod(0o755)
+    err = _one_line(capsys.readouterr().err)
+    assert "cannot write" in err and str(ro) in err
+    assert list(ro.iterdir()) == [], "the probe file was left behind"
+
+
+def test_cli_json_under_a_file_is_refused_before_measuring(tmp_path, no_measuring, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    assert main([*TINY, "--json", str(tmp_path / "notes.txt" / "speed.json")]) == 2
+    assert "is not a folder" in _one_line(capsys.readouterr().err)
+
+
+def test_cli_json_with_a_missing_folder_is_refused_before_measuring(tmp_path, no_measuring, capsys):
+    assert main([*TINY, "--json", str(tmp_path / "missing" / "speed.json")]) == 2
+    assert "does not exist" in _one_line(capsys.readouterr().err)
+
+
+def test_cli_json_save_failing_after_measuring_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    """The destination turns into a folder while the benchmark runs: SaveError, one line, no temp file."""
+    dest = tmp_path / "speed.json"
+    real = ks.run_kernel_bench
+
+    def run_then_block(*args, **kwargs):
+        result = real(*args, **{**kwargs, "timer": FAST})
+        dest.mkdir()
+        return result
+
+    monkeypatch.setattr("bench.cli.kernel_bench.run_kernel_bench", run_then_block)
+    assert main([*TINY, "--json", str(dest)]) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert "could not save" in err and str(dest) in err
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.json"] and dest.is_dir(), "temporary file left behind"

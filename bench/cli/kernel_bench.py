@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from bench.cli.common import UsageError, parse_device
-from bench.kernel_speed import SECTIONS, KernelBenchResult, run_kernel_bench, write_json
+from bench.kernel_speed import SECTIONS, KernelBenchResult, check_json_path, run_kernel_bench, write_json
 
 
 def print_table(result: KernelBenchResult, console=None) -> None:
@@ -77,14 +75,12 @@ def cmd_kernel_bench(args) -> int:
         unknown = [s for s in sections if s not in SECTIONS]
         if unknown or not sections:
             raise UsageError(f"--only {args.only!r}: choose sections from {','.join(SECTIONS)}")
-    if args.json:
-        parent = Path(args.json).resolve().parent
-        if not parent.is_dir():
-            raise UsageError(f"--json {args.json}: folder {parent} does not exist; create it first")
+    if args.json is not None:
+        check_json_path(args.json)  # before measuring: a bad destination costs no benchmark run
     tiny = True if args.tiny or device.type == "cpu" else False
     result = run_kernel_bench(device, tiny=tiny, sections=sections, seed=args.seed)
     print_table(result)
-    if args.json:
+    if args.json is not None:
         write_json(result, args.json)
         print(f"wrote {args.json}")
     return 0
