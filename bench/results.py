@@ -137,9 +137,21 @@ class OutDirError(InputError):
     """The results directory cannot be created or written; the message names the fix."""
 
 
+def _file_in_the_way(out: Path) -> Path | None:
+    """``out`` itself or the nearest of its parents that exists, when that is not a directory."""
+    for p in (out, *out.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def check_out_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove it writable by writing and removing a probe file."""
     out = Path(path)
+    blocker = _file_in_the_way(out)
+    if blocker is not None:
+        raise OutDirError(f"{str(blocker)!r} is a file, not a directory; pass --out a directory "
+                          f"(a new one is created)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -26,6 +26,12 @@ class CheckpointError(ValueError):
 
 
 def read_config(path: str | Path) -> QwenConfig:
+    """The :class:`QwenConfig` a checkpoint folder's ``config.json`` describes.
+
+    The weight files present are checked too, without reading their tensors (their framing: header
+    length, header, data size; see :func:`check_weights`), so a truncated download is reported here,
+    naming the file, before anything (detbench's loader or transformers') tries to load it.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory; pass the folder that holds config.json")
@@ -36,13 +42,68 @@ def read_config(path: str | Path) -> QwenConfig:
             f"(write one with model.save_pretrained(folder))"
         )
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read it ({_reason(e)})") from None
     try:
-        return QwenConfig.from_hf_dict(raw, where=str(cfg_file))
+        config = QwenConfig.from_hf_dict(raw, where=str(cfg_file))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    check_weights(folder)
+    return config
+
+
+def _reason(e: BaseException) -> str:
+    text = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: truncated or damaged safetensors file ({what}); copy or download it again")
+
+
+def check_safetensors(path: str | Path) -> list[str]:
+    """Check the framing of one ``.safetensors`` file without reading its tensors; return the tensor names.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte range,
+    then the data. A file cut short (an interrupted download or copy) fails one of these checks, and the
+    :class:`CheckpointError` names the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _damaged(path, f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise _damaged(path, f"the header says it is {n} bytes but only {size - 8} follow")
+            header_bytes = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({_reason(e)})") from None
+    try:
+        header = json.loads(header_bytes)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise _damaged(path, f"its header is not a safetensors header: {_reason(e)}") from None
+    data = size - 8 - n
+    need = max(ends, default=0)
+    if data != need:
+        raise _damaged(path, f"the header describes {need} bytes of tensor data, the file holds {data}")
+    return [k for k in header if k != "__metadata__"]
+
+
+def check_weights(folder: str | Path) -> None:
+    """Check the framing of every safetensors file in ``folder`` (:func:`check_safetensors`); a missing
+    file is not an error here (:func:`weight_files` reports it)."""
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -51,19 +112,22 @@ def weight_files(folder: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"'weight_map' is a {type(weight_map).__name__}, not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
         out = {}
         for name, fname in weight_map.items():
-            shard = folder / fname
+            shard = folder / str(fname)
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: listed in {INDEX} but missing; copy the complete checkpoint")
             out[name] = shard
+        for shard in sorted(set(out.values())):
+            check_safetensors(shard)
         return out
     single = folder / SINGLE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in check_safetensors(single)}
     found = sorted(p.name for p in folder.iterdir())
     hint = " (PyTorch .bin weights are not read: re-save with save_pretrained(..., safe_serialization=True))" \
         if any(n.endswith(".bin") for n in found) else ""
@@ -87,7 +151,7 @@ def load_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Pa
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{f}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{f}: cannot read safetensors file ({_reason(e)})") from None
     return tensors, where
 
 

@@ -91,46 +91,98 @@ class QwenConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, *, where: str = "config.json") -> "QwenConfig":
-        """Build a config from a transformers ``config.json`` dictionary (Qwen2/Qwen2.5/Qwen3)."""
+        """Build a config from a transformers ``config.json`` dictionary (Qwen2/Qwen2.5/Qwen3).
+
+        Every problem is a ``ValueError`` whose message starts with ``where`` and names the field.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object of config fields (as save_pretrained writes), "
+                             f"got {type(d).__name__} {_short(d)}")
         model_type = d.get("model_type")
         if model_type not in ("qwen3", "qwen2"):
             raise ValueError(
-                f"{where}: model_type {model_type!r} is not supported; detbench reads Qwen3 "
+                f"{where}: model_type {_short(model_type)} is not supported; detbench reads Qwen3 "
                 f"('qwen3') and Qwen2/Qwen2.5 ('qwen2') checkpoints"
             )
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported (Qwen uses 'silu')")
-        if model_type == "qwen3" and d.get("attention_bias", False):
+            raise ValueError(f"{where}: hidden_act {_short(act)} is not supported (Qwen uses 'silu')")
+        if model_type == "qwen3" and _flag(d, "attention_bias", False, where):
             raise ValueError(f"{where}: attention_bias=true is not supported for qwen3")
+        rope = {}
+        for key in ("rope_scaling", "rope_parameters"):
+            value = d.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{where}: field {key!r} must be an object or null, got {_short(value)}")
+            rope = rope or (value or {})
         rope_theta = d.get("rope_theta")
         if rope_theta is None:  # transformers >= 5 nests it under rope_parameters
             rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        rope_type = (d.get("rope_scaling") or d.get("rope_parameters") or {}).get("rope_type", "default")
+        rope_type = rope.get("rope_type", "default")
         if rope_type != "default":
-            raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only 'default')")
-        if d.get("use_sliding_window", False):
+            raise ValueError(f"{where}: rope_type {_short(rope_type)} is not supported (only 'default')")
+        if _flag(d, "use_sliding_window", False, where):
             raise ValueError(f"{where}: use_sliding_window=true is not supported")
+        heads = _positive_int(d, "num_attention_heads", where)
+        hidden = _positive_int(d, "hidden_size", where)
+        fields = dict(
+            family=model_type,
+            vocab_size=_positive_int(d, "vocab_size", where),
+            hidden_size=hidden,
+            intermediate_size=_positive_int(d, "intermediate_size", where),
+            num_hidden_layers=_positive_int(d, "num_hidden_layers", where),
+            num_attention_heads=heads,
+            num_key_value_heads=_positive_int(d, "num_key_value_heads", where, default=heads),
+            head_dim=_positive_int(d, "head_dim", where, default=hidden // heads),
+            rms_norm_eps=_positive_number(d.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+            rope_theta=_positive_number(rope_theta, "rope_theta", where),
+            max_position_embeddings=_positive_int(d, "max_position_embeddings", where, default=32768),
+            tie_word_embeddings=_flag(d, "tie_word_embeddings", False, where),
+            source=where,
+        )
         try:
-            heads = int(d["num_attention_heads"])
-            hidden = int(d["hidden_size"])
-            return cls(
-                family=model_type,
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
-                max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                source=where,
-            )
-        except KeyError as e:
-            raise ValueError(f"{where}: required field {e.args[0]!r} is missing") from None
+            return cls(**fields)
+        except ValueError as e:  # an invalid combination (heads vs kv heads, odd head_dim)
+            raise ValueError(f"{where}: {e}") from None
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REQUIRED = object()
+
+
+def _positive_int(d: dict, key: str, where: str, default=_REQUIRED) -> int:
+    """``d[key]`` as a positive int (an integral float such as 64.0 is accepted); null or absent means
+    ``default``, and is an error when there is none."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            what = "is missing" if key not in d else "is null"
+            raise ValueError(f"{where}: required field {key!r} {what}; it must be a positive integer")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{where}: field {key!r} must be a positive integer, got {_short(value)}")
+    return value
+
+
+def _positive_number(value, key: str, where: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{where}: field {key!r} must be a positive number, got {_short(value)}")
+    return float(value)
+
+
+def _flag(d: dict, key: str, default: bool, where: str) -> bool:
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: field {key!r} must be true or false, got {_short(value)}")
+    return value
 
 
 PRESETS: dict[str, QwenConfig] = {

@@ -114,6 +114,24 @@ class Backend:
         return self.why_not(device) is None
 
 
+# Characters the command line uses to separate backend names: --backends a,b (comma-separated), --route
+# OP=BACKEND, --plant MODULE=op/backend. A name containing one (or whitespace) could never be chosen.
+_NAME_SEPARATORS = ",=/"
+
+
+def check_name(name: object) -> None:
+    """Refuse a backend name the command line could never select (``ValueError`` saying why)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backend name must be a non-empty string, got {name!r}")
+    bad = sorted({c for c in name if c in _NAME_SEPARATORS or c.isspace()})
+    if bad:
+        raise ValueError(
+            f"backend name {name!r} contains {' '.join(repr(c) for c in bad)}; names cannot contain ',', '=', '/' "
+            f"or whitespace because the command line lists backends comma-separated (--backends a,b), as "
+            f"OP=BACKEND (--route) and as op/backend (--plant); choose a name like 'my-kernel'"
+        )
+
+
 class Registry:
     """Mapping (op, name) -> Backend. Use the module-level :data:`REGISTRY`."""
 
@@ -162,8 +180,7 @@ class Registry:
         """
         if op not in OPS:
             raise UnknownBackend(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
-        if not name or not isinstance(name, str):
-            raise ValueError("backend name must be a non-empty string")
+        check_name(name)
 
         def add(f: Callable) -> Callable:
             if not callable(f):

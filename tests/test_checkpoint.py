@@ -9,6 +9,7 @@ import torch
 
 from bench.compare import assert_bitwise_equal
 from qwen_layers import CheckpointError, QwenForCausalLM, from_pretrained, get_preset
+from qwen_layers.checkpoint import read_config
 
 from .hf_twins import batch, hf_classes, twin_pair
 
@@ -116,3 +117,88 @@ def test_bad_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         from_pretrained(tmp_path)
+
+
+# ---- damaged files: a CheckpointError naming the file (and the field), never a raw library error ----
+
+
+@pytest.mark.parametrize("content, needles", [
+    ("[1, 2, 3]", ["expected a JSON object", "got list"]),
+    ('"qwen3"', ["expected a JSON object", "got str"]),
+    (None, ["field 'vocab_size' is null", "must be a positive integer"]),
+    ("abc", ["field 'hidden_size'", "must be a positive integer, got 'abc'"]),
+    (b"\xff\xfe{", ["cannot read"]),
+], ids=["list", "string", "vocab_size-null", "hidden_size-abc", "not-utf8"])
+def test_bad_config_names_the_file_and_field(saved, tmp_path, content, needles):
+    _, hf, _ = saved
+    hf.save_pretrained(tmp_path)
+    cfg_file = tmp_path / "config.json"
+    if content is None:
+        _saved_with_config(hf, tmp_path, vocab_size=None)
+    elif content == "abc":
+        _saved_with_config(hf, tmp_path, hidden_size="abc")
+    elif isinstance(content, bytes):
+        cfg_file.write_bytes(content)
+    else:
+        cfg_file.write_text(content)
+    for load in (read_config, from_pretrained):
+        with pytest.raises(CheckpointError) as e:
+            load(tmp_path)
+        text = str(e.value)
+        assert text.startswith(f"{cfg_file}: ") and len(text.splitlines()) == 1, text
+        for needle in needles:
+            assert needle in text, (needle, text)
+
+
+def _truncate(path, how):
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    cut = {"empty": 0, "in-length": 4, "in-header": 8 + header_len // 2, "in-data": (8 + header_len + len(data)) // 2,
+           "last-byte": len(data) - 1}[how]
+    path.write_bytes(data[:cut])
+
+
+TRUNCATIONS = ["empty", "in-length", "in-header", "in-data", "last-byte"]
+
+
+@pytest.mark.parametrize("how", TRUNCATIONS)
+def test_truncated_safetensors_is_a_checkpoint_error_naming_the_file(saved, tmp_path, how):
+    _, hf, _ = saved
+    hf.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    _truncate(weights, how)
+    for load in (read_config, from_pretrained):  # read_config checks the weight files' framing too
+        with pytest.raises(CheckpointError) as e:
+            load(tmp_path)
+        text = str(e.value)
+        assert text.startswith(f"{weights}: ") and "truncated or damaged" in text, text
+        assert len(text.splitlines()) == 1, text
+
+
+@pytest.mark.parametrize("how", ["in-header", "in-data"])
+def test_truncated_shard_is_a_checkpoint_error_naming_the_shard(saved, tmp_path, how):
+    _, hf, _ = saved
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    shard = sorted(tmp_path.glob("*.safetensors"))[-1]
+    _truncate(shard, how)
+    with pytest.raises(CheckpointError, match=f"^{shard}: .*truncated or damaged"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["in-header", "in-data"])
+def test_truncated_safetensors_for_an_hf_model_is_one_line(saved, tmp_path, capsys, how):
+    """``detbench sft --model hf:FOLDER`` reads the folder through qwen_layers.checkpoint first: a truncated
+    model.safetensors is one line naming the file (exit 2), not a raw SafetensorError from transformers."""
+    pytest.importorskip("transformers")
+    from bench.cli import main
+
+    cfg, hf, _ = saved
+    hf.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    _truncate(weights, how)
+    capsys.readouterr()  # save_pretrained's progress bar
+    rc = main(["sft", "--model", f"hf:{tmp_path}", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(weights) in lines[0] and "truncated or damaged" in lines[0], err

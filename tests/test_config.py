@@ -68,3 +68,53 @@ def test_hf_dict_transformers5_rope_parameters():
     d["rope_parameters"]["rope_type"] = "yarn"
     with pytest.raises(ValueError, match="rope_type 'yarn'"):
         QwenConfig.from_hf_dict(d)
+
+
+# A config.json with a bad field: the error names the field and the file, whatever the value's type.
+BAD_FIELDS = [
+    ("vocab_size", None, "must be a positive integer"),
+    ("hidden_size", "abc", "must be a positive integer"),
+    ("hidden_size", 64.5, "must be a positive integer"),
+    ("num_hidden_layers", True, "must be a positive integer"),
+    ("num_attention_heads", 0, "must be a positive integer"),
+    ("num_key_value_heads", -2, "must be a positive integer"),
+    ("intermediate_size", [128], "must be a positive integer"),
+    ("head_dim", "16", "must be a positive integer"),
+    ("rms_norm_eps", "tiny", "must be a positive number"),
+    ("rope_theta", "big", "must be a positive number"),
+    ("max_position_embeddings", {}, "must be a positive integer"),
+    ("tie_word_embeddings", "false", "must be true or false"),
+    ("rope_scaling", [1, 2], "must be an object"),
+    ("model_type", ["qwen3"], "model_type"),
+]
+
+
+@pytest.mark.parametrize("field, value, msg", BAD_FIELDS, ids=[f"{f}={v!r}" for f, v, _ in BAD_FIELDS])
+def test_hf_dict_bad_field_names_field_and_file(field, value, msg):
+    d = get_preset("qwen3-tiny").to_hf_dict()
+    d[field] = value
+    with pytest.raises(ValueError) as e:
+        QwenConfig.from_hf_dict(d, where="ckpt/config.json")
+    text = str(e.value)
+    assert text.startswith("ckpt/config.json: ") and field in text and msg in text, text
+
+
+@pytest.mark.parametrize("value", [[1, 2, 3], "qwen3", 7, None])
+def test_hf_dict_that_is_not_an_object(value):
+    with pytest.raises(ValueError, match=r"^ckpt/config.json: expected a JSON object .*, got "):
+        QwenConfig.from_hf_dict(value, where="ckpt/config.json")
+
+
+def test_hf_dict_integral_float_and_null_optionals_are_read():
+    d = get_preset("qwen3-tiny").to_hf_dict()
+    d.update(hidden_size=64.0, num_key_value_heads=None, head_dim=None, rope_scaling=None)
+    c = QwenConfig.from_hf_dict(d)
+    assert c.hidden_size == 64 and isinstance(c.hidden_size, int)
+    assert c.num_key_value_heads == c.num_attention_heads and c.head_dim == 64 // c.num_attention_heads
+
+
+def test_hf_dict_invalid_combination_names_the_file():
+    d = get_preset("qwen3-tiny").to_hf_dict()
+    d["num_key_value_heads"] = 3
+    with pytest.raises(ValueError, match=r"^ckpt/config.json: num_attention_heads \(4\) must be a multiple"):
+        QwenConfig.from_hf_dict(d, where="ckpt/config.json")

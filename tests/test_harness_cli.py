@@ -58,12 +58,15 @@ def test_cuda_without_cuda(capsys):
     one_line_error(capsys, ["run", "--device", "cuda"], "no CUDA device", "--device cpu")
 
 
-def test_unwritable_out(capsys, tmp_path):
+@pytest.mark.parametrize("below", [False, True], ids=["out-is-a-file", "out-below-a-file"])
+def test_out_that_is_a_file(capsys, tmp_path, below):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    one_line_error(capsys, ["run", "--subjects", "rmsnorm", "--backends", "eager", "--out", str(blocker / "sub"), *FAST],
-                   "cannot create results directory", "pass --out a writable directory")
-    assert list(tmp_path.iterdir()) == [blocker]
+    out = blocker / "sub" if below else blocker
+    line = one_line_error(capsys, ["run", "--subjects", "rmsnorm", "--backends", "eager", "--out", str(out), *FAST],
+                          f"{str(blocker)!r} is a file, not a directory", "pass --out a directory")
+    assert "File exists" not in line and "cannot create" not in line
+    assert list(tmp_path.iterdir()) == [blocker] and blocker.read_text() == "x"
 
 
 def test_dtype_a_backend_does_not_support(capsys, fp32_only_backend):

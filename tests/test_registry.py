@@ -199,3 +199,22 @@ def test_observers_nest():
             REGISTRY.resolve("swiglu", "eager")(torch.ones(2), torch.ones(2))
         REGISTRY.resolve("swiglu", "eager")(torch.ones(2), torch.ones(2))
     assert order == ["inner", "outer", "outer"]
+
+
+@pytest.mark.parametrize("name", ["a,b", "op=x", "linear/x", "has space", " lead", "tab\tname", "", "\n"])
+def test_names_the_command_line_cannot_choose_are_refused(name):
+    """--backends is comma-separated, --route is OP=BACKEND, plants are op/backend: such names could never
+    be chosen, so registering one is an error that says why."""
+    reg = Registry()
+    with pytest.raises(ValueError, match="backend name") as e:
+        reg.register("rmsnorm", name, lambda x, w, eps: x)
+    assert repr(name) in str(e.value)
+    with pytest.raises(ValueError, match="backend name"):
+        reg.register("rmsnorm", name)(lambda x, w, eps: x)  # the decorator form checks it too
+    assert reg.names("rmsnorm") == []
+
+
+@pytest.mark.parametrize("name", [None, 3, b"bytes"])
+def test_backend_name_must_be_a_string(name):
+    with pytest.raises(ValueError, match="backend name must be a non-empty string"):
+        Registry().register("rmsnorm", name, lambda x, w, eps: x)

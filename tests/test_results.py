@@ -112,9 +112,9 @@ def test_check_out_dir(tmp_path):
     assert R.check_out_dir(tmp_path / "new" / "dir").is_dir()
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(R.OutDirError, match="pass --out a writable directory"):
+    with pytest.raises(R.OutDirError, match="is a file, not a directory; pass --out a directory"):
         R.check_out_dir(blocker / "sub")
-    with pytest.raises(R.OutDirError, match="not a directory|cannot create"):
+    with pytest.raises(R.OutDirError, match="is a file, not a directory"):
         R.check_out_dir(blocker)
 
 
@@ -150,3 +150,16 @@ def test_schema_is_documented():
                 R.RepeatRecord, R.BatchRecord, R.AccuracyRecord, R.CrossRecord, R.TimingRecord):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in readme, f"{cls.__name__}.{f.name} is not documented in results/README.md"
+
+
+@pytest.mark.parametrize("where", ["the path", "a parent"])
+def test_out_dir_that_is_a_file_says_so(tmp_path, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker if where == "the path" else blocker / "sub" / "dir"
+    with pytest.raises(R.OutDirError) as e:
+        R.check_out_dir(out)
+    msg = str(e.value)
+    assert f"{str(blocker)!r} is a file, not a directory" in msg and "File exists" not in msg, msg
+    assert "pass --out a directory" in msg
+    assert blocker.read_text() == "x" and list(tmp_path.iterdir()) == [blocker]
