@@ -18,6 +18,12 @@ It writes at most 8 files into --out (the device tool brings back at most 8) and
 summary table last. ``--dry-run`` runs the same stages on the CPU with tiny shapes in seconds; CI
 runs it so the script cannot rot.
 
+Ctrl-C or SIGTERM stops the running stage's whole process group (SIGTERM, a grace period, SIGKILL),
+removes the temporary ``gpu-check-*`` folder, writes summary.md/summary.json for the stages that
+finished (the stopped one marked ``interrupted``) and names the files --out holds; exit 130 (143 for
+SIGTERM). For tests, ``DETBENCH_TEST_STAGE_HOOK="STAGE=COMMAND"`` runs COMMAND in place of a stage's
+own command (:func:`_hooked`).
+
 On the lent GPU machine (no install there; its python3 has torch, triton, transformers, rich,
 pytest, safetensors), from the repository root:
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -42,7 +49,8 @@ from bench.results import capture_environment, write_json_atomic, write_text_ato
 DEFAULT_BUDGET_S = 480.0
 REPO = Path(__file__).resolve().parents[1]
 DRY_RUN_PLANT = "model.layers.1.mlp.down_proj=linear/planted-nondet"
-INTERRUPT_GRACE_S = 20  # time a stopped stage gets to write its partial result
+INTERRUPT_GRACE_S = 20  # time a stage stopped for its time limit gets to write its partial result
+STOP_GRACE_S = 5.0  # time a stage gets after SIGTERM when gpu-check itself is interrupted
 
 # Share of the budget per stage; unused time carries over to later stages.
 SHARES = {
@@ -77,7 +85,15 @@ def _bench(*args: str) -> list[str]:
 
 
 def _run_stage(stage: Stage, argv: list[str], limit_s: float, log, env=None) -> None:
-    """Run ``argv`` in its own process group; kill the group when it exceeds ``limit_s``."""
+    """Run ``argv`` in its own process group; stop the group when it exceeds ``limit_s``.
+
+    The group never outlives this call: on a timeout it gets SIGINT (detbench run saves what it
+    measured), then SIGTERM, then SIGKILL; on any other way out (Ctrl-C or SIGTERM here, which raise
+    ``KeyboardInterrupt``, or an exception) SIGTERM, :data:`STOP_GRACE_S`, SIGKILL, and the stage is
+    marked ``interrupted`` (or failed) before the exception goes on. Whatever is left of the group
+    (the stage's own children) is killed once its leader has exited, before the leader is reaped, so
+    the group id cannot have been reused.
+    """
     stage.command, stage.limit_s = argv, round(limit_s, 1)
     log.write(f"\n===== {stage.name}: {' '.join(argv)} (limit {limit_s:.0f}s)\n")
     log.flush()
@@ -87,23 +103,68 @@ def _run_stage(stage: Stage, argv: list[str], limit_s: float, log, env=None) -> 
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    stage.status = "running"
     try:
-        rc = proc.wait(timeout=limit_s)
-        stage.status = "ok" if rc == 0 else f"failed (rc {rc})"
-    except subprocess.TimeoutExpired:
-        # SIGINT first: detbench run then saves what it measured as an "interrupted" result.
-        for sig, grace in ((signal.SIGINT, INTERRUPT_GRACE_S), (signal.SIGTERM, 10), (signal.SIGKILL, None)):
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        stage.status = "timed out"
+        if not _exited(proc, limit_s):
+            stage.status = "timed out"
+            # SIGINT first: detbench run then saves what it measured as an "interrupted" result.
+            _stop(proc, ((signal.SIGINT, INTERRUPT_GRACE_S), (signal.SIGTERM, 10)))
+    except BaseException as e:
+        stage.status = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
+        _stop(proc, ((signal.SIGTERM, STOP_GRACE_S),))
+        raise
     finally:
+        _kill_group(proc)
+        if stage.status == "running":
+            rc = proc.returncode
+            stage.status = "ok" if rc == 0 else f"failed (rc {rc})"
         stage.seconds = round(time.monotonic() - t0, 1)
         log.write(f"===== {stage.name}: {stage.status} after {stage.seconds}s\n")
         log.flush()
+
+
+def _exited(proc: subprocess.Popen, timeout: float | None) -> bool:
+    """Wait up to ``timeout`` seconds for ``proc`` to exit, without reaping it (so its process group id
+    stays reserved for :func:`_kill_group`)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+                return True
+        except ChildProcessError:  # already reaped
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        delay = min(delay * 2, 0.05)
+        time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    if proc.returncode is not None:  # reaped: its group id may belong to someone else by now
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(proc: subprocess.Popen, steps) -> None:
+    """Send each (signal, grace seconds) of ``steps`` to the group until its leader exits; SIGKILL is
+    :func:`_kill_group`'s, in ``finally``."""
+    for sig, grace in steps:
+        _signal_group(proc, sig)
+        if _exited(proc, grace):
+            return
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the stage's process group, then reap its leader."""
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # stuck in the kernel; init reaps it once it dies
+        pass
 
 
 def _newest_json(folder: Path) -> Path | None:
@@ -133,6 +194,18 @@ def env_line(env: dict) -> str:
     return "; ".join(parts)
 
 
+TEST_STAGE_HOOK = "DETBENCH_TEST_STAGE_HOOK"
+
+
+def _hooked(name: str, argv: list[str]) -> list[str]:
+    """For tests only: ``DETBENCH_TEST_STAGE_HOOK="STAGE=COMMAND"`` runs COMMAND (split as a shell
+    would, :func:`shlex.split`) in place of stage STAGE's own command, with everything else unchanged
+    (its own process group, time limit, log). tests/test_gpu_check.py uses it to put a child that
+    writes its PID and sleeps where a real stage runs, then interrupts gpu-check."""
+    stage, sep, command = os.environ.get(TEST_STAGE_HOOK, "").partition("=")
+    return shlex.split(command) if sep and stage == name else argv
+
+
 class _Budget:
     """Runs stages, each within its share of the budget plus what earlier stages left unused."""
 
@@ -145,6 +218,7 @@ class _Budget:
 
     def step(self, name: str, argv: list[str], env_extra=None) -> Stage:
         st = self.by_name[name]
+        argv = _hooked(name, argv)
         lim = max(0.0, min(self.budget_s * SHARES[name] + self.carry, self.deadline - time.monotonic()))
         _run_stage(st, argv, lim, self.log, env_extra)
         self.carry = max(0.0, lim - st.seconds) if st.status == "ok" else 0.0
@@ -188,14 +262,32 @@ def _sft_argv(folder: Path, dry_run: bool) -> list[str]:
                   "--repeats", "3", "--out", str(folder), "--summary-only")
 
 
-def run_checks(out: Path, budget_s: float, dry_run: bool) -> tuple[list[Stage], dict]:
-    device = "cpu" if dry_run else "cuda"
-    stages = [Stage(n) for n in ("env", *SHARES)]
+@dataclass
+class CheckRun:
+    """One gpu-check, filled in as it goes, so that an interrupted run still says what finished."""
+
+    budget_s: float
+    dry_run: bool
+    stages: list[Stage] = field(default_factory=lambda: [Stage(n) for n in ("env", *SHARES)])
+    env: dict | None = None
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM; the stage it was in says "interrupted"
+
+
+def run_checks(out: Path, run: CheckRun) -> CheckRun:
+    """Run every stage into ``out``, recording into ``run`` (the caller's, so it survives an interrupt).
+
+    On ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under ``bench.cli``) the running stage's process group
+    is killed (:func:`_run_stage`), the stage is marked ``interrupted``, ``run.interrupted`` is set and
+    the interrupt goes on; the caller then writes the summary (:func:`write_summary`). The temporary
+    ``gpu-check-*`` folder is removed on every way out.
+    """
+    device = "cpu" if run.dry_run else "cuda"
+    dry_run = run.dry_run
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
         with open(out / "gpu_check.log", "w") as log:
-            budget = _Budget(stages, budget_s, log)
-            env = _env_stage(budget.by_name["env"], device, log)
+            budget = _Budget(run.stages, run.budget_s, log)
+            run.env = _env_stage(budget.by_name["env"], device, log)
             budget.step("tests", _tests_argv(dry_run))
             for name, preset in (("run-0.6b", "qwen3-0.6b"), ("run-8b", "qwen3-8b")):
                 d = work / name
@@ -211,12 +303,19 @@ def run_checks(out: Path, budget_s: float, dry_run: bool) -> tuple[list[Stage], 
             st = budget.step("sft", _sft_argv(d, dry_run))
             _adopt(_newest_json(d), out, "sft.json", st)
             _pinpoint_stage(budget, out, work, device, dry_run, sft_ok=bool(st.output))
+    except KeyboardInterrupt:
+        run.interrupted = True
+        for st in run.stages:
+            if st.status == "running":  # the env stage (in this process) or a stage not yet marked
+                st.status = "interrupted"
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return stages, env
+    return run
 
 
 def _env_stage(st: Stage, device: str, log) -> dict:
+    st.status = "running"
     t0 = time.monotonic()
     env = environment_summary(device)
     st.status, st.seconds, st.note = "ok", round(time.monotonic() - t0, 1), env_line(env)
@@ -294,22 +393,31 @@ def findings(out: Path) -> list[str]:
     return lines
 
 
-def write_summary(out: Path, stages: list[Stage], env: dict, budget_s: float, dry_run: bool) -> str:
+def write_summary(out: Path, run: CheckRun) -> str:
+    """Write summary.md and summary.json (each atomically) from ``run``, finished or interrupted."""
+    where = env_line(run.env) if run.env else "Environment not captured"
     lines = [
-        f"# detbench gpu-check{' (CPU dry run)' if dry_run else ''}",
+        f"# detbench gpu-check{' (CPU dry run)' if run.dry_run else ''}",
         "",
-        f"{env_line(env)}. Budget {budget_s:.0f}s. Stage logs: gpu_check.log.",
+        f"{where}. Budget {run.budget_s:.0f}s. Stage logs: gpu_check.log.",
         "",
+    ]
+    if run.interrupted:
+        stopped = [s.name for s in run.stages if s.status == "interrupted"]
+        lines += [f"**Interrupted** (Ctrl-C or SIGTERM){' during ' + ', '.join(stopped) if stopped else ''}; "
+                  f"the stages after it did not run.", ""]
+    lines += [
         "| stage | status | seconds | limit | output | note |",
         "|---|---|---|---|---|---|",
     ]
-    for s in stages:
+    for s in run.stages:
         lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.limit_s} | {s.output or ''} | {s.note} |")
     found = findings(out)
     if found:
         lines += ["", "## Findings", ""] + [f"- {line}" for line in found]
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "summary.md", text, exclusive=False)
-    write_json_atomic(out / "summary.json", {"dry_run": dry_run, "budget_s": budget_s, "environment": env,
-                                             "stages": [asdict(s) for s in stages]}, exclusive=False)
+    write_json_atomic(out / "summary.json", {"dry_run": run.dry_run, "budget_s": run.budget_s,
+                                             "interrupted": run.interrupted, "environment": run.env,
+                                             "stages": [asdict(s) for s in run.stages]}, exclusive=False)
     return text

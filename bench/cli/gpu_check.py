@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -10,8 +11,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import gpu_check
+from bench.cli import EXIT_SIGINT
 from bench.cli.common import UsageError
-from bench.gpu_check import DEFAULT_BUDGET_S, FILES, Stage, findings, run_checks, write_summary
+from bench.errors import SaveError
+from bench.gpu_check import DEFAULT_BUDGET_S, FILES, CheckRun, Stage, findings, run_checks, write_summary
 
 
 def print_summary(stages: list[Stage], out: Path) -> None:
@@ -44,11 +47,37 @@ def cmd_gpu_check(args) -> int:
     stray = [p.name for p in out.iterdir() if p.name not in FILES]
     if stray:
         raise UsageError(f"--out {out} already holds other files ({', '.join(stray[:3])}); give an empty folder")
-    stages, env = run_checks(out, float(args.budget), args.dry_run)
-    write_summary(out, stages, env, float(args.budget), args.dry_run)
-    print_summary(stages, out)
-    failed = [s for s in stages if s.status.startswith(("failed", "timed out"))]
+    run = CheckRun(float(args.budget), args.dry_run)
+    try:
+        run_checks(out, run)
+    except KeyboardInterrupt:
+        return report_interrupt(out, run)
+    write_summary(out, run)
+    print_summary(run.stages, out)
+    failed = [s for s in run.stages if s.status.startswith(("failed", "timed out"))]
     return 1 if failed else 0
+
+
+def report_interrupt(out: Path, run: CheckRun) -> int:
+    """Ctrl-C or SIGTERM: the stage that ran is already stopped; write the summary of what finished and
+    name exactly the files --out holds. Returns 130 (``bench.cli.main`` makes it 143 for SIGTERM)."""
+    problem, mine = "", {"gpu_check.log"} | {s.output for s in run.stages if s.output}
+    try:
+        write_summary(out, run)
+        mine |= {"summary.md", "summary.json"}
+    except KeyboardInterrupt:
+        problem = "; interrupted again, so the summary was not written"
+    except SaveError as e:
+        problem = f"; {e}"
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    written = [n for n in present if n in mine]
+    earlier = [n for n in present if n not in mine]
+    stopped = [s.name for s in run.stages if s.status == "interrupted"]
+    print(f"detbench gpu-check: interrupted{' during ' + ', '.join(stopped) if stopped else ''}; "
+          f"{out} holds {', '.join(written) or 'nothing'} from this run"
+          f"{' and ' + ', '.join(earlier) + ' from an earlier one' if earlier else ''}{problem}",
+          file=sys.stderr)
+    return EXIT_SIGINT
 
 
 def add_parser(subparsers) -> None:
