@@ -18,8 +18,12 @@ The matrix is subject x backend x dtype x mode. For each subject the harness
    torch-det/hf-full result vs its default one).
 
 A backend that raises inside a determinism mode is recorded as *refused* with its reason, any other
-exception as *error*; neither stops the run. Ctrl-C stops it: the records so far are written with
-``status: interrupted`` and the cell it stopped in.
+exception as *error*; neither stops the run. Ctrl-C (SIGINT) or SIGTERM stops it: the records so far
+are written with ``status: interrupted``, the signal and the cell it stopped in.
+
+``--route OP=BACKEND`` sets an op a subject calls besides its primary op (``Subject.calls``); a route that
+no selected subject would use (the op is the primary op of every subject that calls it, or of none) is
+refused, and each subject's record lists the routes applied to it.
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from bench import checks
 from bench.compare import mismatch
-from bench.errors import InputError
+from bench.errors import InputError, SaveError, Terminated
 from bench.modes import MODES, apply_mode, get_mode, is_refusal
 from bench.report import render_markdown
 from bench.results import (
@@ -56,7 +61,7 @@ from bench.results import (
     write_json_atomic,
     write_text_atomic,
 )
-from bench.subjects import DTYPES, SUBJECTS, build_case, dtype_name, probe, reference_route
+from bench.subjects import DTYPES, SUBJECTS, build_case, check_seed, dtype_name, probe, reference_route
 from bench.timing import time_instance
 from qwen_layers import registry
 from qwen_layers.config import PRESETS
@@ -152,6 +157,24 @@ def _parse_route(items: list[str], device: torch.device) -> dict[str, str]:
                              f"{_cuda_hint(reason)}")
         user_route[op] = name
     return user_route
+
+
+def _check_route_applies(user_route: dict[str, str], subjects: list[str], config) -> None:
+    """Refuse a route that no selected subject would use: one for an op no subject calls, or for an op that
+    is the primary op (the backend axis, chosen by --backends) of every subject that calls it. A route that
+    applies to some subjects and not others is kept; each subject records the routes applied to it."""
+    for op, name in user_route.items():
+        users = [s for s in subjects if op in SUBJECTS[s].calls(config)]
+        if any(SUBJECTS[s].primary_op != op for s in users):
+            continue
+        if users:
+            raise InputError(
+                f"--route {op}={name}: {op} is the primary op of {', '.join(users)}, so its backend is chosen by "
+                f"--backends (e.g. --backends {name}); --route sets the other ops a subject calls")
+        callers = [s for s, x in SUBJECTS.items() if op in x.calls(config) and x.primary_op != op]
+        hint = f"; subjects that call it: {', '.join(callers)}" if callers else ""
+        raise InputError(f"--route {op}={name}: none of the selected subjects ({', '.join(subjects)}) calls {op}, "
+                         f"so the route would change nothing; drop it{hint}")
 
 
 def _requested_backends(requested: list[str], subjects: list[str],
@@ -258,7 +281,9 @@ def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None 
     if time_repeats < 1 or warmup < 0:
         raise InputError("--time-repeats must be >= 1 and --warmup >= 0")
 
+    seed = check_seed(seed)
     user_route = _parse_route(list(route), device)
+    _check_route_applies(user_route, subjects, PRESETS[preset])
     requested = _dedupe(backends) if backends else None
     if requested is not None:
         chosen, skipped = _requested_backends(requested, subjects, device)
@@ -307,12 +332,18 @@ def _numel(shape) -> int:
     return n
 
 
-def _unsupported(plan: Plan, op: str, backend: str, dtype: str) -> str | None:
+def _routes_applied(plan: Plan, subject: str) -> dict[str, str]:
+    """The backend of every op ``subject`` calls besides its primary op (the route its cells run with)."""
+    return {op: plan.route[op] for op in SUBJECTS[subject].calls(plan.config)[1:]}
+
+
+def _unsupported(plan: Plan, subject: str, backend: str, dtype: str) -> str | None:
     """Why this cell cannot run (its backend or a routed op does not support the dtype), or None."""
+    op = SUBJECTS[subject].primary_op
     reason = plan.unsupported.get((op, backend, dtype))
     if reason is None:
-        for rop, rname in plan.route.items():
-            if rop != op and (rop, rname, dtype) in plan.unsupported:
+        for rop, rname in _routes_applied(plan, subject).items():
+            if (rop, rname, dtype) in plan.unsupported:
                 reason = f"--route {rop}={rname}: {plan.unsupported[(rop, rname, dtype)]}"
     return reason
 
@@ -387,7 +418,7 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     key = dict(subject=subject, backend=backend, dtype=dtype, mode=mode)
     op = SUBJECTS[subject].primary_op
     n = s.repeats
-    reason = _unsupported(plan, op, backend, dtype)
+    reason = _unsupported(plan, subject, backend, dtype)
     if reason is not None:
         out.cells.append(CellRecord(**key, status="unsupported", reason=reason, repeats=0, deterministic=None,
                                     missable_fraction=None, batch_invariant=None,
@@ -485,7 +516,7 @@ def _subject_info(plan: Plan, case) -> SubjectInfo:
     sizes = {name: torch.tensor([], dtype=dt).element_size() for name, dt in DTYPES.items()}
     works = {name: case.work(case.rows, e) for name, e in sizes.items()}
     w = next(iter(works.values()))
-    route = {**plan.route}
+    route = _routes_applied(plan, subj.name)
     return SubjectInfo(
         subject=subj.name, primary_op=subj.primary_op, rowwise=subj.rowwise, description=subj.description,
         preset=plan.settings.preset, shapes=case.shapes(), rows=case.rows, batch_sizes=case.batch_sizes(),
@@ -511,12 +542,20 @@ def new_result(plan: Plan, command: list[str]) -> RunResult:
                      modes=[get_mode(m).to_dict() for m in s.modes], backends=infos, skipped=list(plan.skipped))
 
 
-def execute(plan: Plan, result: RunResult, progress=None) -> RunResult:
-    """Run the plan, filling ``result`` in place. KeyboardInterrupt marks it interrupted (not raised)."""
+def _signal_name(e: KeyboardInterrupt) -> str:
+    return "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+
+
+def execute(plan: Plan, result: RunResult, progress=None,
+            on_cell: Callable[[int], None] | None = None) -> RunResult:
+    """Run the plan, filling ``result`` in place. KeyboardInterrupt (Ctrl-C, and SIGTERM as
+    :class:`bench.errors.Terminated`) marks it interrupted, naming the signal, and is not raised: the cells
+    finished so far are in ``result``. ``on_cell(n)`` is called once ``n`` cells are recorded."""
     s = plan.settings
     task = progress.add_task("detbench run", total=plan.n_cells) if progress is not None else None
     where = "before the first cell"
     done = 0
+    recorded = 0
 
     try:
         for subject in s.subjects:
@@ -549,17 +588,22 @@ def execute(plan: Plan, result: RunResult, progress=None) -> RunResult:
                         if progress is not None:
                             progress.update(task, description=f"{subject} {backend} {dtype} {mode}")
                         first = run_cell(plan, case, subject, backend, dtype, mode, reference, eager_acc, result)
+                        recorded += 1
+                        where = f"{subject} / {backend} / {dtype} / {mode}, after cell {done} of {plan.n_cells}"
                         if first is not None:
                             firsts[(backend, mode)] = first
                         if progress is not None:
                             progress.update(task, advance=1)
+                        if on_cell is not None:
+                            on_cell(recorded)
                 result.cross.extend(cross_records(subject, dtype, firsts))
                 del firsts
             del reference, case
         result.status = "complete"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         result.status = "interrupted"
-        result.stopped_at = f"interrupted during {where}; {done - 1 if done else 0} of {plan.n_cells} cells complete"
+        result.stopped_at = (f"interrupted ({_signal_name(e)}) during {where}; {recorded} of {plan.n_cells} cells "
+                             f"complete")
     except Exception as e:
         result.status = "failed"
         result.stopped_at = f"failed during {where}"
@@ -571,8 +615,16 @@ def execute(plan: Plan, result: RunResult, progress=None) -> RunResult:
 
 
 def save(result: RunResult, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``<stem>.json`` and its Markdown summary ``<stem>.md``, atomically, never overwriting."""
+    """Write ``<stem>.json`` and its Markdown summary ``<stem>.md``, atomically, never overwriting.
+
+    A failed write raises :class:`bench.errors.SaveError` naming the file; no temporary file is left. When the
+    summary fails after the result was written, the message says where the result is.
+    """
     path = result_path(out_dir, "run", device_label(result.environment), result.run_id)
     json_path = write_json_atomic(path, result)
-    md_path = write_text_atomic(path.with_suffix(".md"), render_markdown(result, json_name=json_path.name))
+    try:
+        md_path = write_text_atomic(path.with_suffix(".md"), render_markdown(result, json_name=json_path.name))
+    except SaveError as e:
+        raise SaveError(f"{e}; the result is saved in {json_path} (detbench report {json_path} --markdown "
+                        f"FILE writes the summary)") from None
     return json_path, md_path

@@ -40,9 +40,10 @@ Nothing here runs at import time; only entering :func:`apply_mode` changes globa
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -148,20 +149,81 @@ def _set_env(key: str, value) -> None:
         os.environ[key] = value
 
 
+_INDUCTOR_CONFIG = "torch._inductor.config"
+
+
+def _loaded_inductor_config():
+    """``torch._inductor.config`` if it is already imported, else None; never imports it."""
+    mod = sys.modules.get(_INDUCTOR_CONFIG)
+    return mod if mod is not None and hasattr(mod, "deterministic") else None
+
+
+def _saved_state(mode: Mode) -> dict:
+    """Every switch ``mode`` may change, read as plain values (no imports)."""
+    inductor = _loaded_inductor_config()
+    det = torch.are_deterministic_algorithms_enabled()
+    return {
+        "env": {k: os.environ.get(k, _ABSENT) for k in mode.env},
+        "deterministic_algorithms": det,
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        # torch.use_deterministic_algorithms(x) also sets torch._inductor.config.deterministic = x (importing
+        # that module the first time, which takes seconds); put back what it was, or what
+        # use_deterministic_algorithms(det) would have set.
+        "inductor_deterministic": inductor.deterministic if inductor is not None else det,
+    }
+
+
+def _restore_inductor(value: bool) -> None:
+    inductor = _loaded_inductor_config()
+    if inductor is not None:
+        inductor.deterministic = value
+
+
+def _restore_steps(saved: dict) -> list[Callable[[], None]]:
+    """The rollback of :func:`apply_mode`, one step per switch. Each step sets a plain flag or variable and
+    imports nothing: the rollback may run because an interrupt arrived while torch was importing a module
+    (``torch.use_deterministic_algorithms`` imports ``torch._inductor.config``), and importing from a
+    half-imported package fails (``module 'torch._dynamo' has no attribute 'utils'``)."""
+    steps: list[Callable[[], None]] = [lambda k=k, v=v: _set_env(k, v) for k, v in saved["env"].items()]
+    steps += [
+        lambda: torch._C._set_deterministic_algorithms(saved["deterministic_algorithms"],
+                                                       warn_only=saved["warn_only"]),
+        lambda: setattr(torch.backends.cudnn, "deterministic", saved["cudnn_deterministic"]),
+        lambda: setattr(torch.backends.cudnn, "benchmark", saved["cudnn_benchmark"]),
+        lambda: _restore_inductor(saved["inductor_deterministic"]),
+    ]
+    return steps
+
+
+def _restore(saved: dict) -> None:
+    """Run every rollback step even if one raises (a second Ctrl-C arriving during the rollback), then
+    raise the first exception."""
+    first: BaseException | None = None
+    for step in _restore_steps(saved):
+        try:
+            step()
+        except BaseException as e:  # re-raised below, after the other steps
+            first = first or e
+    if first is not None:
+        raise first
+
+
 @contextmanager
 def apply_mode(name: str | Mode) -> Iterator[ModeState]:
     """Enter determinism mode ``name``; everything it changed is restored on exit, even on error.
+
+    An interrupt (KeyboardInterrupt, or SIGTERM's :class:`bench.errors.Terminated`) at any point inside,
+    entering included, leaves every switch as it was on entry and propagates unchanged: the rollback
+    reads and writes plain flags only (see :func:`_restore_steps`).
 
     >>> with apply_mode("torch-det") as state:
     ...     torch.are_deterministic_algorithms_enabled()
     True
     """
     mode = get_mode(name)
-    saved_env = {k: os.environ.get(k, _ABSENT) for k in mode.env}
-    saved_det = torch.are_deterministic_algorithms_enabled()
-    saved_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    saved_cudnn_det = torch.backends.cudnn.deterministic
-    saved_cudnn_bench = torch.backends.cudnn.benchmark
+    saved = _saved_state(mode)
     cuda_init = bool(torch.cuda.is_available() and torch.cuda.is_initialized())
     try:
         for k, v in mode.env.items():
@@ -171,11 +233,7 @@ def apply_mode(name: str | Mode) -> Iterator[ModeState]:
         torch.backends.cudnn.benchmark = mode.cudnn_benchmark
         yield ModeState(mode=mode, cuda_initialised=cuda_init)
     finally:
-        for k, v in saved_env.items():
-            _set_env(k, v)
-        torch.use_deterministic_algorithms(saved_det, warn_only=saved_warn)
-        torch.backends.cudnn.deterministic = saved_cudnn_det
-        torch.backends.cudnn.benchmark = saved_cudnn_bench
+        _restore(saved)
 
 
 def is_refusal(exc: BaseException) -> bool:

@@ -2,8 +2,8 @@
 
 A :class:`Subject` names one piece of a Qwen block (``rmsnorm``, ``attention``, ``decoder-layer``...)
 and the op its *backend axis* routes (its ``primary_op``): ``detbench run --backends sdpa`` runs the
-attention subjects with ``attention=sdpa``. Every other op of the subject runs on the backend the
-route gives it (``eager`` unless ``--route linear=triton`` says otherwise).
+attention subjects with ``attention=sdpa``. Every other op of the subject (``Subject.calls``) runs on
+the backend the route gives it (``eager`` unless ``--route linear=triton`` says otherwise).
 
 =================  ===========  ==========================================================  ========
 subject            primary op   what is fed                                                 rows are
@@ -46,6 +46,7 @@ from torch import nn
 
 from bench.dtypes import DTYPES as ALL_DTYPES
 from bench.dtypes import short_name
+from bench.errors import InputError
 from qwen_layers import registry
 from qwen_layers.config import QwenConfig
 from qwen_layers.model import (
@@ -139,6 +140,12 @@ class Subject:
     bound: str     # "flops" or "bytes": which rate is meaningful
     description: str
     build: Callable[["QwenConfig", str, int], "Case"] = field(repr=False)
+    # The other ops it calls, for a config (attention-block calls rmsnorm only for Qwen3's q/k-norm).
+    others: Callable[["QwenConfig"], tuple[str, ...]] = field(default=lambda c: (), repr=False)
+
+    def calls(self, config: QwenConfig) -> tuple[str, ...]:
+        """Every op this subject calls for ``config``, its primary op first: ``--route`` can set the others."""
+        return (self.primary_op, *(op for op in self.others(config) if op != self.primary_op))
 
 
 @dataclass
@@ -240,6 +247,20 @@ class Instance:
                 if p.grad is not None:
                     results[f"grad.{n}"] = p.grad
         return results
+
+
+# The seeds a case draws from: ``seed`` (parameters), ``seed + 1`` (inputs) and ``seed + 2 + crc32(name)``
+# (each upstream gradient). torch's generators take [-2**63, 2**64), so ``seed`` must leave room for those.
+SEED_MIN = -2 ** 63
+SEED_MAX = 2 ** 64 - 1 - (2 + 0xFFFFFFFF)
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """``seed`` if every seed derived from it fits torch's generators; InputError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX:
+        raise InputError(f"{option} {seed}: must be between {SEED_MIN} and {SEED_MAX} (torch's generators take "
+                         f"64-bit seeds, and the inputs and upstream gradients use seeds derived from it)")
+    return seed
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -454,17 +475,23 @@ def _build_linear(c: QwenConfig, profile: str, seed: int) -> Case:
                 lambda m, i: {"out": m(i["x"])}, work, seed=seed, notes=notes)
 
 
+def _block_ops(c: QwenConfig) -> tuple[str, ...]:
+    return ("linear", *(("rmsnorm",) if c.qk_norm else ()), "rope")
+
+
 SUBJECTS: dict[str, Subject] = {s.name: s for s in (
     Subject("rmsnorm", "rmsnorm", True, "bytes", "RMSNorm over the hidden size", _build_rmsnorm),
     Subject("rope", "rope", False, "bytes", "rotary embedding of q and k", _build_rope),
     Subject("attention", "attention", False, "flops", "attention core q,k,v -> o, causal, GQA", _build_attention),
     Subject("attention-block", "attention", False, "flops",
-            "q/k/v projections, q/k-norm, rope, attention core, o_proj", _build_attention_block),
-    Subject("mlp", "linear", True, "flops", "SwiGLU MLP: gate/up/down projections", _build_mlp),
+            "q/k/v projections, q/k-norm, rope, attention core, o_proj", _build_attention_block, _block_ops),
+    Subject("mlp", "linear", True, "flops", "SwiGLU MLP: gate/up/down projections", _build_mlp,
+            lambda c: ("swiglu",)),
     Subject("decoder-layer", "attention", False, "flops",
-            "pre-norm decoder layer: attention block and MLP with residuals", _build_decoder_layer),
+            "pre-norm decoder layer: attention block and MLP with residuals", _build_decoder_layer,
+            lambda c: ("rmsnorm", "linear", "rope", "swiglu")),
     Subject("lm-head-loss", "loss", True, "flops", "final norm, tied LM head, cross entropy over the vocabulary",
-            _build_lm_head_loss),
+            _build_lm_head_loss, lambda c: ("rmsnorm", "linear")),
     Subject("embedding", "embedding", False, "bytes", "token embedding; backward is an index-add",
             _build_embedding),
     Subject("linear", "linear", True, "flops", "one projection x @ W.T", _build_linear),

@@ -8,6 +8,7 @@ Helpers that are plain functions or classes live in modules that are not test mo
 (tests/kernel_checks.py, tests/hf_twins.py, tests/planted_checks.py); no test module imports another.
 """
 
+import builtins
 import os
 
 import pytest
@@ -32,3 +33,25 @@ def small_shapes(monkeypatch):
 
     monkeypatch.setitem(subjects.SIZES, "quick", dict(SMALL_SHAPES))
     monkeypatch.setattr(subjects, "QUICK_LINEAR_K", 256)
+
+
+@pytest.fixture
+def half_imported_inductor(monkeypatch):
+    """What Ctrl-C during the first ``import torch._inductor.config`` (which torch.use_deterministic_algorithms
+    does) leaves behind: that import raises KeyboardInterrupt once; every later one fails as a half-imported
+    package does (AttributeError: module 'torch._dynamo' has no attribute 'utils')."""
+    real_import = builtins.__import__
+    state = {"armed": False, "interrupted": 0, "failed": 0}
+
+    def fake_import(name, *args, **kwargs):
+        if state["armed"] and name.startswith("torch._inductor"):
+            if not state["interrupted"]:
+                state["interrupted"] += 1
+                raise KeyboardInterrupt
+            state["failed"] += 1
+            raise AttributeError("module 'torch._dynamo' has no attribute 'utils'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    yield state
+    state["armed"] = False  # before the teardown of fixtures set up earlier (which may reset torch's flags)

@@ -291,3 +291,71 @@ def test_triton_backends_are_picked_up_by_name_and_their_twin_ratio_reported(sma
     if twin:
         (row,) = [r for r in cost_rows(Index(res)) if r["backend"] == "triton"]
         assert row["twin"] == twin and row["twin_ratio"][0] > 0
+
+
+def test_route_of_an_op_primary_for_one_subject_and_secondary_for_another(small_shapes, scoped_backends):
+    """--route linear=X with attention-block (calls linear besides attention) and linear (linear is its axis):
+    the route applies to attention-block only, and each subject records what was applied to it."""
+    calls = []
+
+    def counting(x, weight, bias=None):
+        calls.append(x.shape)
+        return F.linear(x, weight, bias)
+
+    scoped_backends("linear", "test-counting", counting)
+    res = run_matrix("--subjects", "attention-block,linear", "--dtypes", "fp32", "--modes", "default",
+                     "--repeats", "2", "--backends", "eager", "--route", "linear=test-counting")
+    assert res.status == "complete" and calls
+    assert res.settings.route == {"linear": "test-counting"}
+    routes = {s.subject: s.route for s in res.subjects}
+    assert routes["attention-block"]["linear"] == "test-counting"
+    assert "linear" not in routes["linear"]  # its linear op is the backend axis (eager here), not the route
+    assert {c.backend for c in res.cells} == {"eager"}
+
+
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "qwen2.5-tiny"])
+@pytest.mark.parametrize("name", list(subjects.SUBJECTS))
+def test_subject_declares_the_ops_it_calls(small_shapes, name, preset):
+    """Subject.calls(config) is what the harness checks --route against: it must be exactly what runs."""
+    seen = set()
+
+    def observer(fn, op, backend):
+        seen.add(op)
+        return fn
+
+    config = PRESETS[preset]
+    case = subjects.build_case(name, config, "quick", seed=0)
+    inst = case.instantiate(torch.float32, torch.device("cpu"), {op: "eager" for op in registry.OPS})
+    with registry.observe(observer):
+        inst.run()
+    sub = subjects.SUBJECTS[name]
+    assert seen == set(sub.calls(config)) and sub.calls(config)[0] == sub.primary_op
+
+
+@pytest.mark.parametrize("seed", [subjects.SEED_MIN, subjects.SEED_MAX], ids=["min", "max"])
+def test_seed_range_ends_run(small_shapes, seed):
+    res = run_matrix("--subjects", "linear", "--dtypes", "fp32", "--modes", "default", "--repeats", "2",
+                     "--backends", "eager", "--seed", str(seed))
+    assert res.status == "complete" and cell(res, "linear", "eager").status == "ok"
+
+
+def test_interrupt_while_a_mode_is_entered_is_an_interrupted_run(small_shapes, scoped_backends, half_imported_inductor):
+    """Ctrl-C while apply_mode imports torch._inductor.config (5-6 s into a run): the run is saved as
+    interrupted with the cells so far, not failed with ``module 'torch._dynamo' has no attribute 'utils'``."""
+    from bench.modes import determinism_state
+
+    def arming(x, weight, bias=None):  # cell 1 (default mode) arms the trap; cell 2 enters torch-det
+        if x.shape[0] > 64:  # the subject's shape, not the dtype probe's
+            half_imported_inductor["armed"] = True
+        return F.linear(x, weight, bias)
+
+    scoped_backends("linear", "test-arming", arming)
+    before = determinism_state()
+    res = run_matrix("--subjects", "linear", "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "2",
+                     "--backends", "test-arming")
+    half_imported_inductor["armed"] = False
+    assert half_imported_inductor["interrupted"] == 1 and half_imported_inductor["failed"] == 0
+    assert res.status == "interrupted" and res.error is None, (res.status, res.error)
+    assert "linear / test-arming / fp32 / torch-det" in res.stopped_at and "1 of 2 cells complete" in res.stopped_at
+    assert [(c.mode, c.status) for c in res.cells] == [("default", "ok")]
+    assert determinism_state() == before

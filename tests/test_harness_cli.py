@@ -1,6 +1,11 @@
 """``detbench run`` / ``detbench report`` from the command line: bad input, files written, re-rendering."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ from bench.results import load_run
 from qwen_layers import registry
 
 FAST = ["--quick", "--device", "cpu", "--time-repeats", "1", "--warmup", "0", "--no-progress"]
+# The smallest matrix, for tests that expect a refusal: should the refusal not come, the run stays short.
+BOUNDED = ["--dtypes", "fp32", "--modes", "default", "--repeats", "2"]
 
 
 @pytest.fixture
@@ -141,7 +148,7 @@ def test_interrupted_run_writes_what_it_measured(capsys, tmp_path, small_shapes)
     (path,) = tmp_path.glob("*.json")
     res = load_run(path)
     assert res.status == "interrupted" and "test-interrupt" in res.stopped_at
-    assert "interrupted during" in capsys.readouterr().out
+    assert "interrupted (SIGINT) during" in capsys.readouterr().out
 
 
 def test_plots_when_matplotlib_is_installed(tmp_path, small_shapes, capsys):
@@ -152,3 +159,118 @@ def test_plots_when_matplotlib_is_installed(tmp_path, small_shapes, capsys):
     assert main(["report", str(path), "--no-table", "--plots", str(tmp_path / "plots")]) == 0
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert pngs == [f"{path.stem}-cost.png", f"{path.stem}-error-vs-speed.png"]
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 70), str(-2 ** 63 - 1), str(2 ** 64 - 1)], ids=["2**70", "below-int64", "2**64-1"])
+def test_seed_out_of_range_is_refused_before_anything_is_written(capsys, tmp_path, seed):
+    """torch's generators take 64-bit seeds and the harness derives seed+1 and seed+2+crc32(name) from it."""
+    out = tmp_path / "results"
+    line = one_line_error(capsys, ["run", "--subjects", "rmsnorm", "--backends", "eager", "--seed", seed, *BOUNDED,
+                                   "--out", str(out), *FAST], f"--seed {seed}", "must be between")
+    assert "Traceback" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--subjects", "attention", "--backends", "eager", "--route", "attention=sdpa"],
+     ["--route attention=sdpa", "primary op of attention", "--backends"]),
+    (["--subjects", "attention,decoder-layer", "--route", "attention=sdpa"],
+     ["--route attention=sdpa", "primary op of attention, decoder-layer"]),
+    (["--subjects", "mlp,linear", "--route", "linear=eager"], ["--route linear=eager", "primary op of mlp, linear"]),
+    (["--subjects", "rmsnorm", "--route", "swiglu=eager"],
+     ["--route swiglu=eager", "none of the selected subjects (rmsnorm) calls swiglu", "mlp, decoder-layer"]),
+], ids=["primary-of-the-one-subject", "primary-of-every-subject", "linear-primary-of-both", "op-not-called"])
+def test_route_that_would_not_apply_is_refused(capsys, tmp_path, small_shapes, argv, needles):
+    one_line_error(capsys, ["run", *argv, *BOUNDED, "--out", str(tmp_path), *FAST], *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", ["json", "md"])
+def test_disk_full_while_saving_prints_the_tables_then_one_line(capsys, tmp_path, small_shapes, monkeypatch, failing):
+    """The tables are printed before saving; a failed save is one line naming the file (exit 1) and leaves
+    no temporary file in the results folder."""
+    import errno
+    import os
+
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == (1 if failing == "json" else 2):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    rc = main(["run", "--subjects", "linear", "--backends", "eager", *BOUNDED, "--out", str(tmp_path), *FAST])
+    out, err = capsys.readouterr()
+    assert rc == 1, (rc, out, err)
+    assert "status: complete" in out and "same ×2" in out, out  # the tables came first
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("detbench run: error: could not save "), err
+    assert "No space left on device" in lines[0] and "Traceback" not in err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in left if n.endswith(".tmp")], left
+    if failing == "json":
+        assert left == [] and ".json" in lines[0]
+    else:
+        (json_file,) = tmp_path.glob("*.json")
+        assert left == [json_file.name] and load_run(json_file).status == "complete"
+        assert str(json_file.with_suffix(".md")) in lines[0] and f"the result is saved in {json_file}" in lines[0]
+
+
+# ---- signals, end to end: a child process stops at a point the test names (bench.cli.common.pause_point),
+# ---- writes a marker file, and the test sends the signal only once the marker is there.
+
+
+def _paused_child(tmp_path, point, argv):
+    from bench.cli.common import PAUSE_ENV, PAUSE_MARKER_ENV
+
+    marker = tmp_path / "paused"
+    env = {**os.environ, PAUSE_ENV: point, PAUSE_MARKER_ENV: str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *argv], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the child never reached pause point {point!r} (rc {proc.returncode}):\n{out}\n{err}")
+        time.sleep(0.02)
+    return proc
+
+
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_signal_during_run_saves_the_finished_cells(tmp_path, sig, code):
+    out_dir = tmp_path / "results"
+    proc = _paused_child(tmp_path, "after-cell-1",
+                         ["run", "--subjects", "linear", "--backends", "eager", "--dtypes", "fp32",
+                          "--modes", "default,torch-det", "--repeats", "2", "--out", str(out_dir), *FAST])
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out, err
+    (path,) = out_dir.glob("run-*.json")
+    assert path.with_suffix(".md").exists() and not list(out_dir.glob(".*.tmp"))
+    res = load_run(path)
+    assert res.status == "interrupted" and res.finished is not None
+    assert [(c.backend, c.mode, c.status) for c in res.cells] == [("eager", "default", "ok")]
+    assert f"interrupted ({sig.name})" in res.stopped_at and "1 of 2 cells complete" in res.stopped_at
+    assert "same ×2" in out and str(path) in out.replace("\n", "")  # the tables were printed, then the path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["start", "import-bench.cli.run"])
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_signal_before_the_command_runs_is_one_line(tmp_path, sig, code, point):
+    """An interrupt before the parser is built (while torch and the command modules are being imported) is
+    one line and exit 130/143, not a KeyboardInterrupt traceback."""
+    proc = _paused_child(tmp_path, point, ["run", "--subjects", "linear", "--out", str(tmp_path / "results"), *FAST])
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, (out, err)
+    assert out == "" and err.splitlines() == [f"detbench: interrupted ({sig.name}); nothing partial was written"], err
+    assert not (tmp_path / "results").exists()

@@ -111,3 +111,63 @@ def test_hf_full_matches_transformers_enable_full_determinism():
     assert mode.warn_only is hf["warn_only"]
     assert mode.cudnn_deterministic is hf["cudnn_det"]
     assert mode.cudnn_benchmark is hf["cudnn_bench"]
+
+
+# ---- an interrupt inside apply_mode: state restored, KeyboardInterrupt propagates --------------------
+
+
+def _non_default_start(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":1:1")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = True
+    return determinism_state()
+
+
+@pytest.mark.parametrize("name", ["default", "torch-det", "hf-full"])
+def test_interrupt_while_entering_a_mode_restores_and_propagates(monkeypatch, half_imported_inductor, name):
+    before = _non_default_start(monkeypatch)
+    half_imported_inductor["armed"] = True
+    with pytest.raises(KeyboardInterrupt):
+        with apply_mode(name):
+            pytest.fail("the block must not run")
+    half_imported_inductor["armed"] = False
+    assert half_imported_inductor["interrupted"] == 1
+    assert determinism_state() == before
+
+
+@pytest.mark.parametrize("name", ["torch-det", "hf-full"])
+def test_interrupt_in_the_block_restores_without_importing(monkeypatch, half_imported_inductor, name):
+    before = _non_default_start(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        with apply_mode(name):
+            half_imported_inductor.update(armed=True, interrupted=1)  # every import fails from here on
+            raise KeyboardInterrupt
+    half_imported_inductor["armed"] = False
+    assert half_imported_inductor["failed"] == 0, "the rollback imported something"
+    assert determinism_state() == before
+
+
+@pytest.mark.parametrize("step", range(4))
+def test_interrupt_during_the_rollback_still_restores_the_rest(monkeypatch, step):
+    """A second Ctrl-C while a mode is being rolled back: the other switches are still restored and the
+    interrupt propagates."""
+    import bench.modes as modes
+
+    before = _non_default_start(monkeypatch)
+    real_steps = modes._restore_steps
+    calls = []
+
+    def steps(saved):
+        out = list(real_steps(saved))
+
+        def interrupted():
+            calls.append(step)
+            raise KeyboardInterrupt
+
+        return out[:step] + [interrupted] + out[step:]
+
+    monkeypatch.setattr(modes, "_restore_steps", steps)
+    with pytest.raises(KeyboardInterrupt):
+        with apply_mode("hf-full"):
+            pass
+    assert calls == [step] and determinism_state() == before

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Iterator
 
-from bench.cli.common import UsageError, check_kernels_package, parse_device
+from bench.cli.common import UsageError, check_kernels_package, parse_device, pause_point
 from bench.errors import InputError, SaveError, Terminated
 
 __all__ = ["main", "build_parser", "UsageError", "parse_device"]
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for modname in COMMAND_MODULES:
+        pause_point(f"import-{modname}")
         importlib.import_module(modname).add_parser(sub)
     return p
 
@@ -76,21 +77,27 @@ def sigterm_as_interrupt() -> Iterator[Signals]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. Bad input: one line, exit 2. A failed save: one line naming the file, exit 1.
+    SIGINT / SIGTERM at any point after this is entered (even while torch is being imported): one line,
+    exit 130 / 143; a command that saved its finished work (marked interrupted) says so itself."""
     received = Signals()
+    name = "detbench"
     try:
         with sigterm_as_interrupt() as received:
+            pause_point("start")
+            args = build_parser().parse_args(argv)  # imports the command modules, and torch with them
+            name = f"detbench {args.command}"
             check_kernels_package()
             status = args.func(args)
     except InputError as e:
         print(f"detbench: error: {e}", file=sys.stderr)
         return 2
     except SaveError as e:
-        print(f"detbench {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"detbench {args.command}: interrupted; nothing partial was written", file=sys.stderr)
+        signame = "SIGTERM" if received.terminated else "SIGINT"
+        print(f"{name}: interrupted ({signame}); nothing partial was written", file=sys.stderr)
         return EXIT_SIGTERM if received.terminated else EXIT_SIGINT
     # A command that saved its finished work on an interrupt returns EXIT_SIGINT; say which signal it was.
     return EXIT_SIGTERM if status == EXIT_SIGINT and received.terminated else status

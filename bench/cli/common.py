@@ -1,8 +1,17 @@
-"""What every command shares: the usage error, the kernels-package check, device and list options."""
+"""What every command shares: the usage error, the kernels-package check, device and list options, and the
+test hook :func:`pause_point`.
+
+Nothing here imports torch at import time (``parse_device`` does, when called): ``bench.cli`` imports this
+module before ``main()`` is running, and an interrupt that arrives during ``import torch`` must land inside
+``main()``, which turns it into one line and exit 130.
+"""
 
 from __future__ import annotations
 
-import torch
+import os
+import sys
+import time
+from pathlib import Path
 
 from bench.errors import InputError
 
@@ -27,10 +36,15 @@ def check_kernels_package() -> None:
 
 
 def default_device() -> str:
+    import torch  # in here: see the module docstring
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def parse_device(text: str | None) -> torch.device:
+def parse_device(text: str | None):
+    """``--device`` as a ``torch.device`` (cpu or cuda); UsageError otherwise."""
+    import torch  # in here: see the module docstring
+
     name = text or default_device()
     try:
         device = torch.device(name)
@@ -62,3 +76,27 @@ def one_value(value: str, option: str, command: str) -> str:
                          f"at a time")
     return value
 
+
+
+# Test hook: stop at a named point until a signal arrives, so a test can send SIGINT/SIGTERM at a point it
+# chooses instead of after a guessed delay. Points: "start" (first thing in main(), before the parser and
+# torch are imported), "import-MODULE" (build_parser(), before importing command module MODULE, e.g.
+# import-bench.cli.run) and "after-cell-N" (detbench run, once N cells are recorded).
+PAUSE_ENV = "DETBENCH_TEST_PAUSE"           # the point to stop at
+PAUSE_MARKER_ENV = "DETBENCH_TEST_PAUSE_MARKER"  # file written on arrival; the test waits for it to appear
+PAUSE_LIMIT_S = 60.0
+
+
+def pause_point(name: str) -> None:
+    """When ``$DETBENCH_TEST_PAUSE`` is ``name``: write ``$DETBENCH_TEST_PAUSE_MARKER`` and sleep in short
+    steps until a signal handler raises (KeyboardInterrupt for SIGINT, Terminated for SIGTERM); after
+    PAUSE_LIMIT_S seconds without one, go on. Does nothing otherwise."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        Path(marker).write_text(f"{os.getpid()}\n")
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.01)  # a signal's handler runs (and raises) as soon as the sleep returns
+    print(f"detbench: {PAUSE_ENV}={name}: no signal came within {PAUSE_LIMIT_S:.0f} s; going on", file=sys.stderr)

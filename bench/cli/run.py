@@ -7,8 +7,9 @@ import contextlib
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.cli.common import parse_device, split_list
+from bench.cli.common import parse_device, pause_point, split_list
 from bench.cli.report import make_console, print_run
+from bench.errors import SaveError
 from bench.harness import DEFAULT_PRESET, DEFAULT_REPEATS, QUICK_PRESET, Plan, execute, make_plan, new_result, save
 from bench.modes import MODES
 from bench.planted import planted_registered
@@ -45,6 +46,8 @@ def equivalent_command(s: RunSettings) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Plan, run, print the tables, then save: a run interrupted by SIGINT or SIGTERM is printed and saved
+    (status interrupted) and returns 130; a save that fails raises SaveError after the tables were printed."""
     console = make_console()
     with planted_registered(args.plant):
         plan = plan_from_args(args)
@@ -60,17 +63,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         failed = None
         try:
             with progress if progress is not None else contextlib.nullcontext():
-                execute(plan, result, progress)
-        except Exception as e:  # recorded in the result; re-raised after it is written
+                execute(plan, result, progress, on_cell=lambda n: pause_point(f"after-cell-{n}"))
+        except Exception as e:  # recorded in the result; re-raised after it is printed and written
             failed = e
+    printing_stopped = None
+    try:
+        print_run(result, console)
+    except (Exception, KeyboardInterrupt) as e:  # a second Ctrl-C (or a bug) while printing: save first
+        printing_stopped = e
+    try:
         json_path, md_path = save(result, out_dir)
-    print_run(result, console)
+    except SaveError:
+        if failed is not None:
+            console.print(f"[red]run failed {result.stopped_at}[/]: {result.error}", highlight=False)
+        raise
     console.print(f"result: {json_path}\nsummary: {md_path}", highlight=False)
     if failed is not None:
         console.print(f"[red]run failed {result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
         raise failed
+    if isinstance(printing_stopped, Exception):
+        raise printing_stopped
     if result.status == "interrupted":
         console.print(f"[yellow]{result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
+        return 130
+    if printing_stopped is not None:
+        console.print(f"[yellow]interrupted while printing the tables[/]; the result is in {json_path}",
+                      highlight=False)
         return 130
     return 0
 
@@ -98,8 +116,9 @@ def add_parser(subparsers) -> None:
                    help="tiny preset and tiny shapes (the linear subject keeps K=4096 x 2048 rows); under 2 minutes "
                         "on 2 CPU cores")
     p.add_argument("--route", action="append", metavar="OP=BACKEND",
-                   help="backend of an op that is not the subject's primary op, e.g. --route linear=triton "
-                        "(repeatable or comma-separated)")
+                   help="backend of an op a subject calls besides its primary op, e.g. --route linear=triton for "
+                        "the projections of attention-block (repeatable or comma-separated); refused when no "
+                        "selected subject would use it")
     p.add_argument("--plant", action="store_true",
                    help="add bench.planted's deliberately nondeterministic / batch-variant backends (negative controls)")
     p.add_argument("--seed", type=int, default=0, help="seed of parameters, inputs and upstream gradients (default 0)")
