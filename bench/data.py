@@ -6,9 +6,12 @@ A batch is what a supervised fine-tuning collator hands the model: ``input_ids``
 padding). The model shifts the labels itself (position t is scored against token t+1), as
 transformers' causal LMs do.
 
-Both sources build the whole list of batches once, on the CPU, before any training: every repeat of
-an experiment then sees the same batches in the same order (:func:`batch_for_step` cycles through
-them when there are more steps than batches).
+Every repeat of an experiment sees the same batches in the same order (:func:`batch_for_step` cycles
+through them when there are more steps than batches). A token file is read into a list once, on the
+CPU, before any training. Synthetic batches are a :class:`SyntheticBatches` sequence that draws each
+batch when it is first asked for, in order from one seeded generator, so a run of a hundred million
+steps holds a few batches, not a hundred million; the batches are the same as if the whole list had
+been drawn up front.
 
 Token file format (JSON Lines, one sequence per line)::
 
@@ -22,6 +25,8 @@ one :class:`DataError` naming the file, the line and the fix.
 from __future__ import annotations
 
 import json
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +80,79 @@ def collate(sequences: list[list[int]], loss_masks: list[list[int]], pad_id: int
     return SFTBatch(ids, mask, labels)
 
 
+# Synthetic batches kept once drawn: the first KEEP_BATCHES (every batch of a run of up to that many
+# steps is drawn once); later ones are drawn again, in order, when a repeat asks for them again.
+KEEP_BATCHES = 1024
+
+
+class SyntheticBatches(Sequence):
+    """``n_batches`` seeded SFT batches, each drawn when first asked for (see :func:`synthetic_batches`).
+
+    The draws come from one CPU generator seeded with ``seed``, batch after batch, exactly as a list made
+    up front would hold them. The first :data:`KEEP_BATCHES` batches are kept once drawn (so
+    ``batches[i] is batches[i]`` for them); a later batch is drawn from where the generator stands, or,
+    when an earlier one is asked for again (the next repeat), by starting over from the seed. Memory is
+    a few batches whatever ``n_batches`` is; a walk through the batches in order draws each once.
+    """
+
+    def __init__(self, vocab_size: int, *, n_batches: int, batch_size: int, seq_len: int, seed: int = 0,
+                 pad_id: int = 0) -> None:
+        if vocab_size < 2:
+            raise DataError(f"vocab_size must be at least 2 for synthetic data, got {vocab_size}")
+        if n_batches < 1 or batch_size < 1:
+            raise DataError(f"need at least one batch of at least one sequence, got n_batches={n_batches}, "
+                            f"batch_size={batch_size}")
+        if seq_len < 2:
+            raise DataError(f"--seq-len must be at least 2 (a prompt token and a response token), got {seq_len}")
+        self.vocab_size, self.n_batches, self.batch_size = vocab_size, n_batches, batch_size
+        self.seq_len, self.seed, self.pad_id = seq_len, seed, pad_id
+        try:  # checks the seed now, before any training
+            self._gen = torch.Generator().manual_seed(seed)
+        except (RuntimeError, ValueError, TypeError, OverflowError):
+            raise DataError(f"--data-seed {seed} is out of range: a seed is an integer in [-2**63, 2**64)") from None
+        self._next = 0                                    # the index of the batch self._gen draws next
+        self._kept: list[SFTBatch] = []
+        self._last: tuple[int, SFTBatch] | None = None
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n_batches))]
+        i = operator.index(index)
+        if i < 0:
+            i += self.n_batches
+        if not 0 <= i < self.n_batches:
+            raise IndexError(f"batch {index} of {self.n_batches}")
+        if i < len(self._kept):
+            return self._kept[i]
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        if i < self._next:  # asked again for a batch drawn and not kept: start over from the seed
+            self._gen = torch.Generator().manual_seed(self.seed)
+            self._next = 0
+        while True:
+            batch = self._draw()
+            k, self._next = self._next, self._next + 1
+            if k == len(self._kept) and k < KEEP_BATCHES:
+                self._kept.append(batch)
+            if k == i:
+                self._last = (i, batch)
+                return batch
+
+    def _draw(self) -> SFTBatch:
+        gen, lo = self._gen, max(2, self.seq_len // 4)
+        seqs, masks = [], []
+        for _ in range(self.batch_size):
+            length = int(torch.randint(lo, self.seq_len + 1, (), generator=gen))
+            prompt = int(torch.randint(1, length, (), generator=gen))
+            tokens = torch.randint(1, self.vocab_size, (length,), generator=gen).tolist()
+            seqs.append(tokens)
+            masks.append([0] * prompt + [1] * (length - prompt))
+        return collate(seqs, masks, self.pad_id)
+
+
 def synthetic_batches(
     vocab_size: int,
     *,
@@ -83,34 +161,17 @@ def synthetic_batches(
     seq_len: int,
     seed: int = 0,
     pad_id: int = 0,
-) -> list[SFTBatch]:
-    """``n_batches`` seeded SFT batches of ``batch_size`` prompt + response sequences.
+) -> SyntheticBatches:
+    """``n_batches`` seeded SFT batches of ``batch_size`` prompt + response sequences, drawn as they are
+    used (a :class:`SyntheticBatches` sequence: ``len``, indexing, iteration).
 
     Each sequence has a total length drawn uniformly from [max(2, seq_len // 4), seq_len], split into
     a prompt of 1 .. length-1 tokens (masked from the loss) and the response (scored). Token ids are
     uniform over [1, vocab_size) (0 is the padding id). The draws come from one CPU generator seeded
     with ``seed``, so the batches are the same on every machine and in every repeat.
     """
-    if vocab_size < 2:
-        raise DataError(f"vocab_size must be at least 2 for synthetic data, got {vocab_size}")
-    if n_batches < 1 or batch_size < 1:
-        raise DataError(f"need at least one batch of at least one sequence, got n_batches={n_batches}, "
-                        f"batch_size={batch_size}")
-    if seq_len < 2:
-        raise DataError(f"--seq-len must be at least 2 (a prompt token and a response token), got {seq_len}")
-    gen = torch.Generator().manual_seed(seed)
-    lo = max(2, seq_len // 4)
-    batches = []
-    for _ in range(n_batches):
-        seqs, masks = [], []
-        for _ in range(batch_size):
-            length = int(torch.randint(lo, seq_len + 1, (), generator=gen))
-            prompt = int(torch.randint(1, length, (), generator=gen))
-            tokens = torch.randint(1, vocab_size, (length,), generator=gen).tolist()
-            seqs.append(tokens)
-            masks.append([0] * prompt + [1] * (length - prompt))
-        batches.append(collate(seqs, masks, pad_id))
-    return batches
+    return SyntheticBatches(vocab_size, n_batches=n_batches, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                            pad_id=pad_id)
 
 
 def read_token_file(
@@ -184,6 +245,33 @@ def read_token_file(
     return batches
 
 
-def batch_for_step(batches: list[SFTBatch], step: int) -> SFTBatch:
-    """The batch of training step ``step`` (0-based): the list is cycled in order."""
+def batch_for_step(batches: Sequence[SFTBatch], step: int) -> SFTBatch:
+    """The batch of training step ``step`` (0-based): the batches are cycled in order."""
     return batches[step % len(batches)]
+
+
+# Up to this many batches are moved to the device once, up front; more are moved one step at a time.
+MOVE_UP_FRONT = 1024
+
+
+class _OnDevice(Sequence):
+    """``batches`` moved to ``device`` as each one is asked for (for sequences too long to move at once)."""
+
+    def __init__(self, batches: Sequence[SFTBatch], device: torch.device | str) -> None:
+        self.batches, self.device = batches, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [b.to(self.device) for b in self.batches[index]]
+        return self.batches[index].to(self.device)
+
+
+def on_device(batches: Sequence[SFTBatch], device: torch.device | str) -> Sequence[SFTBatch]:
+    """``batches`` on ``device``: a list moved once when there are at most :data:`MOVE_UP_FRONT` of them,
+    otherwise a sequence that moves each batch when a step asks for it."""
+    if len(batches) <= MOVE_UP_FRONT:
+        return [b.to(device) for b in batches]
+    return _OnDevice(batches, device)

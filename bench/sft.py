@@ -32,6 +32,7 @@ import datetime as _dt
 import hashlib
 import importlib.util
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from bench.compare import bits
-from bench.data import SFTBatch, batch_for_step, read_token_file, synthetic_batches
+from bench.data import SFTBatch, batch_for_step, on_device, read_token_file, synthetic_batches
 from bench.dtypes import parse_dtype, short_name, torch_name
 from bench.errors import InputError
 from bench.modes import MODES, apply_mode, is_refusal
@@ -67,6 +68,17 @@ def parse_list(text: str, what: str) -> list[str]:
     if not items or any(not t for t in items):
         raise SFTError(f"{what} {text!r}: give a comma-separated list without empty entries, e.g. a,b")
     return list(dict.fromkeys(items))  # keep order, drop duplicates
+
+
+# What torch.manual_seed and torch.Generator.manual_seed accept.
+SEED_MIN, SEED_END = -2 ** 63, 2 ** 64
+
+
+def check_seed(value: int, option: str) -> int:
+    """``value`` if torch can seed a generator with it, else :class:`SFTError` naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not SEED_MIN <= value < SEED_END:
+        raise SFTError(f"{option} {value} is out of range: a seed is an integer in [-2**63, 2**64), e.g. 0")
+    return value
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -422,7 +434,9 @@ class ConfigResult:
     loss_spread: list[float] = field(default_factory=list)        # [step]: max - min over repeats (float64)
     grad_norm_spread: list[float] = field(default_factory=list)
     param_diff: list[ParamDiff] = field(default_factory=list)     # repeats 1.. vs repeat 0
-    identical: bool | None = None                                 # every step and every final parameter equal
+    identical: bool | None = None                                 # every step and every final parameter equal;
+    #                                                               None: not comparable (non_finite)
+    non_finite: dict | None = None        # the first step where a value went NaN/inf: step, repeat, what, detail
     verdict: str = ""
     loss_dtype: str = "float32"
     seconds: float = 0.0
@@ -464,14 +478,15 @@ class SFTResult:
     run_id: str
     started: str
     finished: str | None
-    status: str                          # complete
+    status: str                          # complete | interrupted (configs holds those that finished)
     command: list[str]
     settings: SFTSettings
     environment: Any                     # bench.results.Environment
     modes: list[dict[str, Any]]
     model_config: dict[str, Any]
-    batches: list[dict[str, Any]]
+    batches: list[dict[str, Any]]        # the first MAX_DESCRIBED_BATCHES batches the steps use
     configs: list[ConfigResult]
+    batches_not_described: int = 0       # batches the steps use beyond those described
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,7 +514,7 @@ def _param_diff(repeat: int, ref: dict[str, torch.Tensor], model: nn.Module) -> 
 def train_repeats(
     model: nn.Module,
     init_state: dict[str, torch.Tensor],
-    batches: list[SFTBatch],
+    batches: Sequence[SFTBatch],
     *,
     steps: int,
     repeats: int,
@@ -514,15 +529,18 @@ def train_repeats(
 
     Before each repeat the parameters are reset to ``init_state``, a fresh AdamW is made and the global
     generators are seeded with ``seed`` (inside ``fork_rng``, so the caller's generator state is
-    restored afterwards).
+    restored afterwards). ``non_finite`` in the result is the first step (over all repeats) at which
+    the initial weights, the loss, the gradient norm (so a gradient) or the parameters after the update
+    held a NaN or an infinity, or None.
     """
     device = next(model.parameters()).device
-    batches = [b.to(device) for b in batches]
+    batches = on_device(batches, device)
     losses, loss_bits, norms, norm_bits, digests, diffs = [], [], [], [], [], []
     ref: dict[str, torch.Tensor] | None = None
     loss_dtype = None
     params = dict(model.named_parameters())
     coefficients = Coefficients()  # drawn once for every step's gradient digest
+    first = _non_finite_weights(init_state, "initial weights", 1, None, "")
     for r in range(repeats):
         with torch.no_grad():
             for name, p in params.items():
@@ -539,6 +557,8 @@ def train_repeats(
                 rnb.append(value_bits(norm))
                 rg.append(grad_digest(model, coefficients))
                 loss_dtype = torch_name(loss.dtype)
+                if first is None or k + 1 < first["step"]:  # only an earlier step than the one known is news
+                    first = _non_finite_step(k + 1, r, rl[-1], rn[-1], params) or first
                 if on_step is not None:
                     on_step()
         losses.append(rl), loss_bits.append(rlb), norms.append(rn), norm_bits.append(rnb), digests.append(rg)
@@ -548,7 +568,38 @@ def train_repeats(
             diffs.append(_param_diff(r, ref, model))
         del opt
     return {"losses": losses, "loss_bits": loss_bits, "grad_norms": norms, "grad_norm_bits": norm_bits,
-            "grad_digests": digests, "param_diff": diffs, "loss_dtype": loss_dtype or "float32"}
+            "grad_digests": digests, "param_diff": diffs, "loss_dtype": loss_dtype or "float32",
+            "non_finite": first}
+
+
+def _non_finite_weights(tensors: dict[str, torch.Tensor], what: str, step: int, repeat: int | None,
+                        when: str) -> dict | None:
+    """The first of ``tensors`` (by name, in order) holding NaN or an infinity, as a ``non_finite`` record."""
+    with torch.no_grad():
+        names = list(tensors)
+        finite = torch.stack([torch.isfinite(tensors[n]).all() for n in names]).tolist() if names else []
+    bad = [n for n, ok in zip(names, finite) if not ok]
+    if not bad:
+        return None
+    t = tensors[bad[0]].detach()
+    kind = "NaN" if bool(t.isnan().any()) else "inf"
+    n_bad = int((~torch.isfinite(t)).sum())
+    more = f"; {len(bad) - 1} more tensor(s) too" if len(bad) > 1 else ""
+    detail = f"{what}: {bad[0]} holds {kind} ({n_bad} of {t.numel()} elements){more}{when}"
+    return {"step": step, "repeat": repeat, "what": what, "detail": detail}
+
+
+def _non_finite_step(step: int, repeat: int, loss: float, norm: float,
+                     params: dict[str, torch.Tensor] | None) -> dict | None:
+    """What went non-finite first in one step, in the order the step computes it: the loss (forward),
+    the gradient norm (a gradient is NaN/inf when it is), the parameters after the update (checked
+    when ``params`` is given)."""
+    for what, value in (("loss", loss), ("gradient norm", norm)):
+        if not math.isfinite(value):
+            return {"step": step, "repeat": repeat, "what": what, "detail": f"{what} {value} in repeat {repeat}"}
+    if params is None:
+        return None
+    return _non_finite_weights(params, "parameters", step, repeat, f" after the update in repeat {repeat}")
 
 
 def grad_digest(model: nn.Module, coefficients: Coefficients | None = None) -> str:
@@ -581,6 +632,16 @@ def compare_repeats(res: ConfigResult) -> ConfigResult:
     params_equal = all(d.tensors_differ == 0 for d in res.param_diff)
     res.identical = all(res.step_equal) and params_equal
     n = len(res.losses)
+    nf = res.non_finite
+    if res.identical and nf is not None:
+        # Equal bits prove nothing once values are NaN/inf: every NaN payload and every infinity compares
+        # equal however it was computed. Never "identical" then.
+        res.identical = None
+        before = (f"; steps 1-{nf['step'] - 1} were bitwise identical in {n} repeats" if nf["step"] > 2 else
+                  f"; step 1 was bitwise identical in {n} repeats" if nf["step"] == 2 else "")
+        res.verdict = (f"not comparable (non-finite from step {nf['step']}: {nf['detail']}){before}; equal NaN/inf "
+                       f"bits hide differences")
+        return res
     if res.identical:
         res.verdict = (f"bitwise identical in {n} repeats x {k_steps} steps (losses, grad norms, gradients, "
                        f"final parameters)")
@@ -590,6 +651,8 @@ def compare_repeats(res: ConfigResult) -> ConfigResult:
                        f"repeats)")
     else:
         res.verdict = f"losses and grad norms equal over {n} repeats, but the final parameters differ"
+    if nf is not None:
+        res.verdict += f"; non-finite from step {nf['step']} ({nf['detail']})"
     return res
 
 
@@ -603,7 +666,7 @@ def _spread(values: list[float]) -> float:
 def run_config(
     model: nn.Module,
     init_state: dict[str, torch.Tensor],
-    batches: list[SFTBatch],
+    batches: Sequence[SFTBatch],
     *,
     attention: str,
     mode: str,
@@ -635,6 +698,7 @@ def run_config(
     res.grad_norms, res.grad_norm_bits = raw["grad_norms"], raw["grad_norm_bits"]
     res.grad_digests = raw["grad_digests"]
     res.param_diff, res.loss_dtype = raw["param_diff"], raw["loss_dtype"]
+    res.non_finite = raw["non_finite"]
     res.seconds = time.perf_counter() - t0
     return compare_repeats(res)
 
@@ -650,7 +714,7 @@ class Plan:
     lrs: list[float]
     steps: int
     repeats: int
-    batches: list[SFTBatch]
+    batches: Sequence[SFTBatch]   # a token file's list, or synthetic batches drawn as they are used
     device: torch.device
     plants: list[Plant]
     settings: SFTSettings
@@ -661,11 +725,11 @@ class Plan:
 
 
 def _check_numbers(*, steps: int, repeats: int, batch_size: int, n_batches: int | None, clip: float,
-                   betas: tuple[float, ...]) -> None:
+                   betas: tuple[float, ...], weight_decay: float) -> None:
     if steps < 1:
         raise SFTError(f"--steps must be at least 1, got {steps}")
-    if repeats < 1:
-        raise SFTError(f"--repeats must be at least 1, got {repeats}")
+    if repeats < 2:
+        raise SFTError(f"--repeats {repeats}: comparing repeats needs at least 2 repeats (default 3)")
     if batch_size < 1:
         raise SFTError(f"--batch-size must be at least 1, got {batch_size}")
     if n_batches is not None and n_batches < 1:
@@ -674,6 +738,8 @@ def _check_numbers(*, steps: int, repeats: int, batch_size: int, n_batches: int 
         raise SFTError(f"--clip must be a finite norm >= 0 (0 disables clipping), got {clip}")
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise SFTError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {betas}")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise SFTError(f"--weight-decay must be a finite number >= 0 (0 disables it), e.g. 0.01; got {weight_decay}")
 
 
 def _check_plants(spec: ModelSpec, plants: list[Plant], device: torch.device) -> None:
@@ -689,8 +755,9 @@ def _check_plants(spec: ModelSpec, plants: list[Plant], device: torch.device) ->
 
 
 def _batches(config: QwenConfig, *, data: str | None, n_batches: int | None, steps: int, batch_size: int,
-             seq_len: int, data_seed: int) -> list[SFTBatch]:
-    """The user's token file, or seeded synthetic batches (one per step unless ``n_batches``)."""
+             seq_len: int, data_seed: int) -> Sequence[SFTBatch]:
+    """The user's token file, or seeded synthetic batches (one per step unless ``n_batches``), drawn as
+    the steps use them."""
     if data is not None:
         batches = read_token_file(data, vocab_size=config.vocab_size, batch_size=batch_size,
                                   max_len=config.max_position_embeddings)
@@ -723,10 +790,17 @@ def make_plan(
     plants: Sequence[str | Plant] = (),
     out: str | None = "results",
 ) -> Plan:
-    """Parse and check every setting; raises :class:`SFTError` / :class:`bench.data.DataError`."""
+    """Parse and check every setting; raises :class:`SFTError` / :class:`bench.data.DataError`.
+
+    ``repeats`` must be at least 2 (the repeats are what is compared).
+    """
     device = torch.device(device)
     betas = tuple(float(b) for b in betas)
-    _check_numbers(steps=steps, repeats=repeats, batch_size=batch_size, n_batches=n_batches, clip=clip, betas=betas)
+    weight_decay = float(weight_decay)
+    _check_numbers(steps=steps, repeats=repeats, batch_size=batch_size, n_batches=n_batches, clip=clip, betas=betas,
+                   weight_decay=weight_decay)
+    check_seed(seed, "--seed")
+    check_seed(data_seed, "--data-seed")
     spec = parse_model(model)
     attention = parse_list(attention, "--attention") if isinstance(attention, str) else list(attention)
     modes = parse_list(modes, "--mode") if isinstance(modes, str) else list(modes)
@@ -755,11 +829,29 @@ def make_plan(
     return Plan(spec, attention, modes, dtype_list, lrs, steps, repeats, batches, device, plant_list, settings)
 
 
+# For tests only: DETBENCH_TEST_PAUSE_AFTER_CONFIG=PATH makes the first configuration, once finished
+# (and handed to on_config), write PATH and sleep, so a test can interrupt the run at that point.
+PAUSE_HOOK = "DETBENCH_TEST_PAUSE_AFTER_CONFIG"
+PAUSE_SECONDS = 120
+
+
+def _pause_for_tests() -> None:
+    marker = os.environ.pop(PAUSE_HOOK, None)  # once per process
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(PAUSE_SECONDS)
+
+
 def run_plan(plan: Plan, on_step: Callable[[], None] | None = None,
-             on_config: Callable[[ConfigResult], None] | None = None) -> list[ConfigResult]:
+             on_config: Callable[[ConfigResult], None] | None = None,
+             results: list[ConfigResult] | None = None) -> list[ConfigResult]:
     """Run the configuration matrix: attention x mode x dtype x lr (models are built once per
-    attention x dtype; every configuration starts from the same seeded weights)."""
-    results = []
+    attention x dtype; every configuration starts from the same seeded weights).
+
+    Each finished configuration is appended to ``results`` (a new list unless given; pass one to keep
+    the finished configurations when an interrupt arrives) and handed to ``on_config``.
+    """
+    results = [] if results is None else results
     with planted_registered(bool(plan.plants)):
         _run_matrix(plan, results, on_step, on_config)
     return results
@@ -780,21 +872,45 @@ def _run_matrix(plan: Plan, results: list, on_step, on_config) -> None:
                     results.append(res)
                     if on_config is not None:
                         on_config(res)
+                    _pause_for_tests()
             del model, init_state
 
 
+# Batches described in a result record (SFTResult.batches); the rest are counted.
+MAX_DESCRIBED_BATCHES = 256
+
+
+def describe_batches(batches: Sequence[SFTBatch], steps: int) -> tuple[list[dict[str, Any]], int]:
+    """(descriptions of the first :data:`MAX_DESCRIBED_BATCHES` distinct batches the ``steps`` use, how
+    many more they use): a record stays small however many steps run."""
+    used = min(len(batches), steps)
+    shown = min(used, MAX_DESCRIBED_BATCHES)
+    return [batches[i].describe() for i in range(shown)], used - shown
+
+
 def run(plan: Plan, *, command: Sequence[str] = (), on_step=None, on_config=None) -> SFTResult:
-    """Run ``plan`` and return the whole record (nothing is written; see :func:`save`)."""
+    """Run ``plan`` and return the whole record (nothing is written; see :func:`save`).
+
+    An interrupt (``KeyboardInterrupt``, which ``bench.errors.Terminated`` is) ends the run early: the
+    record then has status ``interrupted`` and holds the configurations that finished (it is returned,
+    not raised).
+    """
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     env = capture_environment(plan.device, seeds={"model": plan.settings.seed, "data": plan.settings.data_seed})
-    configs = run_plan(plan, on_step=on_step, on_config=on_config)
+    configs: list[ConfigResult] = []
+    status = "complete"
+    try:
+        run_plan(plan, on_step=on_step, on_config=on_config, results=configs)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    described, not_described = describe_batches(plan.batches, plan.steps)
     return SFTResult(
         schema=SCHEMA, run_id=new_run_id(), started=started,
-        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), status="complete",
+        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), status=status,
         command=list(command), settings=plan.settings, environment=env,
         modes=[MODES[m].to_dict() for m in plan.modes],
         model_config={k: v for k, v in plan.spec.config.__dict__.items()},
-        batches=[b.describe() for b in plan.batches], configs=configs,
+        batches=described, configs=configs, batches_not_described=not_described,
     )
 
 

@@ -114,3 +114,27 @@ PLACES = {
                     "backward"), (2, 16, 4, 6)),
     "loss": ("=loss/planted-nondet", ("registry", "loss/planted-nondet", "", "forward"), (1, 9, 1, 24)),
 }
+
+
+def nan_checkpoint(folder, *, param: str = "model.layers.0.mlp.down_proj.weight", index: int = 5,
+                   preset: str = "qwen3-tiny"):
+    """A local checkpoint folder (config.json + model.safetensors, as save_pretrained writes them) of
+    ``preset`` with detbench's seeded weights, except one NaN at flat ``index`` of ``param``."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from qwen_layers.config import PRESETS
+    from qwen_layers.model import build_model
+
+    config = PRESETS[preset]
+    model = build_model(config, seed=0)
+    tensors = {n: t.detach().clone().contiguous() for n, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # stored once, as save_pretrained does for tied weights
+    tensors[param].view(-1)[index] = float("nan")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    return folder

@@ -24,7 +24,7 @@ from bench.pinpoint.locate import _PHASE
 from bench.planted import planted_registered
 from qwen_layers.registry import REGISTRY
 
-from .planted_checks import MAX_MISS, PLACES, OrderSpy, token_file
+from .planted_checks import MAX_MISS, PLACES, OrderSpy, nan_checkpoint, token_file
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -34,10 +34,11 @@ from .planted_checks import MAX_MISS, PLACES, OrderSpy, token_file
 class PlantedSFT:
     """The tiny model with one planted place, its batches, and SFT steps as a callable."""
 
-    def __init__(self, tmp_path, plant: str | None, data=(2, 16, 4, 6), lr: float = 1e-3) -> None:
+    def __init__(self, tmp_path, plant: str | None, data=(2, 16, 4, 6), lr: float = 1e-3,
+                 model: str = "qwen3-tiny") -> None:
         bs, length, prompt, steps = data
         path = token_file(tmp_path / "tokens.jsonl", n_seqs=bs * steps, length=length, prompt=prompt)
-        self.spec = sft.parse_model("qwen3-tiny")
+        self.spec = sft.parse_model(model)
         self.batches = read_token_file(path, vocab_size=256, batch_size=bs)
         self.plants = [sft.parse_plant(plant)] if plant else []
         self.steps, self.lr, self.path = steps, lr, path
@@ -454,8 +455,167 @@ def test_pinpoint_cli_on_a_harness_subject(capsys):
     (["--steps", "0"], "--steps"),
     (["--dtype", "fp32,bf16"], "one value"),
     (["--plant", "model.layers.9.mlp=linear/planted-nondet"], "no module"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is out of range"),
+    (["--data-seed", str(2 ** 64)], f"--data-seed {2 ** 64} is out of range"),
+    (["--subject", "rmsnorm", "--seed", str(-2 ** 63 - 1)], f"--seed {-2 ** 63 - 1} is out of range"),
 ])
 def test_pinpoint_cli_bad_input(capsys, argv, msg):
     assert cli.main(["pinpoint", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite values: never "agreed with itself" / "identical" over NaN
+# ------------------------------------------------------------------------------------------------
+
+NAN_PARAM = "model.layers.0.mlp.down_proj.weight"
+NAN_PLANT = "model.layers.1.mlp.down_proj=linear/planted-nondet"
+
+
+def test_replay_over_a_nan_weight_is_not_comparable(tmp_path, planted_registry):
+    """A NaN weight and a planted nondeterministic down_proj after it: every planted sum is NaN, so the
+    planted op agrees with itself; the report says not comparable and where the NaN came from."""
+    job = PlantedSFT(tmp_path, NAN_PLANT, (2, 16, 4, 1), model=str(nan_checkpoint(tmp_path / "ckpt", param=NAN_PARAM)))
+    report = pinpoint.replay(job.run, *job.setup())
+    assert not report.comparable and not report.clean
+    nan = report.non_finite.nan
+    assert (nan["op"], nan["module"], nan["phase"], nan["source"]) == (
+        "aten.mm.default", "model.layers.0.mlp.down_proj", "forward", "input")
+    assert NAN_PARAM in nan["input"]
+    text = report.summary()
+    assert text.startswith("replay: not comparable") and NAN_PARAM in text and "agreed with itself" not in text
+    d = json.loads(report.to_json())
+    assert d["comparable"] is False and d["clean"] is False and d["non_finite"]["nan"]["source"] == "input"
+
+
+def test_trace_compare_over_a_nan_weight_is_not_comparable(tmp_path, planted_registry):
+    job = PlantedSFT(tmp_path, NAN_PLANT, (2, 16, 4, 1), model=str(nan_checkpoint(tmp_path / "ckpt", param=NAN_PARAM)))
+    report = pinpoint.compare_runs(job.run, runs=2, setup=job.setup)
+    assert all(p.identical for p in report.pairs)  # the case: the NaN bits agree
+    assert not report.comparable and not report.identical
+    nan = report.non_finite[0].nan
+    assert (nan["kind"], nan["module"], nan["phase"], nan["source"]) == (
+        "aten", "model.layers.0.mlp.down_proj", "forward", "input")
+    assert NAN_PARAM in nan["input"]
+    text = report.summary()
+    assert text.startswith("trace-compare: not comparable") and NAN_PARAM in text and "identical" not in text
+    d = json.loads(report.to_json())
+    assert d["comparable"] is False and d["identical"] is False
+
+
+class Overflow(nn.Module):
+    """exp overflows to inf from finite inputs; inf - inf is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = (self.inner(x) * 1000).exp()
+        return y - y
+
+
+def _overflow_job():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), Overflow())
+    x = torch.randn(4, 8)
+    return net, x
+
+
+def _assert_overflow_found(nf, unit: str) -> None:
+    assert (nf.inf["op"], nf.inf["module"], nf.inf["phase"], nf.inf["source"]) == (
+        "aten.exp.default", "net.1", "forward", "produced")
+    assert (nf.nan["op"], nf.nan["module"], nf.nan["phase"], nf.nan["source"]) == (
+        "aten.sub.Tensor", "net.1", "forward", "produced")
+    assert nf.inf["index"] < nf.nan["index"]
+    text = nf.sentence(unit)
+    assert "aten.sub.Tensor" in text and "aten.exp.default" in text and "from finite inputs" in text
+
+
+def test_replay_names_the_op_that_made_nan_from_finite_inputs():
+    net, x = _overflow_job()
+    report = pinpoint.replay(lambda: net(x), roots={"net": net})
+    assert not report.comparable and report.findings == []
+    _assert_overflow_found(report.non_finite, "op")
+    assert "aten.sub.Tensor" in report.summary() and "agreed with itself" not in report.summary()
+
+
+def test_trace_compare_names_the_event_that_made_nan_from_finite_inputs():
+    net, x = _overflow_job()
+    report = pinpoint.compare_runs(lambda: net(x), runs=2, roots={"net": net})
+    assert not report.comparable and not report.identical
+    for nf in report.non_finite:
+        _assert_overflow_found(nf, "event")
+    assert "aten.sub.Tensor" in report.summary()
+
+
+def masked_softmax(x):
+    mask = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool).triu(1)
+    return x.masked_fill(mask, float("-inf")).softmax(-1)  # the -inf entries become exact zeros
+
+
+def test_infinities_of_a_mask_leave_replay_comparable():
+    x = torch.randn(2, 5, 5)
+    report = pinpoint.replay(masked_softmax, x, all_ops=True)
+    assert report.comparable and report.clean, str(report)
+    assert report.non_finite.inf["op"] == "aten.masked_fill.Scalar" and report.non_finite.inf["source"] == "input"
+
+
+def test_infinities_of_a_mask_leave_trace_compare_identical():
+    x = torch.randn(2, 5, 5)
+    report = pinpoint.compare_runs(masked_softmax, x, runs=2)
+    assert report.comparable and report.identical, str(report)
+
+
+def test_a_non_finite_result_is_not_comparable():
+    x = torch.full((3,), 1e30)
+    report = pinpoint.compare_runs(lambda: (x * x).sum(), runs=2)  # inf, and no NaN anywhere
+    assert not report.comparable and report.non_finite[0].value == "inf"
+    assert report.non_finite[0].nan is None and report.non_finite[0].inf["op"] == "aten.mul.Tensor"
+    assert pinpoint.replay(lambda: (x * x).sum()).comparable is False
+
+
+@pytest.mark.slow
+def test_cli_pinpoint_over_a_nan_checkpoint_says_not_comparable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    ckpt = nan_checkpoint(tmp_path / "ckpt", param=NAN_PARAM)
+    out_dir = tmp_path / "reports"
+    rc = cli.main(["pinpoint", "--model", str(ckpt), "--device", "cpu", "--steps", "1", "--seq-len", "16",
+                   "--plant", NAN_PLANT, "--out", str(out_dir)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "replay: not comparable" in out and "trace-compare: not comparable" in out and NAN_PARAM in out
+    assert "agreed with itself" not in out and "identical" not in out
+    (path,) = out_dir.iterdir()
+    rec = json.loads(path.read_text())
+    assert rec["replay"]["comparable"] is False and rec["replay"]["clean"] is False
+    assert rec["compare"]["comparable"] is False and rec["compare"]["identical"] is False
+
+
+# ------------------------------------------------------------------------------------------------
+# reports of a function returning its loss; setup's return value
+# ------------------------------------------------------------------------------------------------
+
+
+def _loss_fn():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    return (lambda: net(x).square().mean()), net
+
+
+@pytest.mark.parametrize("method", ["replay", "compare"])
+def test_reports_serialise_when_fn_returns_a_loss_that_requires_grad(method):
+    fn, net = _loss_fn()
+    report = pinpoint.replay(fn) if method == "replay" else pinpoint.compare_runs(fn, runs=2)
+    assert report.value.requires_grad
+    d = json.loads(report.to_json())
+    assert d["method"] == method and "value" not in d
+    assert report.to_dict()["method"] == method and str(report)
+
+
+@pytest.mark.parametrize("returned", [None, 3, "model"], ids=["None", "int", "str"])
+def test_compare_runs_setup_must_return_a_tuple_of_arguments(returned):
+    with pytest.raises(TypeError, match=r"setup must return a tuple of the arguments for fn .*got "):
+        pinpoint.compare_runs(lambda *a: None, runs=2, setup=lambda: returned)

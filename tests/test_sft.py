@@ -12,18 +12,28 @@ small gradient rounds away in the norm, and AdamW's first steps, g/sqrt(g^2), ab
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
+import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench import cli, sft
+from bench import cli, results, sft
 from bench.compare import bits
 from bench.data import IGNORE_INDEX, DataError, batch_for_step, read_token_file, synthetic_batches
 
-from .planted_checks import MAX_MISS, PLACES, OrderSpy, token_file
+from .planted_checks import MAX_MISS, PLACES, OrderSpy, nan_checkpoint, token_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------------------
 # data
@@ -274,7 +284,15 @@ BAD_INPUTS = [
     ("lr-empty-entry", ["--lr", "1e-5,,3e-4"], "without empty entries"),
     ("lr-negative", ["--lr", "-1"], "finite positive"),
     ("zero-steps", ["--steps", "0"], "--steps must be at least 1"),
-    ("zero-repeats", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("zero-repeats", ["--repeats", "0"], "at least 2 repeats"),
+    ("one-repeat", ["--repeats", "1"], "--repeats 1: comparing repeats needs at least 2 repeats"),
+    ("weight-decay-nan", ["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    ("weight-decay-negative", ["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    ("weight-decay-infinite", ["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    ("data-seed-too-large", ["--data-seed", "99999999999999999999"],
+     "--data-seed 99999999999999999999 is out of range"),
+    ("seed-too-large", ["--seed", str(2 ** 64)], f"--seed {2 ** 64} is out of range"),
+    ("seed-too-small", ["--seed", str(-2 ** 63 - 1)], f"--seed {-2 ** 63 - 1} is out of range"),
     ("unknown-dtype", ["--dtype", "fp8"], "unknown dtype"),
     ("unknown-mode", ["--mode", "fast"], "unknown mode"),
     ("unknown-attention", ["--attention", "nope"], "unknown backend 'nope'"),
@@ -331,7 +349,194 @@ def test_planted_backends_are_registered_only_while_needed():
     from qwen_layers.registry import REGISTRY
 
     assert "planted-nondet" not in REGISTRY.names("linear")
-    plan = sft.make_plan(model="qwen3-tiny", steps=1, repeats=1, seq_len=8,
+    plan = sft.make_plan(model="qwen3-tiny", steps=1, repeats=2, seq_len=8,
                          plants=["model.layers.0.mlp.down_proj=linear/planted-nondet"])
     sft.run_plan(plan)
     assert "planted-nondet" not in REGISTRY.names("linear")
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite values: never "identical"
+# ------------------------------------------------------------------------------------------------
+
+NAN_PARAM = "model.layers.0.mlp.down_proj.weight"
+
+
+def test_nan_weight_with_planted_nondeterminism_is_not_comparable(tmp_path, capsys, monkeypatch):
+    """One NaN weight in the checkpoint: every loss is NaN and the NaN bits agree, although a planted
+    nondeterministic down_proj runs. The verdict says not comparable and why; never identical."""
+    monkeypatch.setenv("COLUMNS", "250")
+    ckpt = nan_checkpoint(tmp_path / "ckpt", param=NAN_PARAM)
+    out_dir = tmp_path / "results"
+    rc = cli.main(["sft", "--model", str(ckpt), "--device", "cpu", "--steps", "2", "--repeats", "2",
+                   "--seq-len", "16", "--plant", "model.layers.1.mlp.down_proj=linear/planted-nondet",
+                   "--out", str(out_dir)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "not comparable (non-finite from step 1" in out and NAN_PARAM in out
+    assert "identical" not in out
+    (path,) = out_dir.iterdir()
+    (c,) = json.loads(path.read_text())["configs"]
+    assert all(x == "NaN" for r in c["losses"] for x in r)  # the case: NaN everywhere (as JSON writes it)
+    assert c["status"] == "ok" and c["identical"] is None
+    assert c["non_finite"]["step"] == 1 and c["non_finite"]["what"] == "initial weights"
+    assert NAN_PARAM in c["non_finite"]["detail"]
+    assert c["verdict"].startswith("not comparable (non-finite from step 1: ")
+
+
+def test_huge_learning_rate_goes_non_finite_and_is_not_comparable():
+    """--lr 1e30: the losses turn NaN at step 3 and the NaN bits agree; the verdict names the first
+    step and what went non-finite there, which is no later than the first non-finite loss."""
+    plan = sft.make_plan(model="qwen3-tiny", steps=4, repeats=2, seq_len=16, lrs="1e30")
+    (res,) = sft.run_plan(plan)
+    first_nan_loss = next(k + 1 for k, x in enumerate(res.losses[0]) if not math.isfinite(x))
+    assert first_nan_loss == 3 and res.loss_bits[0] == res.loss_bits[1]
+    nf = res.non_finite
+    assert nf is not None and 1 <= nf["step"] <= first_nan_loss
+    assert nf["what"] in ("loss", "gradient norm", "gradients", "parameters")
+    assert res.identical is None and res.first_divergent_step is None
+    assert res.verdict.startswith(f"not comparable (non-finite from step {nf['step']}: {nf['what']}")
+    assert "identical in 2 repeats x" not in res.verdict  # only the steps before it are said to agree
+    assert nf["step"] == 1 or "identical in 2 repeats; equal NaN/inf bits hide differences" in res.verdict
+
+
+def test_finite_training_records_no_non_finite():
+    plan = sft.make_plan(model="qwen3-tiny", steps=2, repeats=2, seq_len=16)
+    (res,) = sft.run_plan(plan)
+    assert res.non_finite is None and res.identical is True
+
+
+# ------------------------------------------------------------------------------------------------
+# interrupted, and a disk that fills while saving
+# ------------------------------------------------------------------------------------------------
+
+
+def _default_sigint() -> None:
+    # An interactive shell starts commands with SIGINT at its default; a background test runner may not.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_sft_prints_and_saves_the_finished_configurations(tmp_path, sig, code):
+    """The signal arrives after the first of two configurations finished (the test hook pauses there):
+    its summary is printed, then a result marked interrupted holding it is saved."""
+    marker, out_dir = tmp_path / "paused", tmp_path / "results"
+    env = {**os.environ, sft.PAUSE_HOOK: str(marker), "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "sft", "--device", "cpu", "--steps", "1", "--repeats", "2",
+                             "--seq-len", "8", "--lr", "1e-5,3e-4", "--out", str(out_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"sft ended before the pause: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the pause hook was never reached"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err
+    assert "nothing partial was written" not in err
+    (path,) = out_dir.iterdir()
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "interrupted" and rec["finished"]
+    assert [c["lr"] for c in rec["configs"]] == [1e-5] and rec["configs"][0]["identical"] is True
+    summary = out.index("detbench sft: 2 repeats x 1 steps")
+    assert "lr=1e-05" in out[summary:] and "lr=0.0003" not in out
+    assert "interrupted: 1 of 2 configurations finished" in out
+    assert out.index(f"result: {path}") > summary  # printed first, then saved
+
+
+def test_full_disk_prints_the_tables_then_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out_dir = tmp_path / "results"
+
+    def disk_full(path, tmp, data, exclusive):
+        with open(tmp, "xb") as f:
+            f.write(data[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(results, "_write_and_place", disk_full)
+    rc = cli.main(["sft", "--device", "cpu", "--steps", "2", "--repeats", "2", "--seq-len", "8", "--out", str(out_dir)])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err
+    assert "detbench sft: 2 repeats x 2 steps per configuration" in cap.out  # the summary table
+    assert "eager default fp32 lr=1e-05: bitwise identical" in cap.out
+    assert cap.err.startswith("detbench sft: error: could not save ") and cap.err.count("\n") == 1, cap.err
+    assert os.strerror(errno.ENOSPC) in cap.err and str(out_dir) in cap.err
+    assert list(out_dir.iterdir()) == []  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------------------
+# many steps: batches are made as they are used
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the block after ``seconds`` (so a test of something that would run for hours
+    fails fast instead)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_hundred_million_steps_plan_fast_in_little_memory():
+    tracemalloc.start()
+    try:
+        with time_limit(20):
+            plan = sft.make_plan(model="qwen3-tiny", steps=10 ** 8, repeats=2, seq_len=16)
+            described, not_described = sft.describe_batches(plan.batches, plan.steps)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2 ** 20, f"{peak / 2 ** 20:.1f} MiB of Python objects"
+    assert len(plan.batches) == 10 ** 8 and plan.settings.n_batches == 10 ** 8
+    assert len(described) == sft.MAX_DESCRIBED_BATCHES and not_described == 10 ** 8 - sft.MAX_DESCRIBED_BATCHES
+
+
+def test_a_hundred_million_batches_train_only_the_batches_of_their_steps():
+    with time_limit(60):
+        plan = sft.make_plan(model="qwen3-tiny", steps=2, repeats=2, seq_len=8, n_batches=10 ** 8)
+        result = sft.run(plan)
+    assert result.configs[0].identical is True
+    assert len(result.batches) == 2 and result.batches_not_described == 0
+
+
+def test_lazy_synthetic_batches_are_the_same_in_any_order(monkeypatch):
+    """Out of order, and past the kept batches (which makes the generator start over), every batch is
+    the one an in-order walk gives."""
+    import bench.data as data
+
+    monkeypatch.setattr(data, "KEEP_BATCHES", 3)
+    walk = [(b.input_ids.clone(), b.labels.clone()) for b in synthetic_batches(256, n_batches=8, batch_size=2,
+                                                                               seq_len=12, seed=4)]
+    lazy = synthetic_batches(256, n_batches=8, batch_size=2, seq_len=12, seed=4)
+    for i in (6, 1, 7, 4, 0, 5, 5, 2, 3, -1):
+        assert torch.equal(lazy[i].input_ids, walk[i][0]) and torch.equal(lazy[i].labels, walk[i][1]), i
+    assert len(lazy) == 8 and lazy[1] is lazy[1] and batch_for_step(lazy, 9) is lazy[1]
+    with pytest.raises(IndexError):
+        lazy[8]
+
+
+def test_synthetic_batches_are_those_of_earlier_versions():
+    """Made lazily now, the batches are bit for bit those detbench drew when it made the whole list up front
+    (digest recorded from that version), so recorded results stay reproducible."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in synthetic_batches(256, n_batches=5, batch_size=3, seq_len=24, seed=1):
+        for t in (b.input_ids, b.attention_mask, b.labels):
+            h.update(t.numpy().tobytes())
+    assert h.hexdigest() == "7574909565b89d2bd3c6b212ef259d4ddf1560a49b63e5823ab2959abc354cff"

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from bench.cli.common import UsageError, one_value, parse_device
 from bench.cli.sft import add_common_model_args, plan_from_args
-from bench.data import batch_for_step
+from bench.data import batch_for_step, on_device
 from bench.dtypes import parse_dtype, torch_name
 from bench.modes import MODES, apply_mode
 from bench.pinpoint import CompareReport, ReplayReport, compare_runs, replay
@@ -26,15 +26,16 @@ from bench.results import (
     to_json,
     write_json_atomic,
 )
-from bench.sft import apply_plants, build, make_optimizer, parse_model, parse_plant, sft_step
+from bench.sft import apply_plants, build, check_seed, make_optimizer, parse_model, parse_plant, sft_step
 from bench.subjects import PROFILES, SUBJECTS, build_case
 from qwen_layers.registry import REGISTRY, BackendError
 
 
 def replay_table(report: ReplayReport) -> Group:
-    """A replay report as a rich table: one row per op that disagreed with its own replay."""
+    """A replay report as a rich table: one row per op that disagreed with its own replay (and the
+    summary, in yellow, when outputs became non-finite)."""
     if not report.findings:
-        parts = [f"[green]{escape(report.summary())}[/]"]
+        parts = [f"[{'green' if report.comparable else 'yellow'}]{escape(report.summary())}[/]"]
     else:
         t = Table(title="replay: ops that disagreed with their own replay", title_justify="left")
         for col in ("#", "level", "op", "module", "phase", "calls", "differs", "max |d|", "max ulp"):
@@ -44,6 +45,8 @@ def replay_table(report: ReplayReport) -> Group:
                       str(f.count), f"{f.n_diff}/{f.n_total} of output {f.output_index}", f"{f.max_abs:.3e}",
                       str(f.max_ulp))
         parts = [t, *[escape(f"  #{i}: {f.detail()}") for i, f in enumerate(report.findings, 1)]]
+        if not report.comparable:
+            parts.append(f"[yellow]{escape(report.summary())}[/]")
     parts += [f"[yellow]{escape(e)}[/]" for e in report.errors]
     if report.skipped:
         parts.append(escape(report.skipped_line()))
@@ -52,7 +55,7 @@ def replay_table(report: ReplayReport) -> Group:
 
 def compare_tables(report: CompareReport) -> Group:
     """A trace-compare report as rich tables: per differing pair of runs, its findings, then its notes."""
-    style = "green" if report.identical else "red"
+    style = "green" if report.identical else "yellow" if report.bitwise_equal else "red"
     parts = [f"[{style}]{escape(report.summary())}[/]"]
     for p in report.pairs:
         if p.identical:
@@ -104,10 +107,11 @@ def _one(value: str, what: str) -> str:
 
 def _sft_subject(args, device):
     """(setup, fn, roots, description) for --subject sft."""
+    # repeats: the runs trace-compare compares (at least 2, checked by cmd_pinpoint); replay runs once.
     plan = plan_from_args(args, attention=_one(args.attention, "--attention"), modes=_one(args.mode, "--mode"),
-                          dtypes=_one(args.dtype, "--dtype"), lrs=_one(args.lr, "--lr"), steps=args.steps, repeats=1,
-                          out=None)
-    batches = [b.to(device) for b in plan.batches]
+                          dtypes=_one(args.dtype, "--dtype"), lrs=_one(args.lr, "--lr"), steps=args.steps,
+                          repeats=args.runs, out=None)
+    batches = on_device(plan.batches, device)
     lr, clip = plan.lrs[0], plan.settings.clip
 
     def setup():
@@ -159,6 +163,8 @@ def cmd_pinpoint(args) -> int:
         raise UsageError(f"--runs must be at least 2 (trace-compare compares runs), got {args.runs}")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    check_seed(args.seed, "--seed")
+    check_seed(args.data_seed, "--data-seed")
     out_dir = check_out_dir(args.out) if args.out else None
     with planted_registered(bool(args.plant)):
         return _pinpoint(args, device, out_dir)

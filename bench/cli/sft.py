@@ -18,7 +18,8 @@ from bench.sft import ConfigResult, Plan, fmt_exact, make_plan, parse_list, run,
 def step_table(res: ConfigResult):
     """Rich table: one row per step, the loss of every repeat (all digits that matter, differing ones in
     red), ``=`` where loss, grad norm and every gradient are bitwise equal in all repeats (else which of
-    them differ), and the spreads."""
+    them differ; ``non-finite`` from the step a value went NaN/inf on, where equal bits prove nothing),
+    and the spreads."""
     t = Table(title=f"{res.key()}: {res.verdict}", title_justify="left")
     t.add_column("step", justify="right")
     for r in range(len(res.losses)):
@@ -32,7 +33,12 @@ def step_table(res: ConfigResult):
         for r in range(len(res.losses)):
             text = fmt_exact(res.losses[r][k], res.loss_dtype)
             cells.append(text if res.loss_bits[r][k] == ref_bits else f"[red]{text}[/]")
-        mark = "[green]=[/]" if res.step_equal[k] else f"[red]{','.join(res.step_differs[k])}[/]"
+        if not res.step_equal[k]:
+            mark = f"[red]{','.join(res.step_differs[k])}[/]"
+        elif res.non_finite is not None and k + 1 >= res.non_finite["step"]:
+            mark = "[yellow]non-finite[/]"
+        else:
+            mark = "[green]=[/]"
         t.add_row(str(k + 1), *cells, mark, f"{res.loss_spread[k]:.2e}", f"{res.grad_norm_spread[k]:.2e}")
     return t
 
@@ -60,11 +66,17 @@ def summary_table(results: list[ConfigResult], repeats: int, steps: int):
             t.add_row(res.key(), f"[yellow]{res.status}[/]", "-", "-", "-")
         else:
             agree = ("[green]identical[/]" if res.identical else
+                     "[yellow]not comparable[/]" if res.identical is None else
                      f"[red]diverge @{res.first_divergent_step}[/]" if res.first_divergent_step else "[red]params differ[/]")
             t.add_row(res.key(), agree, f"{max(res.loss_spread):.2e}", f"{max(res.grad_norm_spread):.2e}",
                       _params_cell(res))
         lines.append(escape(f"{res.key()}: {res.verdict}"))
     return Group(t, *lines)
+
+
+# An interrupted run that saved what finished exits like one killed by SIGINT (bench.cli.main reports
+# SIGTERM's 143 instead when that was the signal).
+EXIT_INTERRUPTED = 130
 
 
 def add_common_model_args(p) -> None:
@@ -94,7 +106,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", help="comma-separated dtypes: fp32, bf16, fp16 (default fp32)")
     p.add_argument("--lr", default="1e-5", help="comma-separated learning rates, e.g. 1e-5,3e-4 (default 1e-5)")
     p.add_argument("--steps", "-k", type=int, default=10, help="training steps per repeat (default 10)")
-    p.add_argument("--repeats", "-r", type=int, default=3, help="repeats per configuration (default 3)")
+    p.add_argument("--repeats", "-r", type=int, default=3, help="repeats per configuration, at least 2 (default 3)")
     p.add_argument("--batches", type=int, help="distinct batches, cycled (default: one per step)")
     p.add_argument("--betas", default="0.9,0.999", help="AdamW betas (default 0.9,0.999)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0.0)")
@@ -147,12 +159,19 @@ def cmd_sft(args) -> int:
                 progress.console.print(step_table(res))
 
         result = run(plan, command=sys.argv, on_step=lambda: progress.advance(task), on_config=on_config)
-    path = save(result, out_dir) if out_dir is not None else None
+    interrupted = result.status == "interrupted"
+    if interrupted and not result.configs:
+        raise KeyboardInterrupt  # nothing finished: bench.cli says so, and nothing is written
+    # What finished is printed first, then saved: a failed save (SaveError, exit 1) leaves it on screen.
     if args.json:
         json.dump(to_json(result), sys.stdout, indent=1)
         print()
-        return 0
-    console.print(summary_table(result.configs, plan.repeats, plan.steps))
-    if path is not None:
-        console.print(f"result: {path}")
-    return 0
+    else:
+        console.print(summary_table(result.configs, plan.repeats, plan.steps))
+        if interrupted:
+            console.print(f"[yellow]interrupted: {len(result.configs)} of {plan.n_configs} configurations "
+                          f"finished[/]")
+    path = save(result, out_dir) if out_dir is not None else None
+    if path is not None and not args.json:
+        console.print(f"result: {path}", highlight=False)
+    return EXIT_INTERRUPTED if interrupted else 0

@@ -7,7 +7,9 @@ outputs differ while its inputs differ too is a consequence, not a cause; when t
 difference is such an event (its inputs came from identical values, wired differently), the report
 says so: that is the signature of Python code combining identical partial results in another order.
 ``exact=True`` compares full copies instead of fingerprints and also reports how many elements differ
-at the root cause.
+at the root cause. Runs whose outputs held a NaN (or whose result is NaN/inf) are *not comparable*
+(equal NaN bits prove nothing): the report is then never "identical" and names where each run went
+non-finite (:class:`bench.pinpoint.ops.NonFinite`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from bench.compare import mismatch
 from bench.pinpoint.fingerprint import COLLISION_BOUND, Coefficients
+from bench.pinpoint.ops import NonFinite
 from bench.pinpoint.trace import Trace, _trace
 from bench.results import to_json
 
@@ -193,11 +196,28 @@ class CompareReport:
     skipped: dict[str, int]
     seconds: float
     collision_bound: str
+    non_finite: list[NonFinite] = field(default_factory=list)   # per run: where NaN / infinities first appeared
     value: Any = field(default=None, repr=False, compare=False)
 
     @property
-    def identical(self) -> bool:
+    def comparable(self) -> bool:
+        """False when a run's outputs held a NaN (or its result a NaN/inf): equal bits prove nothing then."""
+        return all(nf.comparable for nf in self.non_finite)
+
+    @property
+    def bitwise_equal(self) -> bool:
+        """Every run's events agree with run 0's, bit for bit (NaN or not)."""
         return all(p.identical for p in self.pairs)
+
+    @property
+    def identical(self) -> bool:
+        """The runs agree bit for bit over finite values: bitwise equal and comparable."""
+        return self.bitwise_equal and self.comparable
+
+    @property
+    def first_non_finite(self) -> tuple[int, NonFinite] | None:
+        """(run, its NonFinite) of the first run that is not comparable, or None."""
+        return next(((i, nf) for i, nf in enumerate(self.non_finite) if not nf.comparable), None)
 
     @property
     def root_cause(self) -> dict | None:
@@ -216,6 +236,7 @@ class CompareReport:
         del d["value"]
         d["method"] = "compare"
         d["identical"] = self.identical
+        d["comparable"] = self.comparable
         d["root_cause"] = self.root_cause
         return d
 
@@ -226,14 +247,23 @@ class CompareReport:
         if self.identical:
             return (f"trace-compare: {self.runs} runs identical in every one of {self.events[0]} traced events "
                     f"({'exact' if self.exact else 'fingerprints'})")
+        bad = self.first_non_finite
+        non_finite = f"run {bad[0]}'s outputs became non-finite: {bad[1].sentence('event')}" if bad else ""
+        if self.bitwise_equal:
+            nan = bad[1].nan
+            since = f"from event {nan['index']} on " if nan is not None else ""
+            return (f"trace-compare: not comparable - {non_finite}; the {self.runs} runs agree bit for bit in all "
+                    f"{self.events[0]} traced events, but {since}equal NaN bits hide any difference")
         p = self.first_differing
         if p.root_cause is not None:
             r = p.root_cause
-            return (f"trace-compare: root cause {r['op']} ({r['kind']}) at {r['module'] or '<root>'} ({r['phase']}), "
+            text = (f"trace-compare: root cause {r['op']} ({r['kind']}) at {r['module'] or '<root>'} ({r['phase']}), "
                     f"event {r['index']}; {p.differing_ops_after_root} of the {p.ops_after_root} later ops differ")
-        if p.control_flow is not None:
-            return f"trace-compare: the runs ran different ops from event {p.control_flow['index']} on"
-        return "trace-compare: outputs differ but no event with identical inputs and different outputs was found"
+        elif p.control_flow is not None:
+            text = f"trace-compare: the runs ran different ops from event {p.control_flow['index']} on"
+        else:
+            text = "trace-compare: outputs differ but no event with identical inputs and different outputs was found"
+        return text + (f"; {non_finite}" if non_finite else "")
 
     def __str__(self) -> str:
         """Plain text: the summary, then each differing pair's findings and notes (the CLI draws tables)."""
@@ -254,9 +284,10 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
     """Run ``fn`` ``runs`` times under the tracer and compare every run with the first.
 
     ``fn`` must start from the same state each time: pass ``setup``, a function called (untraced)
-    before each run whose return value (a tuple) replaces ``args`` - e.g. one that builds a fresh
-    model and optimizer. With ``seed`` set, the global generators are seeded with it before each run
-    (inside ``fork_rng``, so the caller's state is restored). ``exact=True`` compares full copies
+    before each run whose return value (a tuple of arguments for ``fn``; anything else raises
+    ``TypeError``) replaces ``args`` - e.g. one that builds a fresh model and optimizer. With ``seed``
+    set, the global generators are seeded with it before each run (inside ``fork_rng``, so the
+    caller's state is restored). ``exact=True`` compares full copies
     instead of fingerprints (memory: one CPU copy of every tensor the runs produce).
     """
     if runs < 2:
@@ -266,7 +297,7 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
     t0 = time.perf_counter()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     for _ in range(runs):
-        run_args = tuple(setup()) if setup is not None else args
+        run_args = _setup_args(setup) if setup is not None else args
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -277,4 +308,13 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
         skipped.update(tr.skipped)
     return CompareReport(runs, exact, pairs, [len(t.events) for t in traces], dict(skipped),
                          time.perf_counter() - t0, "exact comparison" if exact else COLLISION_BOUND,
-                         traces[0].value)
+                         [t.non_finite for t in traces], traces[0].value)
+
+
+def _setup_args(setup: Callable[[], tuple]) -> tuple:
+    """What ``setup()`` returned, checked: the tuple (or list) of arguments for ``fn``."""
+    got = setup()
+    if not isinstance(got, (tuple, list)):
+        raise TypeError(f"compare_runs(setup=...): setup must return a tuple of the arguments for fn (e.g. "
+                        f"`return model, optimizer`, or `return ()` when fn takes none); got {type(got).__name__}")
+    return tuple(got)

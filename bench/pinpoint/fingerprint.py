@@ -112,6 +112,9 @@ class Fingerprints:
         self.by_place: dict[tuple, tuple] = {}  # (address, dtype, shape, strides) -> the same entry
         self.pending: list = []             # (tensor, entry, place) written by the last mutating op
         self._sweep_at = 4096
+        # Called with every tensor whose contents an *input* descriptor is made for afresh (not found in
+        # the cache: no traced op described it) - what came in from outside the traced ops.
+        self.on_read: Callable[[torch.Tensor], None] | None = None
 
     # -- value fingerprints -----------------------------------------------------------------
     def _cpu_dots(self, arr, offset: int, lane: int) -> tuple[int, ...]:
@@ -242,13 +245,20 @@ class Fingerprints:
         if not isinstance(t, torch.Tensor):
             return ("s", _scalar_key(t))
         d = self.cached(t)
-        return d if d is not None else self.put(t, self.value(t))
+        if d is not None:
+            return d
+        if self.on_read is not None:
+            self.on_read(t)
+        return self.put(t, self.value(t))
 
-    def describe_value(self, t: torch.Tensor) -> tuple:
-        """Like :meth:`describe`, but a symbolic or view descriptor is replaced by the value's."""
+    def describe_value(self, t: torch.Tensor, read: bool = True) -> tuple:
+        """Like :meth:`describe`, but a symbolic or view descriptor is replaced by the value's.
+        ``read=False``: ``t`` is an output (not reported to :attr:`on_read`)."""
         d = self.cached(t)
         if d is not None and d[0] in VALUE_KINDS:
             return d
+        if d is None and read and self.on_read is not None:
+            self.on_read(t)
         return self.put(t, self.value(t))
 
     def view(self, out, base) -> None:

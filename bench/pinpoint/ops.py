@@ -5,6 +5,9 @@
 * tree helpers over an op's arguments and results (``_leaves``, ``_tensors``, ``_clone`` ...);
 * generator state (:class:`_Rng`), saved and restored around a replay;
 * bitwise comparison of results (:func:`same_bits`, :func:`first_difference`);
+* non-finite values: where NaN and infinities first appeared in a run (:class:`NonFinite`), because
+  bitwise comparison proves nothing about them: every NaN and every infinity compares equal to
+  itself however it was computed, so a run that went NaN "agrees" whatever happened on the way.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import math
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bench.compare import bitwise_equal
@@ -277,3 +282,151 @@ def first_difference(a, b, ignored: frozenset = frozenset()):
         elif _value_key(x) != _value_key(y):
             return (i, x, y)
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite values
+# ------------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def _float_tensors(xs) -> list[torch.Tensor]:
+    """The floating-point tensors with data among ``xs`` (complex ones as their real and imaginary parts)."""
+    out = []
+    for t in xs:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
+            continue
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        if t.dtype in FLOAT_DTYPES and t.layout == torch.strided:
+            out.append(t)
+    return out
+
+
+def extremes(t: torch.Tensor) -> torch.Tensor:
+    """(min, max) of ``t`` as a float64 pair on its device, in one pass: NaN when ``t`` holds a NaN,
+    +-inf when it holds an infinity. Left on the device (read it with :func:`flags`, when convenient)."""
+    return torch.stack(torch.aminmax(t.detach())).to(torch.float64)
+
+
+_NUMPY_FLOATS = frozenset({torch.float32, torch.float64})
+
+
+def cpu_flags(t: torch.Tensor) -> tuple[bool, bool] | None:
+    """(holds NaN, holds an infinity) of a CPU tensor, right away; None for a tensor on another device
+    (use :func:`extremes` there, and read it later). The fast path is one BLAS dot product of the
+    values with themselves: NaN or inf when they hold one, finite otherwise unless a square overflows;
+    only a non-finite result is looked at element by element."""
+    if t.device.type != "cpu":
+        return None
+    if t.dtype not in _NUMPY_FLOATS:  # bfloat16 (no numpy type), float16 (no BLAS)
+        return flags(extremes(t).tolist())
+    arr = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing square is expected, and checked below
+        square = float(np.dot(arr, arr))
+    if math.isfinite(square):
+        return False, False
+    nan = bool(np.isnan(arr).any())
+    return nan, not nan and bool(np.isinf(arr).any())
+
+
+def flags(pair) -> tuple[bool, bool]:
+    """(holds NaN, holds an infinity) from :func:`extremes`' pair (read as floats). With a NaN present
+    the infinity flag is unknown and reported False."""
+    lo, hi = pair
+    if math.isnan(lo) or math.isnan(hi):
+        return True, False
+    return False, math.isinf(lo) or math.isinf(hi)
+
+
+def scalar_flags(values) -> tuple[bool, bool]:
+    """(a NaN, an infinity) among the plain numbers in ``values`` (an op's scalar arguments)."""
+    nan = inf = False
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            nan, inf = nan or math.isnan(v), inf or math.isinf(v)
+    return nan, inf
+
+
+def value_kind(value) -> str | None:
+    """"NaN" / "inf" when a tensor in ``value`` (what a traced function returned) holds one, else None."""
+    with torch.no_grad():
+        found = [cpu_flags(t) or flags(extremes(t).tolist()) for t in _float_tensors(_tensors(value))]
+    return "NaN" if any(n for n, _ in found) else "inf" if any(i for _, i in found) else None
+
+
+def storage_names(params) -> dict[int, str]:
+    """Storage address -> parameter name, for naming a tensor (or a view of one) by where its data lives;
+    ``params`` yields (name, tensor) (the locator's ``params.values()``)."""
+    out: dict[int, str] = {}
+    for name, p in params:
+        try:
+            out.setdefault(p.untyped_storage().data_ptr(), name)
+        except Exception:  # no storage (meta ...)
+            pass
+    return out
+
+
+def tensor_label(t: torch.Tensor, names: dict[int, str]) -> str:
+    """``parameter NAME (dtype[shape])`` when ``t``'s data lives in a named parameter, else ``dtype[shape]``."""
+    meta = f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+    try:
+        name = names.get(t.untyped_storage().data_ptr())
+    except Exception:
+        name = None
+    return f"parameter {name} ({meta})" if name else meta
+
+
+@dataclass
+class NonFinite:
+    """Where NaN and infinities first appeared in one run, in execution order.
+
+    ``nan`` and ``inf`` describe the first op (or traced event) whose output held a NaN, resp. an
+    infinity: ``index`` (the op's or event's number), ``kind``, ``op``, ``module``, ``phase``, and
+    ``source``: ``produced`` (no input held one: the op made it) or ``input`` (an input already held
+    one although no earlier op's output did: it came from outside the run's ops - a parameter, a
+    buffer, fn's arguments, or a scalar argument such as a mask's ``-inf``; ``input`` names it).
+    ``value`` is "NaN"/"inf" when fn's returned value holds one. (Replay adds ``replayed_before`` and
+    ``units_before``: the ops and units it had replayed when the NaN appeared.)
+
+    The run is *comparable* when no op output held a NaN and fn's value is finite. Infinities alone
+    do not make it incomparable: masks hold -inf by design and the softmax after them turns them
+    into exact zeros; an overflow that matters ends in a NaN or in the result.
+    """
+
+    nan: dict | None = None
+    inf: dict | None = None
+    value: str | None = None
+
+    @property
+    def comparable(self) -> bool:
+        return self.nan is None and self.value is None
+
+    def sentence(self, unit: str = "op") -> str:
+        """Where the values went non-finite, in words (``unit``: what ``index`` counts, op or event)."""
+        def at(ev: dict) -> str:
+            return (f"{ev['op']}" + (f" ({ev['kind']})" if ev.get("kind", "aten") != "aten" else "")
+                    + f" at {ev['module'] or '<root>'} ({ev['phase']}), {unit} {ev['index']}")
+
+        def origin(ev: dict, what: str) -> str:
+            if ev["source"] == "input":
+                return f"from an input holding {what} that no {unit} of the run made: {ev['input']}"
+            return "from finite inputs"
+
+        parts = []
+        if self.nan is not None:
+            n = self.nan
+            if n["source"] == "input":
+                parts.append(f"NaN first in the output of {at(n)}, {origin(n, 'NaN')}")
+            elif self.inf is not None and self.inf["index"] <= n["index"]:
+                parts.append(f"NaN first produced by {at(n)}, from inputs without NaN; infinities had appeared "
+                             f"before it, first in the output of {at(self.inf)}, {origin(self.inf, 'an infinity')}")
+            else:
+                parts.append(f"NaN first produced by {at(n)}, from finite inputs")
+        elif self.value is not None:
+            parts.append(f"the result holds {self.value}")
+            if self.inf is not None:
+                parts.append(f"infinities first appeared in the output of {at(self.inf)}, "
+                             f"{origin(self.inf, 'an infinity')}")
+        return "; ".join(parts)

@@ -46,8 +46,18 @@ RNG bookkeeping outputs        outputs named ``philox_seed``, ``philox_offset``,
                                ``seed``, ``offset``, ``debug_attn_mask``, ``unused`` (e.g. of SDPA's
                                flash/efficient kernels) are not compared: they may be uninitialised
 
-Speed: a Python call per aten op (a do-nothing dispatch mode alone doubles a tiny CPU step), and every
-order-dependent op runs twice.
+Non-finite values. Two NaN results agree bit for bit however they were computed, so an op whose
+output is all NaN agrees with itself whatever it does. The outputs of every op (replayed or not,
+first runs inside units too, and the units' own outputs) are checked for NaN and infinities until
+the first NaN (:class:`bench.pinpoint.ops.NonFinite`): the report then says the run is not
+comparable from that op on, names it and says whether it made the NaN from finite inputs or got it
+from an input no op of the run made (a parameter, fn's arguments). Ops before it were compared as
+usual. (An in-place op whose own written tensor already held NaN before it, coming from outside the
+run, is reported as having made it.)
+
+Speed: a Python call per aten op (a do-nothing dispatch mode alone doubles a tiny CPU step), every
+order-dependent op runs twice, and every floating-point output is read once more (its min and max)
+until the first NaN.
 """
 
 from __future__ import annotations
@@ -69,16 +79,25 @@ from bench.pinpoint.locate import _Locator, running
 from bench.pinpoint.ops import (
     SKIP_NAMESPACES,
     SKIP_REASONS,
+    NonFinite,
     OpInfo,
     _args_tensors,
     _clone,
+    _float_tensors,
     _leaves,
     _meta,
     _Rng,
     _tensors,
     _written_values,
+    cpu_flags,
+    extremes,
     first_difference,
+    flags,
     op_info,
+    scalar_flags,
+    storage_names,
+    tensor_label,
+    value_kind,
 )
 from bench.results import to_json
 
@@ -182,6 +201,9 @@ class ReplayMode(TorchDispatchMode):
         self.skipped: Counter = Counter()
         self.errors: list[str] = []
         self.active = False
+        self.ops_seen = 0               # ops dispatched so far: the index of a non-finite finding
+        self.non_finite = NonFinite()
+        self._names: dict[int, str] | None = None
         locator.on_registry = self._registry_call
         locator.on_pynode = self._hook_pynode
 
@@ -191,6 +213,7 @@ class ReplayMode(TorchDispatchMode):
         if self.busy:
             return func(*args, **kwargs)
         info = op_info(func, self.infos)
+        self.ops_seen += 1
         unit = getattr(self.loc.local, "unit", None)
         if unit is not None:
             return self._record(unit, func, info, args, kwargs)
@@ -199,7 +222,9 @@ class ReplayMode(TorchDispatchMode):
             return func(*args, **kwargs)
         if info.order_free and not self.all_ops:
             self.skipped["order_free"] += 1
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._watch(info, args, kwargs, out)
+            return out
         return self._replay_op(func, info, args, kwargs)
 
     def _replay_op(self, func, info: OpInfo, args, kwargs):
@@ -222,10 +247,12 @@ class ReplayMode(TorchDispatchMode):
                 a, b, ignored = out, out2, info.ignored_returns
         except Exception as e:  # an op that cannot run twice: say so, keep the first result
             self.errors.append(f"{info.name}: replay raised {type(e).__name__}: {e}")
+            self._watch(info, args, kwargs, out)
             return out
         finally:
             if after is not None:
                 after.restore()
+        self._watch(info, args, kwargs, out)
         self.replayed += 1
         d = first_difference(a, b, ignored)
         if d is not None:
@@ -234,6 +261,79 @@ class ReplayMode(TorchDispatchMode):
             self._add(_finding("aten", info.name, path, ph, [_meta(t) for t in ins], [_meta(t) for t in _leaves(out)],
                                d, node=node))
         return out
+
+    # -- non-finite values ---------------------------------------------------------------------
+    def _watch(self, info: OpInfo, args, kwargs, out, where: tuple | None = None) -> None:
+        """Check an op's outputs (its written arguments, for in-place and ``out=`` ops) for NaN and
+        infinities, until the first NaN; on the first of each, check its other inputs to say whether it
+        made it or got it. ``where``: (module path, phase) when known (inside a unit)."""
+        nf = self.non_finite
+        if nf.nan is not None:
+            return
+        if info.kind == "mutating":
+            outs = _float_tensors(_leaves(_written_values(info, args, kwargs)))
+            written = {id(t) for t in outs}
+        else:
+            outs, written = _float_tensors(_leaves(out, info.ignored_returns)), set()
+        if not outs:
+            return
+        nan, inf = self._flags(outs)
+        if not (nan or (inf and nf.inf is None)):
+            return
+        ins = [t for t in _args_tensors(args, kwargs) if id(t) not in written]
+        scalars = [v for v in _leaves(list(args) + list(kwargs.values())) if not isinstance(v, torch.Tensor)]
+        if where is None:
+            path, ph, _ = self.loc.where(ins)
+        else:
+            path, ph = where
+        self._found("aten", info.name, path, ph, ins, scalars, nan, inf)
+
+    def _watch_unit(self, unit: _Unit, inputs, outputs) -> None:
+        """The same check on a unit's own outputs (a registry call's, a custom backward's), which may
+        come from kernels no aten op runs (Triton)."""
+        if self.non_finite.nan is not None:
+            return
+        outs = _float_tensors(_tensors(outputs))
+        if not outs:
+            return
+        nan, inf = self._flags(outs)
+        if nan or (inf and self.non_finite.inf is None):
+            self._found(unit.level, unit.name, unit.path, unit.phase, _tensors(inputs), [], nan, inf)
+
+    @staticmethod
+    def _each(tensors) -> list[tuple[bool, bool]]:
+        """(NaN, infinity) of each tensor, read now (replay synchronises on every op anyway)."""
+        found = [cpu_flags(t) for t in tensors]
+        later = [i for i, f in enumerate(found) if f is None]
+        if later:
+            for i, pair in zip(later, torch.stack([extremes(tensors[i]) for i in later]).tolist()):
+                found[i] = flags(pair)
+        return found
+
+    def _flags(self, tensors) -> tuple[bool, bool]:
+        found = self._each(tensors)
+        return any(n for n, _ in found), any(i for _, i in found)
+
+    def _found(self, kind: str, op: str, path: str, ph: str, ins, scalars, nan: bool, inf: bool) -> None:
+        nf = self.non_finite
+        ins = _float_tensors(ins)
+        in_flags = self._each(ins)
+        s_nan, s_inf = scalar_flags(scalars)
+        for what, hit, key, s_hit in (("nan", nan, 0, s_nan), ("inf", inf, 1, s_inf)):
+            if not hit or getattr(nf, what) is not None:
+                continue
+            culprit = next((t for t, f in zip(ins, in_flags) if f[key]), None)
+            if culprit is not None:
+                if self._names is None:
+                    self._names = storage_names(self.loc.params.values())
+                source, label = "input", tensor_label(culprit, self._names)
+            elif s_hit:
+                source, label = "input", f"a scalar argument {'nan' if what == 'nan' else 'inf'}"
+            else:
+                source, label = "produced", None
+            setattr(nf, what, {"index": self.ops_seen - 1, "kind": kind, "op": op, "module": path, "phase": ph,
+                               "source": source, "input": label, "replayed_before": self.replayed,
+                               "units_before": self.units})
 
     def _add(self, f: Finding) -> None:
         key = (f.level, f.op, f.module, f.phase, f.inside)
@@ -252,9 +352,11 @@ class ReplayMode(TorchDispatchMode):
             out = func(*args, **kwargs)
             outs = _clone((_written_values(info, args, kwargs), out))
             unit.target.append((func, info, snap, outs))
-            return out
-        out = func(*args, **kwargs)
-        unit.target.append((func, info, _args_tensors(args, kwargs), out))
+        else:
+            out = func(*args, **kwargs)
+            unit.target.append((func, info, _args_tensors(args, kwargs), out))
+        if unit.target is unit.first:
+            self._watch(info, args, kwargs, out, (unit.path, unit.phase))
         return out
 
     def _finish_unit(self, unit: _Unit, out1, out2) -> None:
@@ -303,6 +405,8 @@ class ReplayMode(TorchDispatchMode):
             out = fn(*args, **kwargs)
         finally:
             self.loc.local.unit = None
+        with self.busy():
+            self._watch_unit(unit, (args, kwargs), out)
         ok, out2 = self._rerun(unit, rng, (args, kwargs), lambda c: _call_no_grad(fn, *c),
                                f"{name} at {path}: replay raised")
         if ok:
@@ -351,6 +455,8 @@ class ReplayMode(TorchDispatchMode):
             if unit is None or n is None or unit.level != "autograd.Function":
                 return None
             mode.loc.local.unit = None
+            with mode.busy():
+                mode._watch_unit(unit, grad_outputs, grad_inputs)
             ok, out2 = mode._rerun(unit, unit.rng, list(grad_outputs), lambda c: n.apply(*c),
                                    f"{unit.name} at {unit.path}: backward replay raised")
             if not ok:
@@ -385,17 +491,25 @@ class ReplayReport:
     skipped: dict[str, int]      # reason -> ops not replayed
     errors: list[str]
     seconds: float
+    non_finite: NonFinite = field(default_factory=NonFinite)  # where NaN / infinities first appeared
     value: Any = field(default=None, repr=False, compare=False)  # what fn returned (not serialised)
 
     @property
+    def comparable(self) -> bool:
+        """False once an op's output held a NaN (or fn's result a NaN/inf): equal bits prove nothing then."""
+        return self.non_finite.comparable
+
+    @property
     def clean(self) -> bool:
-        return not self.findings and not self.errors
+        """No finding, no error, and comparable: every op agreed with itself, over finite values."""
+        return not self.findings and not self.errors and self.comparable
 
     def to_dict(self) -> dict:
         d = asdict(replace(self, value=None))  # fn's value is not serialised (nor deep-copied)
         del d["value"]
         d["method"] = "replay"
         d["clean"] = self.clean
+        d["comparable"] = self.comparable
         d["skip_reasons"] = {k: SKIP_REASONS.get(k, SKIP_NAMESPACES.get(k, k)) for k in self.skipped}
         return d
 
@@ -406,8 +520,17 @@ class ReplayReport:
         if self.clean:
             return (f"replay: every op agreed with itself ({self.ops_replayed} aten ops and {self.units_replayed} "
                     f"registry/custom-Function units replayed once each)")
+        if not self.comparable and not self.findings:
+            nan = self.non_finite.nan
+            before = (f"the {nan['replayed_before']} aten ops and {nan['units_before']} units replayed before it "
+                      f"agreed with themselves; after it " if nan is not None else "")
+            return (f"replay: not comparable - outputs became non-finite: {self.non_finite.sentence('op')}; "
+                    f"{before}equal NaN bits hide any difference")
         names = "; ".join(f"{f.op} at {f.where}" for f in self.findings)
-        return f"replay: {len(self.findings)} op(s) disagreed with their own replay: {names}"
+        text = f"replay: {len(self.findings)} op(s) disagreed with their own replay: {names}"
+        if not self.comparable:
+            text += f"; outputs also became non-finite: {self.non_finite.sentence('op')}"
+        return text
 
     def __str__(self) -> str:
         """Plain text: the summary, one line per finding and its details (the CLI draws a table)."""
@@ -431,7 +554,8 @@ def replay(fn: Callable, *args, roots: Mapping[str, nn.Module] | None = None, al
     backward) on the spot and comparing bit for bit. Returns a :class:`ReplayReport`.
 
     ``fn`` runs normally otherwise: its result (``report.value``), its side effects and the generator
-    state afterwards are those of a plain run. ``roots`` names modules explicitly
+    state afterwards are those of a plain run. Once an output holds a NaN, the report is not
+    comparable (``report.comparable``; ``report.non_finite`` says where and how it appeared). ``roots`` names modules explicitly
     (``{"model": m}``); by default the first module called names its submodules from ``""``.
     Order-free ops (pointwise, data movement) are not replayed unless ``all_ops=True``.
     """
@@ -440,5 +564,6 @@ def replay(fn: Callable, *args, roots: Mapping[str, nn.Module] | None = None, al
     t0 = time.perf_counter()
     with running(mode, loc):
         value = fn(*args, **kwargs)
+    mode.non_finite.value = value_kind(value)
     return ReplayReport(list(mode.findings.values()), mode.replayed, mode.units, dict(mode.skipped), mode.errors,
-                        time.perf_counter() - t0, value)
+                        time.perf_counter() - t0, mode.non_finite, value)

@@ -5,14 +5,22 @@ fingerprints, exact bytes, symbolic descriptors of order-free ops; ``exact=True`
 together with every registry call, every custom-Function backward and every module's forward output
 (these by value). :func:`bench.pinpoint.compare.compare_runs` aligns two or more traces.
 
+Non-finite values (:class:`bench.pinpoint.ops.NonFinite`): every floating-point output (of aten ops,
+registry calls and custom-Function backwards), and every tensor read from outside the traced ops (a
+parameter, fn's arguments: an input no traced op described), is checked for NaN and infinities - on
+the CPU at once, on a GPU as a (min, max) pair left on the device and read with one synchronisation
+at the end. Walked in order, the checks say which event first output a NaN or an infinity and
+whether it made it from finite inputs or got it from outside.
+
 Speed: a Python call per aten op (a do-nothing dispatch mode alone doubles a tiny CPU step), plus one
-more read of every order-dependent output to fingerprint it. A tensor is fingerprinted once per
-version: an input whose contents a traced op described (as its output, or as the tensor it wrote in
-place) reuses that descriptor. On the CPU fingerprinting is the bulk of the cost at large batches.
+more read of every order-dependent output to fingerprint it, and one of every floating-point output
+for the non-finite check. A tensor is fingerprinted once per version: an input whose contents a
+traced op described (as its output, or as the tensor it wrote in place) reuses that descriptor. On the CPU fingerprinting is the bulk of the cost at large batches.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections import Counter
@@ -25,7 +33,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.pinpoint.fingerprint import MAX_SYMBOLIC_DEPTH, Coefficients, Fingerprints, _scalar_key
 from bench.pinpoint.locate import _PHASE, _Locator, running
-from bench.pinpoint.ops import _arg, _args_tensors, _leaves, _tensors, _written_values, op_info
+from bench.pinpoint.ops import (
+    NonFinite,
+    _arg,
+    _args_tensors,
+    _float_tensors,
+    _leaves,
+    _tensors,
+    _written_values,
+    cpu_flags,
+    extremes,
+    flags,
+    op_info,
+    storage_names,
+    value_kind,
+)
 
 
 @dataclass
@@ -80,9 +102,43 @@ class TraceMode(TorchDispatchMode):
         self.events: list[tuple] = []   # raw tuples; :func:`trace` turns them into Events
         self.skipped: Counter = Counter()
         self.active = False
+        # Non-finite values, in execution order: (event index, "in" | "out" | "scalar", what, flags): flags
+        # is (NaN, infinity), or the index in nf_pairs of a device tensor's extremes, read at the end.
+        self.nf_records: list[tuple] = []
+        self.nf_pairs: list[torch.Tensor] = []   # extremes() pairs, still on their devices
+        self.fp.on_read = self._read
         locator.on_registry = self._registry_call
         locator.on_module = self._module_output
         locator.on_pynode = self._hook_pynode
+
+    # -- non-finite values: recorded here, walked in _non_finite() ---------------------------------
+    def _read(self, t: torch.Tensor) -> None:
+        """A tensor read from outside the traced ops (its first description)."""
+        for f in _float_tensors((t,)):
+            try:
+                ptr = f.untyped_storage().data_ptr()
+            except Exception:
+                ptr = None
+            self.nf_records.append((len(self.events), "in", (f"{str(f.dtype).replace('torch.', '')}{list(f.shape)}",
+                                                             ptr), self._flags(f)))
+
+    def _outputs(self, index: int, tensors) -> None:
+        for f in _float_tensors(tensors):
+            self.nf_records.append((index, "out", None, self._flags(f)))
+
+    def _flags(self, t: torch.Tensor):
+        now = cpu_flags(t)
+        if now is not None:
+            return now
+        self.nf_pairs.append(extremes(t))  # on its device: no synchronisation per op
+        return len(self.nf_pairs) - 1
+
+    def _scalars(self, args, kwargs) -> None:
+        values = [v for v in args if type(v) is float] + [v for v in kwargs.values() if type(v) is float]
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            self.nf_records.append((len(self.events), "scalar", f"a scalar argument {bad[0]}",
+                                    (any(math.isnan(v) for v in bad), any(math.isinf(v) for v in bad))))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
@@ -109,6 +165,7 @@ class TraceMode(TorchDispatchMode):
             skip_ids = {id(_arg(args, kwargs, k)) for k in info.out_args}
             ins_t = [t for t in ins_t if id(t) not in skip_ids]
         in_desc = [fp.describe(t) for t in ins_t]
+        self._scalars(args, kwargs)
         out = func(*args, **kwargs)
         if kind == "mutating":
             leaves = _leaves(_written_values(info, args, kwargs))
@@ -135,6 +192,7 @@ class TraceMode(TorchDispatchMode):
                 out_desc.append(fp.put(t, fp.value(t), written))
         where = self.loc.where(ins_t)
         inside = getattr(self.loc.local, "unit", None) or where[2]
+        self._outputs(len(self.events), leaves)
         self.events.append(("aten", info.name, where[0], where[1], inside, [_shape_meta(t) for t in ins_t],
                             [_shape_meta(t) for t in leaves], in_desc, out_desc))
         return out
@@ -151,9 +209,10 @@ class TraceMode(TorchDispatchMode):
             self.loc.local.unit = None
         with self.busy():
             leaves = _tensors(out)
+            self._outputs(len(self.events), leaves)
             self.events.append(("registry", name, path, ph, None, [_shape_meta(t) for t in ins_t],
                                 [_shape_meta(t) for t in leaves], in_desc,
-                                [self.fp.describe_value(t) for t in leaves]))
+                                [self.fp.describe_value(t, read=False) for t in leaves]))
         return out
 
     def _module_output(self, path, module, args, output) -> None:
@@ -166,10 +225,11 @@ class TraceMode(TorchDispatchMode):
             ph = "optimizer" if self.loc.opt_depth else (_PHASE.get() or "forward")
             # A module's inputs are its arguments and its own parameters and buffers.
             state = list(module.parameters()) + list(module.buffers())
+            # Not reads from outside for the non-finite check: the ops of the forward read them first.
             self.events.append(("module", type(module).__name__, path, ph, None, [_shape_meta(t) for t in ins_t],
                                 [_shape_meta(t) for t in outs_t],
-                                [self.fp.describe_value(t) for t in ins_t + state],
-                                [self.fp.describe_value(t) for t in outs_t]))
+                                [self.fp.describe_value(t, read=False) for t in ins_t + state],
+                                [self.fp.describe_value(t, read=False) for t in outs_t]))
 
     def _hook_pynode(self, node) -> None:
         mode = self
@@ -193,9 +253,10 @@ class TraceMode(TorchDispatchMode):
             with mode.busy():
                 leaves = _tensors(grad_inputs)
                 path = mode.loc.path_of_node(n) if n is not None else ""
+                mode._outputs(len(mode.events), leaves)
                 mode.events.append(("autograd.Function", name, path, "backward", None, ins,
                                     [_shape_meta(t) for t in leaves], in_desc,
-                                    [mode.fp.describe_value(t) for t in leaves]))
+                                    [mode.fp.describe_value(t, read=False) for t in leaves]))
             return None
 
         node.register_prehook(pre)
@@ -212,6 +273,7 @@ class Trace:
     seconds: float
     raw_out: list | None = field(default=None, repr=False)   # exact mode: output tensors per event
     value: Any = field(default=None, repr=False)             # what fn returned
+    non_finite: NonFinite = field(default_factory=NonFinite)  # where NaN / infinities first appeared
 
 
 def _materialise(desc, copies):
@@ -252,4 +314,44 @@ def _trace(fn: Callable, args: tuple, kwargs: dict, exact: bool, roots: Mapping[
                             tuple(digest(d) for d in in_desc), tuple(digest(d) for d in out_desc)))
         if raw is not None:
             raw.append([_materialise(d, mode.fp.copies) for d in out_desc])
-    return Trace(events, dict(mode.skipped), exact, time.perf_counter() - t0, raw, value)
+    nf = _non_finite(mode, events, loc)
+    nf.value = value_kind(value)
+    return Trace(events, dict(mode.skipped), exact, time.perf_counter() - t0, raw, value, nf)
+
+
+def _non_finite(mode: TraceMode, events: list[Event], loc: _Locator) -> NonFinite:
+    """Walk the recorded checks in execution order (device pairs read once per device): the first event
+    whose output held a NaN, resp. an infinity, and whether an input from outside held one before."""
+    values: list = [None] * len(mode.nf_pairs)
+    by_device: dict = {}
+    for i, p in enumerate(mode.nf_pairs):
+        by_device.setdefault(p.device, []).append(i)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([mode.nf_pairs[i] for i in idx]).tolist()):
+            values[i] = v
+    nf = NonFinite()
+    outside: dict[str, str | None] = {"nan": None, "inf": None}
+    names = None
+    for index, role, what, k in mode.nf_records:
+        nan, inf = k if isinstance(k, tuple) else flags(values[k])
+        if role != "out":
+            for key, hit in (("nan", nan), ("inf", inf)):
+                if hit and outside[key] is None:
+                    if role == "in":
+                        meta, ptr = what
+                        if names is None:
+                            names = storage_names(loc.params.values())
+                        label = f"parameter {names[ptr]} ({meta})" if ptr in names else meta
+                    else:
+                        label = what
+                    outside[key] = f"{label}, first read by event {index}"
+            continue
+        for key, hit in (("nan", nan), ("inf", inf)):
+            if hit and getattr(nf, key) is None:
+                ev = events[index]
+                setattr(nf, key, {"index": index, "kind": ev.kind, "op": ev.op, "module": ev.module,
+                                  "phase": ev.phase, "source": "input" if outside[key] else "produced",
+                                  "input": outside[key]})
+        if nf.nan is not None:
+            break
+    return nf
