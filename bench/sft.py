@@ -32,7 +32,6 @@ import datetime as _dt
 import hashlib
 import importlib.util
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -829,19 +828,6 @@ def make_plan(
     return Plan(spec, attention, modes, dtype_list, lrs, steps, repeats, batches, device, plant_list, settings)
 
 
-# For tests only: DETBENCH_TEST_PAUSE_AFTER_CONFIG=PATH makes the first configuration, once finished
-# (and handed to on_config), write PATH and sleep, so a test can interrupt the run at that point.
-PAUSE_HOOK = "DETBENCH_TEST_PAUSE_AFTER_CONFIG"
-PAUSE_SECONDS = 120
-
-
-def _pause_for_tests() -> None:
-    marker = os.environ.pop(PAUSE_HOOK, None)  # once per process
-    if marker:
-        Path(marker).write_text(str(os.getpid()))
-        time.sleep(PAUSE_SECONDS)
-
-
 def run_plan(plan: Plan, on_step: Callable[[], None] | None = None,
              on_config: Callable[[ConfigResult], None] | None = None,
              results: list[ConfigResult] | None = None) -> list[ConfigResult]:
@@ -872,7 +858,6 @@ def _run_matrix(plan: Plan, results: list, on_step, on_config) -> None:
                     results.append(res)
                     if on_config is not None:
                         on_config(res)
-                    _pause_for_tests()
             del model, init_state
 
 

@@ -422,7 +422,8 @@ def test_interrupted_sft_prints_and_saves_the_finished_configurations(tmp_path, 
     """The signal arrives after the first of two configurations finished (the test hook pauses there):
     its summary is printed, then a result marked interrupted holding it is saved."""
     marker, out_dir = tmp_path / "paused", tmp_path / "results"
-    env = {**os.environ, sft.PAUSE_HOOK: str(marker), "COLUMNS": "200"}
+    env = {**os.environ, "DETBENCH_TEST_PAUSE": "after-config-1", "DETBENCH_TEST_PAUSE_MARKER": str(marker),
+           "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "bench", "sft", "--device", "cpu", "--steps", "1", "--repeats", "2",
                              "--seq-len", "8", "--lr", "1e-5,3e-4", "--out", str(out_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.cli.common import UsageError, parse_device
+from bench.cli.common import UsageError, parse_device, pause_point
 from bench.results import check_out_dir, to_json
 from bench.sft import ConfigResult, Plan, fmt_exact, make_plan, parse_list, run, save
 
@@ -154,9 +154,13 @@ def cmd_sft(args) -> int:
                   console=console, transient=True, disable=args.json) as progress:
         task = progress.add_task("SFT steps", total=total)
 
+        finished = []
+
         def on_config(res: ConfigResult) -> None:
+            finished.append(res)
             if not args.json and not args.summary_only and res.status == "ok":
                 progress.console.print(step_table(res))
+            pause_point(f"after-config-{len(finished)}")
 
         result = run(plan, command=sys.argv, on_step=lambda: progress.advance(task), on_config=on_config)
     interrupted = result.status == "interrupted"
