@@ -30,8 +30,13 @@ Masks. ``attn_mask=None`` means causal (``causal=True``) or full attention. A bo
 combined with causality: ``attn_mask[b, 0, i, j] == keep[b, j] and (j <= i if causal)`` for some
 per-sequence key vector ``keep`` (right padding, left padding, any key padding). As in the other
 backends the mask is authoritative (it "already includes causality"), so the ``causal`` flag is
-ignored when a mask is given. The check reads the whole mask on the host (one device sync per call);
-any other mask raises ``ValueError`` naming the ``eager`` / ``sdpa`` backends.
+ignored when a mask is given. Any other mask raises ``ValueError`` naming the ``eager`` / ``sdpa``
+backends. Checking the structure reads the mask back to the host (a device synchronisation), so it is
+done once per mask tensor, on its first use (:func:`_mask_args`): the result is kept for that tensor
+(at most :data:`_MASK_CACHE_SIZE` masks, dropped when the mask is freed) and reused while the tensor's
+version counter is unchanged, so a model whose layers share one mask, or a timed loop reusing it,
+reads nothing back after the first call. A mask written in place is checked again; an inference-mode
+mask (no version counter) and a new tensor with the same contents are checked on every call.
 
 Fully masked query rows (no key to attend, e.g. the leading rows under left padding) output exactly
 0, get dQ = 0, and add nothing to dK/dV; no NaN is produced. (Eager instead returns the mean of V
@@ -48,6 +53,7 @@ another there, so atomics are deterministic on CPU).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -373,10 +379,20 @@ def _cfg(fwd, dkdv, dq) -> AttentionConfig:
 # (head_dim, dtype) -> config, for Hopper (sm_90, H200). Tuples are (block_m, block_n, num_warps,
 # num_stages). Chosen, not timed: no GPU was at hand, so every kernel variant (causal or not, padded
 # or not, atomic or not) was compiled offline for sm_90a with Triton 3.8 and the config kept when
-# ptxas reported at most ~50 bytes of register spills and shared memory stayed under 72 KiB (the
-# limit is 227 KiB). 16-bit inputs run on wgmma; their forward keeps the 128-row query tile of the
-# Triton tutorial. float32 inputs use IEEE (FMA) dots, whose operands live in registers, hence the
-# small tiles. Under the CPU interpreter warps and stages are ignored; the block sizes still apply.
+# ptxas reported at most ~50 bytes of register spills. 16-bit inputs run on wgmma; their forward keeps
+# the 128-row query tile of the Triton tutorial. float32 inputs use IEEE (FMA) dots, whose operands live
+# in registers, hence the small tiles. Under the CPU interpreter warps and stages are ignored; the block
+# sizes still apply.
+#
+# Shared memory per program (an sm_90 block may use up to 227 KiB; less leaves room for a second block
+# per SM). Counted by hand from the block sizes, every tile a program loads times num_stages, the 16-bit
+# head-dim-128 forward needs Q 128x128x2 B = 32 KiB plus 3 stages x (K + V, 2 x 64x128x2 B = 32 KiB)
+# = 128 KiB, and its dK/dV kernel K + V 2 x 64x128x2 B = 32 KiB plus 3 stages x (Q + dO, 2 x 16x128x2 B
+# = 8 KiB) = 56 KiB. What Triton 3.8 actually allocates (``triton.compile`` for sm_90a, metadata.shared)
+# is SHARED_KIB_SM90 below: 64 KiB for that forward (the same for num_stages 1 to 4: as compiled, its
+# key loop is not multi-buffered, so Q, K and V are held once each) and 56.25 KiB for that dK/dV (the
+# atomic and padded variants; 40.25 KiB for the deterministic one). The largest is 68 KiB, the float32
+# head-dim-128 dQ kernel. tests/test_kernel_attention.py compiles the kernels and checks these numbers.
 _CFG16 = {
     16: _cfg((64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     64: _cfg((128, 64, 8, 3), (32, 64, 8, 3), (64, 64, 8, 3)),
@@ -386,6 +402,17 @@ _CFG32 = {
     16: _cfg((64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     64: _cfg((32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
     128: _cfg((32, 16, 8, 2), (32, 16, 8, 2), (32, 32, 8, 2)),
+}
+# (head dim, bytes per element) -> KiB of shared memory of (forward, dK/dV, dQ) as Triton 3.8 compiles them
+# for sm_90a, the largest over the causal/full, padded/unpadded and deterministic/atomic variants (float16
+# and bfloat16 alike). A record of the configs above, not a limit anything enforces.
+SHARED_KIB_SM90: dict[tuple[int, int], tuple[float, float, float]] = {
+    (16, 2): (6.0, 5.25, 4.0),
+    (64, 2): (32.0, 32.5, 32.0),
+    (128, 2): (64.0, 56.25, 40.0),
+    (16, 4): (28.0, 12.25, 12.0),
+    (64, 4): (28.125, 28.125, 36.0),
+    (128, 4): (34.125, 56.25, 68.0),
 }
 CONFIGS: dict[tuple[int, torch.dtype], AttentionConfig] = {
     **{(d, torch.float16): c for d, c in _CFG16.items()},
@@ -479,6 +506,47 @@ def _key_padding_args(keep: torch.Tensor | None):
     kv_lo = torch.where(keep, idx, s).amin(1).to(torch.int32).contiguous()
     kv_hi = torch.where(keep, idx + 1, 0).amax(1).to(torch.int32).contiguous()
     return keep.to(torch.int8).contiguous(), kv_lo, kv_hi
+
+
+# id(mask) -> (weak reference to it, its version counter, batch, seq, (causal, keep, kv_lo, kv_hi))
+_MASK_CACHE: dict[int, tuple] = {}
+_MASK_CACHE_SIZE = 16
+
+
+def _mask_version(mask: torch.Tensor) -> int | None:
+    try:
+        return mask._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: never cached
+        return None
+
+
+def _forget_mask(key: int, ref) -> None:
+    entry = _MASK_CACHE.get(key)
+    if entry is not None and entry[0] is ref:
+        del _MASK_CACHE[key]
+
+
+def _mask_args(attn_mask: torch.Tensor, batch: int, seq: int) -> tuple:
+    """(causal, keep int8, kv_lo, kv_hi) of a boolean mask: validated on its first use, then remembered.
+
+    The validation (:func:`key_padding_from_mask`, :func:`_key_padding_args`) reads the mask back to the
+    host; a later call with the same tensor, unchanged (same version counter), batch and sequence length
+    reuses the result without touching the mask's values, so no device synchronisation happens there.
+    """
+    key, version = id(attn_mask), _mask_version(attn_mask)
+    hit = _MASK_CACHE.get(key)
+    if hit is not None and version is not None:
+        ref, seen_version, seen_batch, seen_seq, args = hit
+        if ref() is attn_mask and (seen_version, seen_batch, seen_seq) == (version, batch, seq):
+            return args
+    causal, keep = key_padding_from_mask(attn_mask, batch, seq)
+    args = (causal, *_key_padding_args(keep))
+    if version is not None:
+        while len(_MASK_CACHE) >= _MASK_CACHE_SIZE:
+            del _MASK_CACHE[next(iter(_MASK_CACHE))]
+        ref = weakref.ref(attn_mask, lambda r, k=key: _forget_mask(k, r))
+        _MASK_CACHE[key] = (ref, version, batch, seq, args)
+    return args
 
 
 def _keep_args(keep, kv_lo, kv_hi, dummy: torch.Tensor) -> tuple:
@@ -582,11 +650,10 @@ def flash_attention(q, k, v, *, scale, causal=True, attn_mask=None, atomic=False
     cfg = config_for(d, q.dtype) if config is None else config
     if not isinstance(cfg, AttentionConfig):
         raise ValueError(f"attention (triton): config must be an AttentionConfig, got {type(cfg).__name__}")
-    keep = None
+    keep = kv_lo = kv_hi = None
     if attn_mask is not None:
         check_device(q, attn_mask, op="attention")
-        causal, keep = key_padding_from_mask(attn_mask, b, s)
-    keep, kv_lo, kv_hi = _key_padding_args(keep)
+        causal, keep, kv_lo, kv_hi = _mask_args(attn_mask, b, s)  # reads the mask back on its first use only
     return FlashAttentionFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), float(scale), bool(causal), keep, kv_lo, kv_hi,
         bool(atomic), cfg,

@@ -25,10 +25,14 @@ Atomic twin (backend ``triton-atomic``)
 All rows ignored (or N = 0): the mean is 0 / 0 = NaN and the gradient is all zeros, exactly what
 ``torch.nn.functional.cross_entropy`` returns.
 
-Input checks: logits 2-D float16/bfloat16/float32, labels 1-D int64/int32 of length N, one device.
-Labels outside ``[0, V)`` that are not ``ignore_index`` raise ValueError; that check reads the
-labels back to the host (one device synchronisation per call). Non-contiguous logits are copied to
-contiguous memory first.
+Input checks: logits 2-D float16/bfloat16/float32, labels 1-D int64/int32 of length N, one device
+(:func:`check_inputs`: shapes, dtypes and devices only, so a call never reads a value back to the host
+and never synchronises with the device; a timed call times the kernels alone). Label *values* are
+checked on the device: a label outside ``[0, V)`` that is not ``ignore_index`` reads nothing out of
+bounds, and its row's loss and gradient are NaN, so the mean is NaN rather than silently wrong. The
+readable error for such labels comes from the separate validation path, :func:`check_labels` (or
+:func:`validate`: every check), which reads the labels back once (one device synchronisation): call it
+where inputs enter, outside anything timed. Non-contiguous logits are copied to contiguous memory first.
 
 What the reduction order depends on: ``block_v`` (the online log-sum-exp within a row) and
 ``reduce_block`` (the sum over rows), both pinned per dtype in :data:`CONFIGS`.
@@ -95,6 +99,7 @@ if triton is not None:
         row_ptr = logits_ptr + row * stride_row
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
+        in_range = (label >= 0) & (label < V)  # a bad label (checked here, not on the host) gives a NaN loss
         cols = tl.arange(0, BLOCK_V)
         m = tl.full((), float("-inf"), tl.float32)  # running max
         s = tl.zeros((), tl.float32)  # running sum of exp(x - m)
@@ -107,8 +112,8 @@ if triton is not None:
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             m = m_new
         lse = m + tl.log(s)
-        target = tl.load(row_ptr + tl.where(valid, label, 0)).to(tl.float32)
-        loss = tl.where(valid, lse - target, 0.0)
+        target = tl.load(row_ptr + tl.where(valid & in_range, label, 0)).to(tl.float32)
+        loss = tl.where(valid, tl.where(in_range, lse - target, float("nan")), 0.0)
         tl.store(lse_ptr + row, lse)
         if ATOMIC:
             tl.atomic_add(loss_ptr, loss, sem="relaxed")
@@ -154,10 +159,12 @@ if triton is not None:
         stride_row, stride_drow, V, ignore_index,
         BLOCK_V: tl.constexpr,
     ):
-        """One program per row: (softmax - onehot) * (g / n_valid), zero for an ignored row."""
+        """One program per row: (softmax - onehot) * (g / n_valid), zero for an ignored row, NaN for a row
+        whose label is outside [0, V) and not ignore_index."""
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
+        in_range = (label >= 0) & (label < V)
         lse = tl.load(lse_ptr + row)
         scale = tl.load(grad_ptr).to(tl.float32) / tl.load(count_ptr).to(tl.float32)
         cols = tl.arange(0, BLOCK_V)
@@ -167,7 +174,7 @@ if triton is not None:
             x = tl.load(logits_ptr + row * stride_row + offs, mask=inside, other=0.0).to(tl.float32)
             p = tl.exp(x - lse)
             d = tl.where(offs == label, p - 1.0, p) * scale
-            d = tl.where(valid, d, 0.0)
+            d = tl.where(valid, tl.where(in_range, d, float("nan")), 0.0)
             tl.store(dlogits_ptr + row * stride_drow + offs, d.to(dlogits_ptr.dtype.element_ty), mask=inside)
 
 
@@ -177,7 +184,11 @@ if triton is not None:
 
 
 def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
-    """Raise one clear error for the first thing wrong with the inputs of ``cross_entropy``."""
+    """Raise one clear error for the first thing wrong with the inputs' shapes, dtypes or devices.
+
+    Reads metadata only (no value leaves the device): every call of :func:`cross_entropy` runs it.
+    Label values are checked by :func:`check_labels`.
+    """
     op = "loss"
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"{op}: logits and labels must be tensors")
@@ -197,12 +208,28 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) 
     if not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     _common.check_device(logits, labels, op=op)
+
+
+def check_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> None:
+    """ValueError naming the first label outside ``[0, V)`` that is not ``ignore_index``.
+
+    The validation path, separate from the call: it reads the labels back to the host (one device
+    synchronisation), so run it once where the labels enter, not inside a timed loop. Without it a bad
+    label is still caught, on the device: its row's loss and gradient are NaN (see the module docstring).
+    """
+    op = "loss"
     V = logits.shape[1]
     bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
-    if bool(bad.any()):  # one device sync
+    if bool(bad.any()):  # the one device sync of this path
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{op}: label {int(labels[i])} at row {i} is outside [0, {V}) and is not "
                          f"ignore_index={ignore_index}; fix the labels or pass the right ignore_index")
+
+
+def validate(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> None:
+    """Every check of the inputs, label values included (:func:`check_inputs`, then :func:`check_labels`)."""
+    check_inputs(logits, labels, ignore_index)
+    check_labels(logits, labels, ignore_index)
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, atomic: bool = False,
@@ -274,6 +301,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                   config: CEConfig | None = None) -> torch.Tensor:
     """Deterministic mean cross entropy over non-ignored rows (see the module docstring).
 
+    Reads nothing back to the host; a label outside ``[0, V)`` gives NaN (:func:`check_labels` names it).
     ``config`` overrides the pinned per-dtype configuration (tests use a small ``block_v`` to walk
     several vocabulary chunks; a different configuration is a different reduction order).
     """

@@ -216,11 +216,14 @@ def test_revert_restores_eager_bits(family):
     batch = padded_batch()
     before = forward_backward(model, *batch)
     handle = hf.apply_detbench_kernels(model)
-    assert module.apply_rotary_pos_emb is not original_rope
-    patched = forward_backward(model, *batch)
-    assert not bitwise_equal(patched[0], before[0]), "the patch changed nothing: are the kernels called?"
-    handle.revert()
-    handle.revert()  # idempotent
+    try:  # a failure in here must not leave the module-level rotary patch for the tests after this one
+        assert module.apply_rotary_pos_emb is not original_rope
+        patched = forward_backward(model, *batch)
+        assert not bitwise_equal(patched[0], before[0]), "the patch changed nothing: are the kernels called?"
+        handle.revert()
+        handle.revert()  # idempotent
+    finally:
+        handle.revert()
     assert module.apply_rotary_pos_emb is original_rope
     assert not any("forward" in m.__dict__ for m in model.modules())
     after = forward_backward(model, *batch)
@@ -246,11 +249,16 @@ def test_two_handles_share_the_rotary_patch():
 
     original = modeling_qwen3.apply_rotary_pos_emb
     a = hf.apply_detbench_kernels(build("qwen3", "eager"), rmsnorm=False, swiglu=False)
-    b = hf.apply_detbench_kernels(build("qwen3", "eager"), rmsnorm=False, swiglu=False)
-    a.revert()
-    assert modeling_qwen3.apply_rotary_pos_emb is not original
-    b.revert()
-    assert modeling_qwen3.apply_rotary_pos_emb is original
+    try:
+        b = hf.apply_detbench_kernels(build("qwen3", "eager"), rmsnorm=False, swiglu=False)
+        try:
+            a.revert()
+            assert modeling_qwen3.apply_rotary_pos_emb is not original
+        finally:
+            b.revert()
+        assert modeling_qwen3.apply_rotary_pos_emb is original
+    finally:
+        a.revert()  # idempotent: a no-op when the revert above ran
 
 
 def test_context_manager_reverts_after_an_exception():
@@ -308,11 +316,13 @@ def test_registration_and_removal():
     from transformers.masking_utils import AttentionMaskInterface
 
     name = hf.register_attention("eager", name="detbench-reg-test")
-    assert name in AttentionInterface._global_mapping and name in AttentionMaskInterface._global_mapping
-    model = build("qwen2", "eager")
-    model.set_attn_implementation(name)  # switching an existing model works too
-    assert model.config._attn_implementation == name
-    hf.unregister_attention(name)
+    try:  # unregistered even when an assertion fails, so later tests see transformers' own table
+        assert name in AttentionInterface._global_mapping and name in AttentionMaskInterface._global_mapping
+        model = build("qwen2", "eager")
+        model.set_attn_implementation(name)  # switching an existing model works too
+        assert model.config._attn_implementation == name
+    finally:
+        hf.unregister_attention(name)
     assert name not in AttentionInterface._global_mapping and name not in AttentionMaskInterface._global_mapping
     with pytest.raises(UnknownBackend, match="unknown backend 'nope' for op 'attention'"):
         hf.register_attention("nope")

@@ -13,9 +13,16 @@ S=33 span several query and key blocks, with tails, so the tiling logic is exerc
 from __future__ import annotations
 
 import functools
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.compare import assert_bitwise_equal, bitwise_equal
 from bench.planted import attention_nondet_bwd
@@ -361,3 +368,134 @@ def test_resolve_on_cpu():
     q, k, v, do = make(1, 4, 2, 5, 16, torch.float32, seed=11)
     assert_bitwise_equal(fn(q, k, v, scale=0.25), ka.attention(q, k, v, scale=0.25), "o")
     assert bitwise_equal(fn(q, k, v, scale=0.25, causal=False), ka.attention(q, k, v, scale=0.25, causal=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# the mask is read back to the host once per mask tensor, not on every call
+# ------------------------------------------------------------------------------------------------
+
+
+class NoHostRead(TorchDispatchMode):
+    """Raises on every op that copies a tensor value back to the host (a device synchronisation on CUDA)."""
+
+    HOST_READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.item")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.HOST_READS:
+            raise AssertionError(f"host read in the hot path: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["causal-left", "full-right", "no-padding"])
+def test_masked_call_reads_the_mask_back_once(kind):
+    """The first call with a mask checks its structure (host reads); later calls with the same, unchanged
+    tensor (the model's layers share one; a timed loop reuses it) read nothing back, forward or backward,
+    deterministic or atomic twin, and give the first call's bits."""
+    q, k, v, do = make(2, 4, 2, 17, 16, torch.float32, seed=12)
+    mask = {"causal-left": lambda: padding_mask([17, 9], 17, left=True),
+            "full-right": lambda: padding_mask([17, 5], 17, causal=False),
+            "no-padding": lambda: padding_mask([17, 17], 17)}[kind]()
+    first = run(ka.attention, q, k, v, do, attn_mask=mask)
+    first_atomic = run(ka.attention_atomic, q, k, v, do, attn_mask=mask)
+    with NoHostRead():
+        again = run(ka.attention, q, k, v, do, attn_mask=mask)
+        again_atomic = run(ka.attention_atomic, q, k, v, do, attn_mask=mask)
+    for name, a, b, c, d in zip(NAMES, first, again, first_atomic, again_atomic):
+        assert_bitwise_equal(a, b, f"{name}, mask remembered")
+        assert_bitwise_equal(c, d, f"{name} (atomic twin), mask remembered")
+    with pytest.raises(AssertionError, match="host read"), NoHostRead():  # a new tensor is checked again
+        ka.attention(q, k, v, scale=0.25, attn_mask=mask.clone())
+
+
+def test_mask_written_in_place_is_checked_again():
+    """The remembered result is tied to the tensor's version counter: a mask changed in place after its first
+    use is validated again, and a structure the kernel cannot take still raises its error."""
+    q, k, v = _qkv()
+    mask = padding_mask([5], 5)
+    ka.attention(q, k, v, scale=0.25, attn_mask=mask)
+    mask[0, 0, 0, 4] = True  # a query attending a later key: no longer causal key padding
+    with pytest.raises(ValueError, match="key-padding mask.*use the 'eager' or 'sdpa' backend"):
+        ka.attention(q, k, v, scale=0.25, attn_mask=mask)
+    with pytest.raises(ValueError, match="key-padding mask"):  # the bad mask is not remembered as good
+        ka.attention(q, k, v, scale=0.25, attn_mask=mask)
+
+
+def test_mask_memory_is_bounded_and_freed_with_the_mask():
+    q, k, v = _qkv()
+    masks = [padding_mask([n], 5) for n in range(1, 6)] * 5  # 5 distinct tensors
+    masks = [m.clone() for m in masks]  # 25 distinct tensors
+    for m in masks:
+        ka.attention(q, k, v, scale=0.25, attn_mask=m)
+    assert len(ka._MASK_CACHE) <= ka._MASK_CACHE_SIZE
+    del masks, m
+    gc.collect()
+    assert not ka._MASK_CACHE, "entries of freed masks are dropped"
+
+
+# ------------------------------------------------------------------------------------------------
+# shared memory as documented (compiled for sm_90a; no GPU needed)
+# ------------------------------------------------------------------------------------------------
+
+_SHARED_SCRIPT = textwrap.dedent("""
+    import json, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kernels import attention as ka
+
+    TY = {torch.float16: "fp16", torch.float32: "fp32"}
+    COMMON = {"KEEP": "*i8", "KV_LO": "*i32", "KV_HI": "*i32", "S": "i32", "H_Q": "i32", "GROUP": "i32"}
+
+    def sig(fn, t):
+        out = {}
+        for name in fn.arg_names:
+            if name in COMMON:
+                out[name] = COMMON[name]
+            elif name in ("LSE", "DELTA", "DQ_ACC"):
+                out[name] = "*fp32"
+            elif name in ("scale", "qk_scale"):
+                out[name] = "fp32"
+            elif name.isupper() and len(name) <= 2:
+                out[name] = "*" + t
+            else:
+                out[name] = "constexpr"
+        return out
+
+    def shared(fn, t, consts, warps, stages):
+        src = ASTSource(fn=fn, signature=sig(fn, t), constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": warps, "num_stages": stages})
+        return k.metadata.shared / 1024
+
+    got = {}
+    for (d, dtype), cfg in ka.CONFIGS.items():
+        if dtype not in TY:
+            continue
+        t = TY[dtype]
+        com = {"HEAD_DIM": d, "CAUSAL": True, "HAS_KEEP": True, "DOT_PRECISION": cfg.dot_precision}
+        got[f"{d},{dtype.itemsize}"] = [
+            shared(ka._attn_fwd_kernel, t, {**com, "BLOCK_M": cfg.fwd_block_m, "BLOCK_N": cfg.fwd_block_n},
+                   cfg.fwd_warps, cfg.fwd_stages),
+            shared(ka._attn_bwd_dkdv_kernel, t, {**com, "BLOCK_M": cfg.dkdv_block_m, "BLOCK_N": cfg.dkdv_block_n,
+                                                  "ATOMIC_DQ": True}, cfg.dkdv_warps, cfg.dkdv_stages),
+            shared(ka._attn_bwd_dq_kernel, t, {**com, "BLOCK_M": cfg.dq_block_m, "BLOCK_N": cfg.dq_block_n},
+                   cfg.dq_warps, cfg.dq_stages),
+        ]
+    print(json.dumps(got))
+""")
+
+
+@pytest.mark.slow
+def test_shared_memory_is_as_documented():
+    """The shared memory the comment above CONFIGS states is what Triton allocates: the padded, atomic
+    variant of each kernel (the largest) compiled for sm_90a in a child process without the interpreter."""
+    triton = pytest.importorskip("triton")
+    if not triton.__version__.startswith("3.8"):
+        pytest.skip(f"SHARED_KIB_SM90 records Triton 3.8's allocation; this is Triton {triton.__version__}")
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90a")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _SHARED_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {tuple(int(x) for x in key.split(",")): tuple(v) for key, v in json.loads(proc.stdout).items()}
+    assert got == ka.SHARED_KIB_SM90
+    assert max(max(v) for v in got.values()) == 68.0  # the largest, as the comment says
