@@ -18,8 +18,26 @@ The matrix is subject x backend x dtype x mode. For each subject the harness
    torch-det/hf-full result vs its default one).
 
 A backend that raises inside a determinism mode is recorded as *refused* with its reason, any other
-exception as *error*; neither stops the run. Ctrl-C (SIGINT) or SIGTERM stops it: the records so far
-are written with ``status: interrupted``, the signal and the cell it stopped in.
+exception as *error*; neither stops the run. A raise counts as a refusal when its text says so (PyTorch's
+"does not have a deterministic implementation", ``CUBLAS_WORKSPACE_CONFIG``, or an SDPA backend switched
+off with torch's reason, e.g. "cuDNN SDPA is not deterministic"), or when the plan's probe showed it: the
+plan probes every backend in every dtype under ``default`` and again under each selected mode, so a
+backend that runs under ``default`` and fails only under ``torch-det`` (cuDNN attention raises a bare "No
+available kernel" there) is refused by that mode, with the reason.
+
+The environment a mode asks for that is read once per process (``CUBLAS_WORKSPACE_CONFIG``: cuBLAS fixes
+its workspace size at its first call) is set for the whole run before any CUDA work, by
+``bench.modes.run_environment`` (``detbench run`` enters it before planning; :func:`execute` enters it too
+when called on its own), restored at the end, and recorded in the result's ``run_env``.
+
+Times under ``torch-det`` and ``hf-full`` include PyTorch's fill of uninitialised memory: with deterministic
+algorithms on, every ``torch.empty`` a backend allocates is filled (NaN) first
+(``torch.utils.deterministic.fill_uninitialized_memory``, left at PyTorch's default). Each cell records
+whether the fill was on (``fill_uninitialized_memory``); the mode / default time ratio of a backend that
+allocates its outputs uninitialised (the Triton wrappers do) includes those memsets.
+
+Ctrl-C (SIGINT) or SIGTERM stops a run: the records so far are written with ``status: interrupted``, the
+signal and the cell it stopped in.
 
 ``--route OP=BACKEND`` sets an op a subject calls besides its primary op (``Subject.calls``); a route that
 no selected subject would use (the op is the primary op of every subject that calls it, or of none) is
@@ -40,7 +58,7 @@ import torch
 from bench import checks
 from bench.compare import mismatch
 from bench.errors import InputError, SaveError, Terminated
-from bench.modes import MODES, apply_mode, get_mode, is_refusal
+from bench.modes import MODES, apply_mode, get_mode, is_refusal, run_environment
 from bench.report import render_markdown
 from bench.results import (
     RUN_SCHEMA,
@@ -90,6 +108,8 @@ class Plan:
     route: dict[str, str]                 # every op -> backend (the primary op is overridden per subject)
     unsupported: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (op, backend, dtype)
     skipped: list[str] = field(default_factory=list)
+    # (op, backend, dtype, mode) -> why the probe failed under that mode although it passed under default
+    mode_refused: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
 
     def cells(self):
         """The matrix in execution order: subject, dtype, mode, backend."""
@@ -230,16 +250,27 @@ def _default_backends(subjects: list[str], device: torch.device) -> tuple[dict[s
 
 
 def _probe_dtypes(subjects: list[str], backends: dict[str, list[str]], user_route: dict[str, str],
-                  dtypes: list[str], device: torch.device, strict: bool) -> dict[tuple[str, str, str], str]:
-    """Dtype support, probed on tiny inputs before the run. A backend the user named (``strict``) or
-    routed must support every dtype; a default one that does not is left out of that dtype's cells."""
+                  dtypes: list[str], modes: list[str], device: torch.device, strict: bool
+                  ) -> tuple[dict[tuple[str, str, str], str], dict[tuple[str, str, str, str], str]]:
+    """Dtype support, probed on tiny inputs before the run, under ``default`` and then under each other
+    selected mode (what runs can change with the mode: deterministic algorithms switch SDPA backends off).
+
+    Under ``default``: a backend the user named (``strict``) or routed must support every dtype; a default
+    one that does not is left out of that dtype's cells (``unsupported``). Under another mode: a failure is
+    that mode refusing the backend (``mode_refused``, keyed by mode), never an input error; the cells still
+    run, and the probe's reason tells their failure apart from an error. All ``default`` probes run first, so
+    CUDA is initialised under ``default`` (``hf-full``'s ``CUDA_LAUNCH_BLOCKING`` must not reach the driver).
+    """
     unsupported: dict[tuple[str, str, str], str] = {}
     to_probe = {(SUBJECTS[s].primary_op, b) for s in subjects for b in backends[s]}
     to_probe |= set(user_route.items())
+    supported = []
     for op, name in sorted(to_probe):
         for dt in dtypes:
-            reason = probe(op, name, DTYPES[dt], device)
+            with apply_mode("default"):
+                reason = probe(op, name, DTYPES[dt], device)
             if reason is None:
+                supported.append((op, name, dt))
                 continue
             if (op, name) in user_route.items():
                 raise InputError(f"--route {op}={name} does not support {dt} on {device} ({reason}); "
@@ -248,7 +279,16 @@ def _probe_dtypes(subjects: list[str], backends: dict[str, list[str]], user_rout
                 raise InputError(f"{op} backend {name!r} does not support {dt} on {device} ({reason}); "
                                  f"drop {dt} from --dtypes or {name} from --backends")
             unsupported[(op, name, dt)] = reason
-    return unsupported
+    mode_refused: dict[tuple[str, str, str, str], str] = {}
+    for mode in modes:
+        if mode == "default":
+            continue
+        for op, name, dt in supported:
+            with apply_mode(mode):
+                reason = probe(op, name, DTYPES[dt], device)
+            if reason is not None:
+                mode_refused[(op, name, dt, mode)] = reason
+    return unsupported, mode_refused
 
 
 def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None = None,
@@ -293,7 +333,8 @@ def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None 
         if not chosen[s]:
             raise InputError(f"subject {s}: none of the chosen backends implements its op "
                              f"{SUBJECTS[s].primary_op}; add one to --backends or drop {s} from --subjects")
-    unsupported = _probe_dtypes(subjects, chosen, user_route, dtypes, device, strict=requested is not None)
+    unsupported, mode_refused = _probe_dtypes(subjects, chosen, user_route, dtypes, modes, device,
+                                              strict=requested is not None)
 
     settings = RunSettings(
         subjects=subjects, backends=requested, dtypes=dtypes, modes=modes, repeats=repeats,
@@ -301,7 +342,7 @@ def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None 
         plant=bool(plant), time_repeats=time_repeats, time_warmup=warmup, out=str(out),
     )
     full_route = {op: "eager" for op in registry.OPS} | user_route
-    return Plan(settings, device, profile, PRESETS[preset], chosen, full_route, unsupported, skipped)
+    return Plan(settings, device, profile, PRESETS[preset], chosen, full_route, unsupported, skipped, mode_refused)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,6 +387,32 @@ def _unsupported(plan: Plan, subject: str, backend: str, dtype: str) -> str | No
             if (rop, rname, dtype) in plan.unsupported:
                 reason = f"--route {rop}={rname}: {plan.unsupported[(rop, rname, dtype)]}"
     return reason
+
+
+def _mode_refusal(plan: Plan, subject: str, backend: str, dtype: str, mode: str) -> str | None:
+    """Why the plan's probe says ``mode`` refuses this cell (its backend, or a routed op, fails only under
+    that mode), or None."""
+    op = SUBJECTS[subject].primary_op
+    reason = plan.mode_refused.get((op, backend, dtype, mode))
+    if reason is not None:
+        return reason
+    for rop, rname in _routes_applied(plan, subject).items():
+        if (rop, rname, dtype, mode) in plan.mode_refused:
+            return f"--route {rop}={rname}: {plan.mode_refused[(rop, rname, dtype, mode)]}"
+    return None
+
+
+def _refusal(plan: Plan, subject: str, backend: str, dtype: str, mode: str, e: Exception) -> str | None:
+    """The reason to record when ``e``, raised in a cell, is ``mode`` refusing it; None for an error."""
+    if mode == "default":
+        return None
+    if is_refusal(e):
+        return _first_line(e)
+    probed = _mode_refusal(plan, subject, backend, dtype, mode)
+    if probed is None:
+        return None
+    return (f"{_first_line(e)} (only under {mode}: the same probe runs under default and fails under {mode}"
+            f"{'' if probed in _first_line(e) else f' with {probed}'})")
 
 
 def _repeat_records(key: dict, tracker: checks.RepeatTracker) -> list[RepeatRecord]:
@@ -432,10 +499,12 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     tracker = checks.RepeatTracker()
     batch_ok = None
     cuda_init = False
+    fill = None
     first = None
     try:
         with apply_mode(mode) as state:
             cuda_init = state.cuda_initialised
+            fill = state.fill_uninitialized_memory
             inst = case.instantiate(DTYPES[dtype], plan.device, route)
             stage = "run-to-run repeats"
             for _ in range(n):
@@ -456,9 +525,9 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a backend failing must not stop the run
-        refused = mode != "default" and is_refusal(e)
-        status = "refused" if refused else "error"
-        why = _first_line(e) if refused else f"during {stage}: {_first_line(e)}"
+        refused = _refusal(plan, subject, backend, dtype, mode, e)
+        status = "refused" if refused is not None else "error"
+        why = refused if refused is not None else f"during {stage}: {_first_line(e)}"
         if stage == "run-to-run repeats":
             recs_rep = []
             first = None
@@ -472,7 +541,8 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
         **key, status=status, reason=why, repeats=ran, deterministic=deterministic,
         missable_fraction=checks.missable_fraction(ran) if deterministic else None,
         batch_invariant=batch_ok if stage in ("accuracy", "timing") else None,
-        verdict=verdict, nonfinite=nonfinite, cuda_initialised_at_mode_entry=cuda_init, seconds=elapsed))
+        verdict=verdict, nonfinite=nonfinite, cuda_initialised_at_mode_entry=cuda_init, seconds=elapsed,
+        fill_uninitialized_memory=fill))
     out.repeats.extend(recs_rep)
     out.batch.extend(recs_batch)
     out.accuracy.extend(recs_acc)
@@ -550,7 +620,10 @@ def execute(plan: Plan, result: RunResult, progress=None,
             on_cell: Callable[[int], None] | None = None) -> RunResult:
     """Run the plan, filling ``result`` in place. KeyboardInterrupt (Ctrl-C, and SIGTERM as
     :class:`bench.errors.Terminated`) marks it interrupted, naming the signal, and is not raised: the cells
-    finished so far are in ``result``. ``on_cell(n)`` is called once ``n`` cells are recorded."""
+    finished so far are in ``result``. ``on_cell(n)`` is called once ``n`` cells are recorded.
+
+    Everything runs inside ``bench.modes.run_environment(modes)`` (a no-op when the caller entered it already,
+    as ``detbench run`` does before planning), recorded in ``result.run_env``."""
     s = plan.settings
     task = progress.add_task("detbench run", total=plan.n_cells) if progress is not None else None
     where = "before the first cell"
@@ -558,47 +631,51 @@ def execute(plan: Plan, result: RunResult, progress=None,
     recorded = 0
 
     try:
-        for subject in s.subjects:
-            where = f"{subject}: building inputs and the float64 reference"
-            if progress is not None:
-                progress.update(task, description=f"{subject}: float64 reference")
-            case = build_case(subject, plan.config, plan.profile, s.seed)
-            result.subjects.append(_subject_info(plan, case))
-            with reference_route() as ref_route, apply_mode("default"):
-                torch.manual_seed(s.seed)
-                reference = case.instantiate(torch.float64, plan.device, ref_route).run()
-            for dtype in s.dtypes:
-                where = f"{subject} / {dtype}: eager baseline"
-                eager_acc = {}
-                try:
-                    with apply_mode("default"):
-                        torch.manual_seed(s.seed)
-                        eager = case.instantiate(DTYPES[dtype], plan.device, {op: "eager" for op in plan.route}).run()
-                    eager_acc = {k: checks.accuracy(v, reference[k]) for k, v in eager.items() if k in reference}
-                    del eager
-                except Exception as e:  # eager itself failing: say so in every accuracy record (NaN)
-                    result.skipped.append(f"{subject} {dtype}: eager baseline failed: {_first_line(e)}")
-                firsts: dict[tuple[str, str], dict] = {}
-                # Each backend's modes run back to back, so machine drift between them stays small
-                # and the torch-det / default time ratio compares neighbouring measurements.
-                for backend in plan.backends[subject]:
-                    for mode in s.modes:
-                        done += 1
-                        where = f"{subject} / {backend} / {dtype} / {mode} (cell {done} of {plan.n_cells})"
-                        if progress is not None:
-                            progress.update(task, description=f"{subject} {backend} {dtype} {mode}")
-                        first = run_cell(plan, case, subject, backend, dtype, mode, reference, eager_acc, result)
-                        recorded += 1
-                        where = f"{subject} / {backend} / {dtype} / {mode}, after cell {done} of {plan.n_cells}"
-                        if first is not None:
-                            firsts[(backend, mode)] = first
-                        if progress is not None:
-                            progress.update(task, advance=1)
-                        if on_cell is not None:
-                            on_cell(recorded)
-                result.cross.extend(cross_records(subject, dtype, firsts))
-                del firsts
-            del reference, case
+        with run_environment(s.modes) as run_env:  # before the first CUDA matmul: reference, baseline, cells
+            result.run_env = run_env.to_dict()
+            for subject in s.subjects:
+                where = f"{subject}: building inputs and the float64 reference"
+                if progress is not None:
+                    progress.update(task, description=f"{subject}: float64 reference")
+                case = build_case(subject, plan.config, plan.profile, s.seed)
+                result.subjects.append(_subject_info(plan, case))
+                with reference_route() as ref_route, apply_mode("default"):
+                    torch.manual_seed(s.seed)
+                    reference = case.instantiate(torch.float64, plan.device, ref_route).run()
+                for dtype in s.dtypes:
+                    where = f"{subject} / {dtype}: eager baseline"
+                    eager_acc = {}
+                    try:
+                        with apply_mode("default"):
+                            torch.manual_seed(s.seed)
+                            eager = case.instantiate(DTYPES[dtype], plan.device,
+                                                     {op: "eager" for op in plan.route}).run()
+                        eager_acc = {k: checks.accuracy(v, reference[k]) for k, v in eager.items() if k in reference}
+                        del eager
+                    except Exception as e:  # eager itself failing: say so in every accuracy record (NaN)
+                        result.skipped.append(f"{subject} {dtype}: eager baseline failed: {_first_line(e)}")
+                    firsts: dict[tuple[str, str], dict] = {}
+                    # Each backend's modes run back to back, so machine drift between them stays small
+                    # and the torch-det / default time ratio compares neighbouring measurements.
+                    for backend in plan.backends[subject]:
+                        for mode in s.modes:
+                            done += 1
+                            where = f"{subject} / {backend} / {dtype} / {mode} (cell {done} of {plan.n_cells})"
+                            if progress is not None:
+                                progress.update(task, description=f"{subject} {backend} {dtype} {mode}")
+                            first = run_cell(plan, case, subject, backend, dtype, mode, reference, eager_acc, result)
+                            recorded += 1
+                            where = (f"{subject} / {backend} / {dtype} / {mode}, after cell {done} of "
+                                     f"{plan.n_cells}")
+                            if first is not None:
+                                firsts[(backend, mode)] = first
+                            if progress is not None:
+                                progress.update(task, advance=1)
+                            if on_cell is not None:
+                                on_cell(recorded)
+                    result.cross.extend(cross_records(subject, dtype, firsts))
+                    del firsts
+                del reference, case
         result.status = "complete"
     except KeyboardInterrupt as e:
         result.status = "interrupted"

@@ -473,6 +473,10 @@ class CellRecord:
     nonfinite: bool = False        # NaN or inf in some output or gradient
     cuda_initialised_at_mode_entry: bool = False
     seconds: float = 0.0           # wall time of the whole cell
+    # PyTorch filled the memory torch.empty returned during the cell (deterministic algorithms on and
+    # torch.utils.deterministic.fill_uninitialized_memory): its times include those memsets. None: not
+    # recorded (files written before this field, or a cell that never entered its mode)
+    fill_uninitialized_memory: bool | None = None
 
 
 @dataclass
@@ -615,6 +619,9 @@ class RunResult:
     cross: list[CrossRecord] = field(default_factory=list)
     timings: list[TimingRecord] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # combinations not run, with the reason
+    # bench.modes.RunEnvironment.to_dict(): the variables read once per process (CUBLAS_WORKSPACE_CONFIG) as
+    # they were in force for the whole run; {} in files written before this field
+    run_env: dict[str, Any] = field(default_factory=dict)
 
 
 class ResultFileError(InputError):

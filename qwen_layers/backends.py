@@ -124,9 +124,31 @@ def _forced_sdpa(kind: str):
     return fn
 
 
-@functools.lru_cache(maxsize=None)
 def _probe_sdpa(kind: str, device_type: str, index: int | None) -> str | None:
-    """Run a tiny causal GQA call on the device; None if the backend takes it, else the reason."""
+    """Run a tiny causal GQA call on the device; None if the backend takes it, else the reason.
+
+    Cached per determinism state as well as per device: ``use_deterministic_algorithms(True)`` (torch-det,
+    hf-full) switches SDPA backends off (cuDNN attention: "cuDNN SDPA is not deterministic"), so an answer
+    found in one mode is not the answer in another.
+    """
+    return _probe_sdpa_cached(kind, device_type, index, torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def _torch_said(caught) -> str:
+    """The reasons torch warned about while refusing an SDPA backend (first lines, at most three)."""
+    lines = []
+    for w in caught:
+        text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
+        text = text.split(" (Triggered internally at")[0].strip()
+        if text and text not in lines and "kernel not used because" not in text:
+            lines.append(text)
+    return f" (torch: {'; '.join(lines[:3])})" if lines else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_sdpa_cached(kind: str, device_type: str, index: int | None, deterministic: bool,
+                       warn_only: bool) -> str | None:
     if device_type != "cuda" and kind in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
         return "needs a CUDA device"
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -135,13 +157,14 @@ def _probe_sdpa(kind: str, device_type: str, index: int | None) -> str | None:
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     q = torch.zeros(1, 2, 16, 64, device=device, dtype=dtype)
     kv = torch.zeros(1, 1, 16, 64, device=device, dtype=dtype)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # SDPA says why it refused a backend in warnings, not in the error
+        try:
             _forced_sdpa(kind)(q, kv, kv, scale=0.125)
-    except Exception as e:  # the reason torch gives is the reason we report
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"torch refused a bf16/fp32 causal probe: {msg}"
+        except Exception as e:  # the reason torch gives is the reason we report
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            det = " with deterministic algorithms on" if deterministic else ""
+            return f"torch refused a {str(dtype).removeprefix('torch.')} causal probe{det}: {msg}{_torch_said(caught)}"
     return None
 
 

@@ -359,3 +359,174 @@ def test_interrupt_while_a_mode_is_entered_is_an_interrupted_run(small_shapes, s
     assert "linear / test-arming / fp32 / torch-det" in res.stopped_at and "1 of 2 cells complete" in res.stopped_at
     assert [(c.mode, c.status) for c in res.cells] == [("default", "ok")]
     assert determinism_state() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# a backend a determinism mode switches off is refused by that mode; probes are per mode
+# ------------------------------------------------------------------------------------------------
+
+
+def _off_under_deterministic_algorithms(q, k, v, *, scale, causal=True, attn_mask=None):
+    """What SDPA forced to cuDNN does under use_deterministic_algorithms(True): no kernel left, and an error
+    that does not say why (torch's reason goes to a warning)."""
+    if torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError("No available kernel. Aborting execution.")
+    from qwen_layers.backends import eager_attention
+
+    return eager_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
+
+
+def test_backend_switched_off_by_a_mode_is_refused_not_an_error(small_shapes, scoped_backends):
+    scoped_backends("attention", "test-no-det-kernel", _off_under_deterministic_algorithms)
+    res = run_matrix("--subjects", "attention", "--dtypes", "fp32", "--modes", "default,torch-det,hf-full",
+                     "--repeats", "2", "--backends", "test-no-det-kernel")
+    assert res.status == "complete"
+    assert cell(res, "attention", "test-no-det-kernel").status == "ok"
+    for mode in ("torch-det", "hf-full"):
+        c = cell(res, "attention", "test-no-det-kernel", mode=mode)
+        assert c.status == "refused", (c.status, c.reason)
+        assert "RuntimeError: No available kernel" in c.reason and f"only under {mode}" in c.reason
+        assert c.verdict == f"refused: {c.reason}"
+
+
+def test_an_error_in_every_mode_stays_an_error(small_shapes, scoped_backends):
+    """The probe is the evidence: a backend whose probes pass in every mode and whose cells then fail the same
+    way under default and torch-det is an error in both, not a refusal by torch-det."""
+    armed = []
+
+    def broken_after_planning(q, k, v, *, scale, causal=True, attn_mask=None):
+        if armed:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return q.clone()
+
+    scoped_backends("attention", "test-broken", broken_after_planning)
+    args = build_parser().parse_args(["run", "--quick", "--device", "cpu", "--time-repeats", "1", "--warmup", "0",
+                                      "--subjects", "attention", "--dtypes", "fp32", "--modes", "default,torch-det",
+                                      "--repeats", "2", "--backends", "test-broken"])
+    plan = plan_from_args(args)
+    assert not plan.mode_refused
+    armed.append(True)
+    res = harness.execute(plan, harness.new_result(plan, []))
+    assert [c.status for c in res.cells] == ["error", "error"]
+
+
+def test_probes_run_per_mode_and_dtype(small_shapes, scoped_backends, monkeypatch):
+    """Support is probed under default and again under each selected mode, in each dtype: what a mode
+    switches off is known before the run (plan.mode_refused), not taken from one cached answer."""
+    scoped_backends("attention", "test-no-det-kernel", _off_under_deterministic_algorithms)
+    seen = []
+    real_probe = harness.probe
+
+    def recording(op, name, dtype, device):
+        seen.append((op, name, dtype, torch.are_deterministic_algorithms_enabled()))
+        return real_probe(op, name, dtype, device)
+
+    monkeypatch.setattr(harness, "probe", recording)
+    plan = harness.make_plan(device="cpu", subjects=["attention"], backends=["eager", "test-no-det-kernel"],
+                             dtypes=["fp32", "bf16"], modes=["default", "torch-det"], quick=True)
+    for name in ("eager", "test-no-det-kernel"):
+        for dt in (torch.float32, torch.bfloat16):
+            assert {det for op, n, d, det in seen if (n, d) == (name, dt)} == {False, True}
+    assert plan.mode_refused == {
+        ("attention", "test-no-det-kernel", dt, "torch-det"): "RuntimeError: No available kernel. Aborting execution."
+        for dt in ("fp32", "bf16")}
+    assert not plan.unsupported  # it runs under default: not a dtype problem, and --backends named it
+
+
+def test_sdpa_availability_is_cached_per_determinism_state():
+    """The registry's SDPA availability probe is re-run when the determinism switches change (torch-det
+    switches cuDNN attention off); it used to be one answer per device for the whole process."""
+    from bench.modes import apply_mode
+    from qwen_layers import backends
+
+    backends._probe_sdpa_cached.cache_clear()
+    available = registry.get("attention", "sdpa-math").available
+    assert available(torch.device("cpu")) is None
+    with apply_mode("torch-det"):
+        assert available(torch.device("cpu")) is None
+    with apply_mode("default"):
+        assert available(torch.device("cpu")) is None
+    info = backends._probe_sdpa_cached.cache_info()
+    assert (info.misses, info.hits) == (2, 1)
+
+
+def test_sdpa_refusal_reason_carries_torchs_warning(monkeypatch):
+    """SDPA says why it switched a backend off in warnings; the availability reason keeps them, so a cell
+    under torch-det reads as a refusal ('not deterministic')."""
+    import warnings
+
+    from bench.modes import is_refusal
+    from qwen_layers import backends
+    from qwen_layers.registry import BackendUnavailable
+
+    def refusing(kind):
+        def fn(q, k, v, *, scale, causal=True, attn_mask=None):
+            warnings.warn("CuDNN attention kernel not used because:")
+            warnings.warn("cuDNN SDPA is not deterministic. (Triggered internally at sdp_utils.cpp:1)")
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return fn
+
+    monkeypatch.setattr(backends, "_forced_sdpa", refusing)
+    backends._probe_sdpa_cached.cache_clear()
+    try:
+        reason = backends._probe_sdpa("MATH", "cpu", None)
+    finally:
+        backends._probe_sdpa_cached.cache_clear()
+    assert reason == ("torch refused a float32 causal probe: No available kernel. Aborting execution. "
+                      "(torch: cuDNN SDPA is not deterministic.)")
+    assert is_refusal(BackendUnavailable(f"attention backend 'sdpa-cudnn' cannot run on cuda: {reason}"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the run-wide environment (CUBLAS_WORKSPACE_CONFIG) and the fill of uninitialised memory
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modes, expected", [("default,hf-full", ":16:8"), ("default,torch-det", ":4096:8"),
+                                             ("default,torch-det,hf-full", ":4096:8"), ("default", None)])
+def test_workspace_config_is_set_before_the_first_cell_and_restored(small_shapes, scoped_backends, monkeypatch,
+                                                                     modes, expected):
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+
+    def watching(x, weight, bias=None):
+        if x.shape[0] > 64:  # the subject's calls, not the probe's
+            seen.append((os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.are_deterministic_algorithms_enabled()))
+        return F.linear(x, weight, bias)
+
+    scoped_backends("linear", "test-watching", watching)
+    res = run_matrix("--subjects", "linear", "--dtypes", "fp32", "--modes", modes, "--repeats", "2",
+                     "--backends", "test-watching")
+    assert res.status == "complete"
+    assert seen[0] == (expected, False), "the first (default-mode) cell already runs with the run's value"
+    default_calls = {v for v, det in seen if not det}
+    assert default_calls == {expected}
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ, "restored (removed) after the run"
+    rec = res.run_env
+    assert rec["in_force"] == {"CUBLAS_WORKSPACE_CONFIG": expected}
+    assert rec["inherited"] == {"CUBLAS_WORKSPACE_CONFIG": None}
+    assert rec["set_by_run"] == {"CUBLAS_WORKSPACE_CONFIG": expected is not None}
+    if "hf-full" in modes and expected != ":16:8":
+        assert any("hf-full asks CUBLAS_WORKSPACE_CONFIG=:16:8" in n for n in rec["notes"])
+
+
+def test_exported_workspace_config_is_kept(small_shapes, monkeypatch):
+    import os
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    res = run_matrix("--subjects", "linear", "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "2",
+                     "--backends", "eager")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert res.run_env["in_force"] == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    assert res.run_env["set_by_run"] == {"CUBLAS_WORKSPACE_CONFIG": False}
+    assert any("torch-det asks CUBLAS_WORKSPACE_CONFIG=:4096:8" in n for n in res.run_env["notes"])
+
+
+def test_fill_of_uninitialised_memory_is_recorded_per_cell_and_mode(small_shapes):
+    res = run_matrix("--subjects", "rmsnorm", "--dtypes", "fp32", "--modes", "default,torch-det,hf-full",
+                     "--repeats", "2", "--backends", "eager")
+    fill = {c.mode: c.fill_uninitialized_memory for c in res.cells}
+    assert fill == {"default": False, "torch-det": True, "hf-full": True}
+    assert {m["name"]: m["fill_uninitialized_memory"] for m in res.modes} == fill

@@ -218,6 +218,54 @@ def test_disk_full_while_saving_prints_the_tables_then_one_line(capsys, tmp_path
         assert str(json_file.with_suffix(".md")) in lines[0] and f"the result is saved in {json_file}" in lines[0]
 
 
+def test_run_sets_the_workspace_config_before_planning_and_records_it(capsys, tmp_path, small_shapes, monkeypatch):
+    """CUBLAS_WORKSPACE_CONFIG is in force from the plan's probes (the first CUDA matmuls on a GPU) to the last
+    cell, under every mode, removed again afterwards, recorded in the file; the notes say what a reader of
+    the times must know (hf-full's :16:8 not in force with torch-det; memsets inside the deterministic times)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+
+    def watching(x, weight, bias=None):
+        seen.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        return F.linear(x, weight, bias)
+
+    registry.register("linear", "test-watching", watching, origin="test", replace=True)
+    try:
+        rc = main(["run", "--subjects", "linear", "--backends", "test-watching", "--dtypes", "fp32", "--modes",
+                   "default,torch-det,hf-full", "--repeats", "2", "--out", str(tmp_path), *FAST])
+    finally:
+        registry.unregister("linear", "test-watching")
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert seen and set(seen) - {":16:8"} == {":4096:8"}  # hf-full's cells set their own; the probes did not
+    assert seen[0] == ":4096:8", "the first probe (planning) already ran with the run's value"
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    (path,) = tmp_path.glob("*.json")
+    res = load_run(path)
+    assert res.run_env["in_force"] == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert res.run_env["set_by_run"] == {"CUBLAS_WORKSPACE_CONFIG": True}
+    assert "note: hf-full asks CUBLAS_WORKSPACE_CONFIG=:16:8" in out
+    assert "note: times under hf-full, torch-det include PyTorch filling the memory torch.empty returns" in out
+
+
+def test_result_files_without_the_new_fields_still_load(tmp_path, small_shapes, capsys):
+    """run_env and CellRecord.fill_uninitialized_memory are new: a file written before them loads, with {} and
+    None."""
+    assert main(["run", "--subjects", "rmsnorm", "--backends", "eager", *BOUNDED, "--out", str(tmp_path), *FAST]) == 0
+    (path,) = tmp_path.glob("*.json")
+    data = json.loads(path.read_text())
+    del data["run_env"]
+    for c in data["cells"]:
+        del c["fill_uninitialized_memory"]
+    for m in data["modes"]:
+        del m["fill_uninitialized_memory"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    res = load_run(old)
+    assert res.run_env == {} and {c.fill_uninitialized_memory for c in res.cells} == {None}
+    assert main(["report", str(old)]) == 0
+
+
 # ---- signals, end to end: a child process stops at a point the test names (bench.cli.common.pause_point),
 # ---- writes a marker file, and the test sends the signal only once the marker is there.
 

@@ -8,7 +8,16 @@ import sys
 import pytest
 import torch
 
-from bench.modes import MODE_ENV_VARS, MODES, UnknownMode, apply_mode, determinism_state, get_mode, is_refusal
+from bench.modes import (
+    MODE_ENV_VARS,
+    MODES,
+    UnknownMode,
+    apply_mode,
+    determinism_state,
+    get_mode,
+    is_refusal,
+    run_environment,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +90,65 @@ def test_refusal_is_recognised():
     assert is_refusal(RuntimeError("Deterministic behavior was enabled with either `torch.use_deterministic_"
                                    "algorithms(True)` ... you must set CUBLAS_WORKSPACE_CONFIG=:4096:8"))
     assert not is_refusal(ValueError("shapes do not match"))
+
+
+# ---- memory fill: what a deterministic mode's time contains besides the kernels ---------------------------
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_mode_records_whether_pytorch_fills_uninitialised_memory(name, monkeypatch):
+    """torch-det keeps PyTorch's fill of torch.empty (NaN) and says so: in its record and in the state of
+    every block it runs; switching the global flag off is seen too."""
+    mode = MODES[name]
+    with apply_mode(name) as state:
+        assert state.fill_uninitialized_memory is mode.deterministic_algorithms
+        if mode.deterministic_algorithms:
+            assert torch.isnan(torch.empty(8)).all()  # what the flag does: the memset the time includes
+    assert mode.to_dict()["fill_uninitialized_memory"] is mode.deterministic_algorithms
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
+    with apply_mode(name) as state:
+        assert state.fill_uninitialized_memory is False
+    assert mode.to_dict()["fill_uninitialized_memory"] is False
+
+
+# ---- the run-wide environment: CUBLAS_WORKSPACE_CONFIG once, before any CUDA work ------------------------
+
+
+@pytest.mark.parametrize("modes, value", [(["default"], None), (["default", "hf-full"], ":16:8"),
+                                          (["hf-full", "torch-det"], ":16:8"), (None, ":4096:8")])
+def test_run_environment_sets_the_first_asked_value_and_restores(modes, value):
+    with run_environment(modes) as rec:
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == value
+        assert rec.in_force == {"CUBLAS_WORKSPACE_CONFIG": value}
+        with run_environment(["default", "hf-full"]) as inner:  # nested: the outer decision stands
+            assert inner is rec and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == value
+        with apply_mode("torch-det"):
+            pass
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == value  # a mode's exit puts the run's value back
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    asked = {m: MODES[m].env["CUBLAS_WORKSPACE_CONFIG"] for m in (modes or MODES) if m != "default"}
+    assert rec.asked == {"CUBLAS_WORKSPACE_CONFIG": asked}
+    assert [n.split(" asks")[0] for n in rec.notes] == [m for m, v in asked.items() if v != value]
+
+
+def test_run_environment_keeps_an_exported_value_and_restores_on_error(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    with pytest.raises(RuntimeError, match="boom"):
+        with run_environment(["hf-full"]) as rec:
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            raise RuntimeError("boom")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert rec.set_by_run == {"CUBLAS_WORKSPACE_CONFIG": False} and rec.inherited == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert "every cell of this run used the exported CUBLAS_WORKSPACE_CONFIG=:4096:8" in rec.notes[0]
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    with pytest.raises(KeyboardInterrupt):
+        with run_environment(["torch-det"]):
+            raise KeyboardInterrupt
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with run_environment(["strict", "hf-full"]) as rec:  # unknown names are the plan's to refuse
+        assert rec.in_force == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    assert rec.to_dict()["in_force"] == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    json.dumps(rec.to_dict())
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from bench.cli.common import parse_device, pause_point, split_list
 from bench.cli.report import make_console, print_run
 from bench.errors import SaveError
 from bench.harness import DEFAULT_PRESET, DEFAULT_REPEATS, QUICK_PRESET, Plan, execute, make_plan, new_result, save
-from bench.modes import MODES
+from bench.modes import MODES, run_environment
 from bench.planted import planted_registered
 from bench.results import RunSettings, check_out_dir
 from bench.subjects import SUBJECTS
@@ -45,11 +45,26 @@ def equivalent_command(s: RunSettings) -> list[str]:
     return cmd
 
 
+def run_notes(result) -> list[str]:
+    """What a reader of the times must know that the tables do not say: memsets inside the deterministic
+    modes' times, and a workspace size a mode asked for but could not have."""
+    notes = []
+    filled = sorted({c.mode for c in result.cells if c.fill_uninitialized_memory})
+    if filled:
+        notes.append(f"times under {', '.join(filled)} include PyTorch filling the memory torch.empty returns "
+                     f"(torch.utils.deterministic.fill_uninitialized_memory, on with deterministic algorithms): "
+                     f"part of a mode / default ratio is those memsets, not the kernel")
+    notes.extend((result.run_env or {}).get("notes", []))
+    return notes
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Plan, run, print the tables, then save: a run interrupted by SIGINT or SIGTERM is printed and saved
     (status interrupted) and returns 130; a save that fails raises SaveError after the tables were printed."""
     console = make_console()
-    with planted_registered(args.plant):
+    # CUBLAS_WORKSPACE_CONFIG must be in force before the first CUDA matmul, and the plan's probes run some:
+    # the run-wide environment is entered before planning and left (restored) once the run is over.
+    with planted_registered(args.plant), run_environment(split_list(args.modes, "--modes")):
         plan = plan_from_args(args)
         out_dir = check_out_dir(args.out)
         result = new_result(plan, equivalent_command(plan.settings))
@@ -77,6 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if failed is not None:
             console.print(f"[red]run failed {result.stopped_at}[/]: {result.error}", highlight=False)
         raise
+    for line in run_notes(result):
+        console.print(f"note: {line}", highlight=False)
     console.print(f"result: {json_path}\nsummary: {md_path}", highlight=False)
     if failed is not None:
         console.print(f"[red]run failed {result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
