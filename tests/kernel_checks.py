@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.compare import mismatch
 from kernels import _common
@@ -132,3 +133,14 @@ def assert_each_raises(fns: Iterable[Callable], args: Sequence, error: type[Exce
         with pytest.raises(error) as info:
             fn(*args)
         assert message in str(info.value), f"{getattr(fn, '__name__', fn)}: {info.value}"
+
+
+class NoHostRead(TorchDispatchMode):
+    """Raises on every op that copies a tensor value back to the host (a device synchronisation on CUDA)."""
+
+    HOST_READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.item")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.HOST_READS:
+            raise AssertionError(f"host read in the hot path: {func}")
+        return func(*args, **(kwargs or {}))

@@ -13,7 +13,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.compare import assert_bitwise_equal
 from bench.planted import loss_nondet
@@ -197,17 +196,6 @@ def test_bad_inputs(case, error, message):
 # -------------------------------------------------------------------------------------------------
 
 
-class NoHostRead(TorchDispatchMode):
-    """Raises on every op that copies a tensor value back to the host (a device synchronisation on CUDA)."""
-
-    HOST_READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.item")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func.overloadpacket) in self.HOST_READS:
-            raise AssertionError(f"host read in the hot path: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("fn", [ce.cross_entropy, ce.cross_entropy_atomic], ids=["triton", "triton-atomic"])
 def test_call_reads_nothing_back_to_the_host(fn, monkeypatch):
     """Forward and backward with valid labels (some ignored) copy no value to the host: nothing in a timed
@@ -221,7 +209,7 @@ def test_call_reads_nothing_back_to_the_host(fn, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", refuse)
     monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
     monkeypatch.setattr(torch.Tensor, "tolist", refuse)
-    with NoHostRead():
+    with kc.NoHostRead():
         loss = fn(leaf, labels)
         loss.backward()
     monkeypatch.undo()
@@ -236,7 +224,7 @@ def test_bad_label_is_nan_on_the_device_and_named_by_the_validation_path(fn):
     that row's gradient (other rows stay finite); check_labels / validate raise the readable error."""
     x = torch.randn(4, 10, device=DEVICE)
     bad = torch.tensor([1, -100, 10, 4], device=DEVICE)
-    with NoHostRead():
+    with kc.NoHostRead():
         loss, d = run(fn, x, bad)
     assert torch.isnan(loss)
     assert torch.isnan(d[2]).all() and torch.isfinite(d[[0, 1, 3]]).all() and (d[1] == 0).all()
