@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from bench import subjects
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -29,7 +31,6 @@ SMALL_SHAPES = {
 @pytest.fixture
 def small_shapes(monkeypatch):
     """``--quick`` runs use SMALL_SHAPES and a short K for the linear subject, for this test only."""
-    from bench import subjects
 
     monkeypatch.setitem(subjects.SIZES, "quick", dict(SMALL_SHAPES))
     monkeypatch.setattr(subjects, "QUICK_LINEAR_K", 256)

@@ -25,6 +25,8 @@ import torch
 
 from bench import planted
 from bench.compare import bits
+from qwen_layers.config import PRESETS
+from qwen_layers.model import build_model
 
 MAX_MISS = 1e-6
 
@@ -124,8 +126,6 @@ def nan_checkpoint(folder, *, param: str = "model.layers.0.mlp.down_proj.weight"
 
     from safetensors.torch import save_file
 
-    from qwen_layers.config import PRESETS
-    from qwen_layers.model import build_model
 
     config = PRESETS[preset]
     model = build_model(config, seed=0)

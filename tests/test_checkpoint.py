@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bench.cli import main
 from bench.compare import assert_bitwise_equal
 from qwen_layers import CheckpointError, QwenForCausalLM, from_pretrained, get_preset
 from qwen_layers.checkpoint import read_config
@@ -190,7 +191,6 @@ def test_truncated_safetensors_for_an_hf_model_is_one_line(saved, tmp_path, caps
     """``detbench sft --model hf:FOLDER`` reads the folder through qwen_layers.checkpoint first: a truncated
     model.safetensors is one line naming the file (exit 2), not a raw SafetensorError from transformers."""
     pytest.importorskip("transformers")
-    from bench.cli import main
 
     cfg, hf, _ = saved
     hf.save_pretrained(tmp_path)

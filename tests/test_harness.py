@@ -15,10 +15,14 @@ from bench.cli import build_parser
 from bench.cli.run import plan_from_args
 from bench.compare import bits, mismatch
 from bench.errors import InputError
+from bench.modes import apply_mode, determinism_state, is_refusal
 from bench.pinpoint import fingerprints
 from bench.planted import PLANTED, register_planted
-from qwen_layers import registry
+from bench.report import Index, cost_rows
+from qwen_layers import backends, registry
+from qwen_layers.backends import eager_attention
 from qwen_layers.config import PRESETS
+from qwen_layers.registry import BackendUnavailable
 
 
 @pytest.fixture
@@ -276,7 +280,6 @@ def test_route_sends_other_ops_to_the_named_backend(small_shapes, scoped_backend
 
 def test_triton_backends_are_picked_up_by_name_and_their_twin_ratio_reported(small_shapes, monkeypatch):
     """Triton entries need no harness change: named, they run; their twin gives a cost ratio."""
-    from bench.report import Index, cost_rows
 
     if "triton" not in registry.names("rmsnorm") or registry.get("rmsnorm", "triton").why_not("cpu"):
         pytest.skip("no runnable Triton rmsnorm here")
@@ -342,7 +345,6 @@ def test_seed_range_ends_run(small_shapes, seed):
 def test_interrupt_while_a_mode_is_entered_is_an_interrupted_run(small_shapes, scoped_backends, half_imported_inductor):
     """Ctrl-C while apply_mode imports torch._inductor.config (5-6 s into a run): the run is saved as
     interrupted with the cells so far, not failed with ``module 'torch._dynamo' has no attribute 'utils'``."""
-    from bench.modes import determinism_state
 
     def arming(x, weight, bias=None):  # cell 1 (default mode) arms the trap; cell 2 enters torch-det
         if x.shape[0] > 64:  # the subject's shape, not the dtype probe's
@@ -371,7 +373,6 @@ def _off_under_deterministic_algorithms(q, k, v, *, scale, causal=True, attn_mas
     that does not say why (torch's reason goes to a warning)."""
     if torch.are_deterministic_algorithms_enabled():
         raise RuntimeError("No available kernel. Aborting execution.")
-    from qwen_layers.backends import eager_attention
 
     return eager_attention(q, k, v, scale=scale, causal=causal, attn_mask=attn_mask)
 
@@ -436,8 +437,6 @@ def test_probes_run_per_mode_and_dtype(small_shapes, scoped_backends, monkeypatc
 def test_sdpa_availability_is_cached_per_determinism_state():
     """The registry's SDPA availability probe is re-run when the determinism switches change (torch-det
     switches cuDNN attention off); it used to be one answer per device for the whole process."""
-    from bench.modes import apply_mode
-    from qwen_layers import backends
 
     backends._probe_sdpa_cached.cache_clear()
     available = registry.get("attention", "sdpa-math").available
@@ -455,9 +454,6 @@ def test_sdpa_refusal_reason_carries_torchs_warning(monkeypatch):
     under torch-det reads as a refusal ('not deterministic')."""
     import warnings
 
-    from bench.modes import is_refusal
-    from qwen_layers import backends
-    from qwen_layers.registry import BackendUnavailable
 
     def refusing(kind):
         def fn(q, k, v, *, scale, causal=True, attn_mask=None):

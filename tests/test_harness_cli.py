@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cli import main
+from bench.cli.common import PAUSE_ENV, PAUSE_MARKER_ENV
 from bench.results import load_run
 from qwen_layers import registry
 
@@ -271,7 +272,6 @@ def test_result_files_without_the_new_fields_still_load(tmp_path, small_shapes, 
 
 
 def _paused_child(tmp_path, point, argv):
-    from bench.cli.common import PAUSE_ENV, PAUSE_MARKER_ENV
 
     marker = tmp_path / "paused"
     env = {**os.environ, PAUSE_ENV: point, PAUSE_MARKER_ENV: str(marker)}

@@ -23,6 +23,7 @@ pytest.importorskip("triton", reason="package triton not installed (Linux only)"
 
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config  # noqa: E402
 
+from bench.planted import rmsnorm_nondet_dw
 from kernels import hf  # noqa: E402
 
 pytestmark = kc.requires_triton
@@ -180,7 +181,6 @@ def test_repeats_are_bitwise_equal(detbench_attention):
 @pytest.fixture
 def planted_rmsnorm():
     """rmsnorm/planted-nondet-dw in the registry for one test, removed afterwards."""
-    from bench.planted import rmsnorm_nondet_dw
 
     REGISTRY.register("rmsnorm", "planted-nondet-dw", rmsnorm_nondet_dw, deterministic=False, origin="planted",
                       replace=True, description="negative control: random-order dW")

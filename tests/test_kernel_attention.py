@@ -26,6 +26,7 @@ import torch
 from bench.compare import assert_bitwise_equal, bitwise_equal
 from bench.planted import attention_nondet_bwd
 from kernels import attention as ka
+from kernels._common import INTERPRET
 from qwen_layers.backends import causal_mask, eager_attention, repeat_kv
 from qwen_layers.registry import REGISTRY, BackendUnavailable
 
@@ -357,7 +358,6 @@ def test_registry_entries():
 
 def test_resolve_on_cpu():
     """Under the interpreter the CPU resolves and runs; with CUDA (no interpreter) it refuses with the reason."""
-    from kernels._common import INTERPRET
 
     if not INTERPRET:
         with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):

@@ -116,7 +116,6 @@ def test_every_backend_is_timed_or_skipped_with_a_reason(tiny_result):
 
 
 def test_linear_triton_runs_under_the_interpreter(tiny_result):
-    from qwen_layers.registry import REGISTRY
 
     if REGISTRY.get("linear", "triton").why_not("cpu") is not None:
         pytest.skip("Triton interpreter not active in this session")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import bench.modes as modes
 from bench.modes import (
     MODE_ENV_VARS,
     MODES,
@@ -219,7 +220,6 @@ def test_interrupt_in_the_block_restores_without_importing(monkeypatch, half_imp
 def test_interrupt_during_the_rollback_still_restores_the_rest(monkeypatch, step):
     """A second Ctrl-C while a mode is being rolled back: the other switches are still restored and the
     interrupt propagates."""
-    import bench.modes as modes
 
     before = _non_default_start(monkeypatch)
     real_steps = modes._restore_steps

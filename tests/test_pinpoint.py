@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import qwen_layers.registry as reg
 from bench import cli, pinpoint, sft
 from bench.compare import bits
 from bench.data import batch_for_step, read_token_file
@@ -419,7 +420,6 @@ def test_reports_serialise_to_json_and_print(tmp_path, planted_registry):
 def test_pinpoint_leaves_no_hooks_or_wrappers_behind():
     from torch.nn.modules import module as nn_module
 
-    import qwen_layers.registry as reg
 
     before = (reg.resolve, "resolve" in reg.REGISTRY.__dict__, torch.autograd.Function.__dict__["apply"],
               len(nn_module._global_forward_hooks), len(nn_module._global_forward_pre_hooks))

@@ -27,9 +27,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench.data as data
 from bench import cli, results, sft
 from bench.compare import bits
 from bench.data import IGNORE_INDEX, DataError, batch_for_step, read_token_file, synthetic_batches
+from qwen_layers.registry import REGISTRY
 
 from .planted_checks import MAX_MISS, PLACES, OrderSpy, nan_checkpoint, token_file
 
@@ -346,7 +348,6 @@ def test_hf_model_without_transformers(tmp_path, capsys, monkeypatch):
 
 
 def test_planted_backends_are_registered_only_while_needed():
-    from qwen_layers.registry import REGISTRY
 
     assert "planted-nondet" not in REGISTRY.names("linear")
     plan = sft.make_plan(model="qwen3-tiny", steps=1, repeats=2, seq_len=8,
@@ -518,7 +519,6 @@ def test_a_hundred_million_batches_train_only_the_batches_of_their_steps():
 def test_lazy_synthetic_batches_are_the_same_in_any_order(monkeypatch):
     """Out of order, and past the kept batches (which makes the generator start over), every batch is
     the one an in-order walk gives."""
-    import bench.data as data
 
     monkeypatch.setattr(data, "KEEP_BATCHES", 3)
     walk = [(b.input_ids.clone(), b.labels.clone()) for b in synthetic_batches(256, n_batches=8, batch_size=2,
