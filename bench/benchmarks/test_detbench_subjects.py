@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from bench import checks
+from bench.planted import register_planted
 from bench.results import capture_environment, to_json
 from bench.subjects import DTYPES, SUBJECTS, build_case, dtype_name, probe
 from qwen_layers import registry
@@ -49,9 +50,7 @@ def pytest_generate_tests(metafunc):
         return
     config = metafunc.config
     if config.getoption("--detbench-plant"):
-        from bench.planted import register_planted
-
-        register_planted()
+        register_planted()  # for the whole benchmark session: this pytest process runs only these
     device = _device(config)
     wanted = config.getoption("--detbench-subjects")
     names = [s.strip() for s in wanted.split(",")] if wanted else list(SUBJECTS)
