@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.compare import bits
-from bench.pinpoint.ops import _tensors
+from bench.pinpoint.ops import _tensors, read_back
 
 FP_SEED = 0x5EED_DE7B
 FP_CHUNK = 1 << 22          # 64-bit words per fingerprint chunk (32 MiB of int64 coefficients per device)
@@ -281,13 +281,7 @@ class Fingerprints:
         """A function mapping a descriptor to a comparable key: value descriptors stand for themselves,
         symbolic, view, device and exact descriptors become 16-byte blake2b digests (equal contents <->
         equal keys, up to the fingerprint's collision bound and blake2b's 2^-128)."""
-        dev = [None] * len(self.device_values)
-        by_device: dict = {}
-        for i, v in enumerate(self.device_values):
-            by_device.setdefault(v.device, []).append(i)
-        for idx in by_device.values():
-            for i, v in zip(idx, torch.stack([self.device_values[i] for i in idx]).tolist()):
-                dev[i] = v
+        dev = read_back(self.device_values)
         memo: dict[int, tuple] = {}
         copies = self.copies
 

@@ -430,3 +430,16 @@ class NonFinite:
                 parts.append(f"infinities first appeared in the output of {at(self.inf)}, "
                              f"{origin(self.inf, 'an infinity')}")
         return "; ".join(parts)
+
+
+def read_back(values: list[torch.Tensor]) -> list:
+    """Python values of same-shaped device tensors, in order, with one transfer (one synchronisation)
+    per device instead of one per tensor."""
+    out: list = [None] * len(values)
+    by_device: dict = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
+            out[i] = v
+    return out

@@ -45,6 +45,7 @@ from bench.pinpoint.ops import (
     extremes,
     flags,
     op_info,
+    read_back,
     storage_names,
     value_kind,
 )
@@ -322,13 +323,7 @@ def _trace(fn: Callable, args: tuple, kwargs: dict, exact: bool, roots: Mapping[
 def _non_finite(mode: TraceMode, events: list[Event], loc: _Locator) -> NonFinite:
     """Walk the recorded checks in execution order (device pairs read once per device): the first event
     whose output held a NaN, resp. an infinity, and whether an input from outside held one before."""
-    values: list = [None] * len(mode.nf_pairs)
-    by_device: dict = {}
-    for i, p in enumerate(mode.nf_pairs):
-        by_device.setdefault(p.device, []).append(i)
-    for idx in by_device.values():
-        for i, v in zip(idx, torch.stack([mode.nf_pairs[i] for i in idx]).tolist()):
-            values[i] = v
+    values = read_back(mode.nf_pairs)
     nf = NonFinite()
     outside: dict[str, str | None] = {"nan": None, "inf": None}
     names = None
