@@ -38,21 +38,44 @@ def small_shapes(monkeypatch):
 
 @pytest.fixture
 def half_imported_inductor(monkeypatch):
-    """What Ctrl-C during the first ``import torch._inductor.config`` (which torch.use_deterministic_algorithms
-    does) leaves behind: that import raises KeyboardInterrupt once; every later one fails as a half-imported
-    package does (AttributeError: module 'torch._dynamo' has no attribute 'utils')."""
+    """What Ctrl-C inside ``torch.use_deterministic_algorithms`` while a mode is entered leaves behind, once
+    ``state["armed"]`` is set: that call raises KeyboardInterrupt once, and from then on every import of
+    ``torch._inductor`` fails as a half-imported package does (AttributeError: module 'torch._dynamo' has no
+    attribute 'utils').
+
+    Where the interrupt lands depends on the torch version, the way a real Ctrl-C's would. A torch whose
+    ``use_deterministic_algorithms`` imports ``torch._inductor.config`` (2.11 does) is interrupted in that
+    import, before the flag changes. One that imports nothing there (2.6) is interrupted as the call returns,
+    after the flag changed. Either way ``apply_mode`` sees a KeyboardInterrupt out of the call it makes while
+    entering, and its rollback must restore everything without importing anything or calling
+    ``use_deterministic_algorithms`` again (which also fails once armed and interrupted, on every torch)."""
     real_import = builtins.__import__
+    real_use_deterministic_algorithms = torch.use_deterministic_algorithms
     state = {"armed": False, "interrupted": 0, "failed": 0}
+
+    def interrupt():
+        state["interrupted"] += 1
+        raise KeyboardInterrupt
+
+    def half_imported():
+        state["failed"] += 1
+        raise AttributeError("module 'torch._dynamo' has no attribute 'utils'")
 
     def fake_import(name, *args, **kwargs):
         if state["armed"] and name.startswith("torch._inductor"):
             if not state["interrupted"]:
-                state["interrupted"] += 1
-                raise KeyboardInterrupt
-            state["failed"] += 1
-            raise AttributeError("module 'torch._dynamo' has no attribute 'utils'")
+                interrupt()
+            half_imported()
         return real_import(name, *args, **kwargs)
 
+    def use_deterministic_algorithms(mode, *, warn_only=False):
+        if state["armed"] and state["interrupted"]:  # fails after the interrupt on every torch, as it does on 2.11
+            half_imported()
+        real_use_deterministic_algorithms(mode, warn_only=warn_only)
+        if state["armed"] and not state["interrupted"]:  # this torch imported nothing the trap could catch
+            interrupt()
+
     monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", use_deterministic_algorithms)
     yield state
     state["armed"] = False  # before the teardown of fixtures set up earlier (which may reset torch's flags)

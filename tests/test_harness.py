@@ -343,8 +343,9 @@ def test_seed_range_ends_run(small_shapes, seed):
 
 
 def test_interrupt_while_a_mode_is_entered_is_an_interrupted_run(small_shapes, scoped_backends, half_imported_inductor):
-    """Ctrl-C while apply_mode imports torch._inductor.config (5-6 s into a run): the run is saved as
-    interrupted with the cells so far, not failed with ``module 'torch._dynamo' has no attribute 'utils'``."""
+    """Ctrl-C while apply_mode calls torch.use_deterministic_algorithms (which imports torch._inductor.config on
+    newer torch, 5-6 s into a run): the run is saved as interrupted with the cells so far, not failed with
+    ``module 'torch._dynamo' has no attribute 'utils'``."""
 
     def arming(x, weight, bias=None):  # cell 1 (default mode) arms the trap; cell 2 enters torch-det
         if x.shape[0] > 64:  # the subject's shape, not the dtype probe's
