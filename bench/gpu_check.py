@@ -1,22 +1,28 @@
-"""`detbench gpu-check`: the project's one bounded GPU validation script.
+"""`detbench gpu-check`: the project's bounded GPU validation script, in parts that fit a lease.
 
-One command runs every CUDA measurement the project needs, each stage a subprocess with its own
-share of a total time budget that the script enforces (a stage that runs over is stopped, recorded
-as timed out, and the next stage starts):
+A lent GPU comes with 15 minutes of device time in all, the machine's start included, and one
+command may run 10 minutes. So the script is split into parts, each meant to finish within
+:data:`PART_BUDGET_S` (420 s) and each saving its own results; run them one per call, part 1 first:
 
-    env       device, SM count, driver, torch/triton/CUDA versions
-    tests     the kernel and transformers drop-in tests, compiled on CUDA (bf16 cases included)
-    run-0.6b  detbench run: all subjects x available backends x bf16,fp32 x default,torch-det,
-              20 repeats, Qwen3-0.6B layer shapes
-    run-8b    the same on Qwen3-8B layer shapes
-    kernels   detbench kernel-bench: the kernels' speed targets, ratios from one run
-    sft       detbench sft: Qwen2.5-0.5B shapes, eager vs sdpa vs detbench attention, bf16,
-              lr 1e-5 and 3e-4, 20 steps x 3 repeats
-    pinpoint  detbench pinpoint on the first SFT configuration whose repeats diverged
+    part 1  headline   env; tests-core: the kernels' correctness and repeat-equality tests on CUDA
+                       (bf16 included); sft: Qwen2.5-0.5B shapes, eager vs sdpa vs detbench attention,
+                       bf16, lr 3e-4; pinpoint: the op behind the first SFT divergence
+    part 2  cost       env; run-0.6b: detbench run on Qwen3-0.6B shapes, bf16, default vs torch-det
+                       (the cost of determinism per backend); kernels: detbench kernel-bench
+    part 3  breadth    env; tests-all: every kernel and drop-in test; run-8b: Qwen3-8B shapes;
+                       sft-1e-5: the SFT matrix at lr 1e-5
 
-It writes at most 8 files into --out (the device tool brings back at most 8) and prints a short
-summary table last. ``--dry-run`` runs the same stages on the CPU with tiny shapes in seconds; CI
-runs it so the script cannot rot.
+Every stage is a subprocess in its own process group with a time limit: its share of the part's
+budget in proportion to its estimate, plus what earlier stages left unused. A stage that runs over
+is stopped, recorded as timed out, and the next stage starts. Each stage carries an estimate of its
+cost (:func:`estimate`) with the basis it rests on: compile seconds from the committed AOT table
+(``python -m kernels.aot``, measured on a 2-core CPU) and stated assumptions for GPU work, so the
+plan can be checked here (``--plan``; CI asserts every part fits) and corrected by what a GPU run
+measures (summary.json holds estimate and seconds side by side).
+
+Each part writes at most 8 files into --out (the device tool brings back at most 8): summary.md
+(with part 1's headline table), summary.json, gpu_check.log and its stages' results.
+``--dry-run`` runs the part's stages on the CPU with tiny shapes; CI runs part 1 that way.
 
 Ctrl-C or SIGTERM stops the running stage's whole process group (SIGTERM, a grace period, SIGKILL),
 removes the temporary ``gpu-check-*`` folder, writes summary.md/summary.json for the stages that
@@ -25,9 +31,9 @@ SIGTERM). For tests, ``DETBENCH_TEST_STAGE_HOOK="STAGE=COMMAND"`` runs COMMAND i
 own command (:func:`_hooked`).
 
 On the lent GPU machine (no install there; its python3 has torch, triton, transformers, rich,
-pytest, safetensors), from the repository root:
+pytest, pytest-xdist, safetensors), from the repository root:
 
-    python3 -m bench gpu-check --out "$OUT" --budget 480
+    python3 -m bench gpu-check --part 1 --out "$OUT"
 """
 
 from __future__ import annotations
@@ -41,43 +47,66 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Callable
 
 from bench.results import capture_environment, write_json_atomic, write_text_atomic
+from bench.subjects import SUBJECTS
+from qwen_layers.registry import REGISTRY
 
-DEFAULT_BUDGET_S = 480.0
+PART_BUDGET_S = 420.0
 REPO = Path(__file__).resolve().parents[1]
 DRY_RUN_PLANT = "model.layers.1.mlp.down_proj=linear/planted-nondet"
 INTERRUPT_GRACE_S = 20  # time a stage stopped for its time limit gets to write its partial result
 STOP_GRACE_S = 5.0  # time a stage gets after SIGTERM when gpu-check itself is interrupted
+MAX_FILES = 8  # what the device tool brings back from --out
 
-# Share of the budget per stage; unused time carries over to later stages.
-SHARES = {
-    "tests": 0.10,
-    "run-0.6b": 0.22,
-    "run-8b": 0.22,
-    "kernels": 0.14,
-    "sft": 0.22,
-    "pinpoint": 0.10,
-}
+# ---- the cost model behind each stage's estimate ------------------------------------------------
+# Measured: compile seconds per specialisation, from the AOT table committed under results/ (one
+# process on this project's 2-core CPU machine). Assumed, generous, to be replaced by what the first
+# GPU run measures: everything below marked (assumed).
+GPU_MACHINE_CORES = 16      # the lent H200 machine's CPU cores (the device tool's description)
+START_S = 20.0              # one stage process: python, torch, triton, transformers, CUDA context (assumed)
+TEST_S = 0.5                # one kernel test case on the GPU, compile excluded (assumed)
+TEST_SPECIALISATIONS = 3    # new kernel specialisations one test case compiles, at most (assumed)
+CALL_S = {"qwen3-0.6b": 0.01, "qwen3-8b": 0.04}  # one forward+backward of a subject at the preset's
+#                             shapes on an H200, Python overhead included (assumed)
+BATCH_CALLS = 3             # extra calls of a cell for batch invariance (batches 1, 3, 127)
+REFERENCE_CALLS = 10        # a subject's float64 reference, in calls (fp64 runs at ~1/15 of bf16 rates)
+SFT_STEP_S = 0.25           # one AdamW step of Qwen2.5-0.5B shapes, 4 x 64 tokens, bf16 (assumed)
+SFT_BUILD_S = 8.0           # building and seeding a Qwen2.5-0.5B model on the GPU, per repeat (assumed)
+PINPOINT_S = 90.0           # pinpoint's replay and trace-compare of 2 steps of Qwen2.5-0.5B (assumed)
+KERNEL_BENCH_S = 120.0      # kernel-bench's timings at full shapes, every backend (assumed)
+COMPILE_FALLBACK_S = 1.0    # per specialisation when no AOT table is committed (assumed)
 
-# The files --out receives (the device tool returns at most 8).
-FILES = (
-    "summary.md", "summary.json", "gpu_check.log", "run-qwen3-0.6b.json", "run-qwen3-8b.json",
-    "kernel_speed.json", "sft.json", "pinpoint.json",
-)
+# The kernel tests whose names say they check correctness against float64 or repeat equality: part 1's
+# subset (tests/test_gpu_check.py checks it selects both kinds from every kernel's test file).
+CORE_TESTS = "float64 or reference or d128 or atomic_twin or repeat or run_to_run"
+# The dry run rehearses the tests stages on a handful of interpreter-speed cases.
+DRY_RUN_TESTS = "rmsnorm and (float64 or repeats_are)"
 
 
 @dataclass
 class Stage:
     name: str
-    status: str = "not run"        # ok | failed (rc N) | timed out | skipped: reason
+    status: str = "not run"        # ok | failed (rc N) | timed out | skipped: reason | interrupted
     seconds: float = 0.0
     limit_s: float = 0.0
+    estimate_s: float = 0.0        # what the cost model expects on the GPU (see the basis)
+    basis: str = ""
     command: list[str] = field(default_factory=list)
     output: str | None = None      # file in --out this stage produced
     note: str = ""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float
+    basis: str
 
 
 def _bench(*args: str) -> list[str]:
@@ -206,40 +235,140 @@ def _hooked(name: str, argv: list[str]) -> list[str]:
     return shlex.split(command) if sep and stage == name else argv
 
 
-class _Budget:
-    """Runs stages, each within its share of the budget plus what earlier stages left unused."""
-
-    def __init__(self, stages: list[Stage], budget_s: float, log) -> None:
-        self.by_name = {s.name: s for s in stages}
-        self.budget_s = budget_s
-        self.deadline = time.monotonic() + budget_s
-        self.carry = 0.0
-        self.log = log
-
-    def step(self, name: str, argv: list[str], env_extra=None) -> Stage:
-        st = self.by_name[name]
-        argv = _hooked(name, argv)
-        lim = max(0.0, min(self.budget_s * SHARES[name] + self.carry, self.deadline - time.monotonic()))
-        _run_stage(st, argv, lim, self.log, env_extra)
-        self.carry = max(0.0, lim - st.seconds) if st.status == "ok" else 0.0
-        return st
+# ---- estimates ----------------------------------------------------------------------------------
 
 
-def _tests_argv(dry_run: bool) -> list[str]:
-    """The kernel and drop-in tests run compiled on CUDA (bf16 included); a dry run only collects them."""
-    tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
-    tests.append("tests/test_hf_dropin.py")
-    return [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider",
-            *(["--collect-only"] if dry_run else [])]
+def _aot_table() -> dict | None:
+    """The committed AOT compile table for the installed triton version (else the newest one)."""
+    tables = sorted((REPO / "results").glob("aot-triton*.json"))
+    try:
+        mine = REPO / "results" / f"aot-triton{metadata.version('triton')}.json"
+    except metadata.PackageNotFoundError:
+        mine = None
+    for path in ([mine] if mine in tables else []) + tables[::-1]:
+        try:
+            return json.loads(path.read_text()) | {"_file": path.name}
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
 
 
-def _run_argv(preset: str, folder: Path, dry_run: bool) -> list[str]:
-    if dry_run:
-        return _bench("run", "--quick", "--device", "cpu", "--subjects", "rmsnorm,attention",
-                      "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "3",
-                      "--time-repeats", "2", "--out", str(folder), "--no-progress")
-    return _bench("run", "--device", "cuda", "--preset", preset, "--dtypes", "bf16,fp32",
-                  "--modes", "default,torch-det", "--repeats", "20", "--out", str(folder), "--no-progress")
+def _compile_cost(table: dict | None, presets: tuple[str, ...], dtypes: tuple[str, ...],
+                  kernels: tuple[str, ...] | None = None) -> tuple[int, float, str]:
+    """(specialisations, seconds per specialisation, where that figure comes from) for the kernels
+    that detbench launches at ``presets``' shapes in ``dtypes`` on one target of the AOT table."""
+    if table is None:
+        return 0, COMPILE_FALLBACK_S, "no AOT table committed"
+    rows = [r for r in table.get("entries", []) if r.get("target") == table.get("targets", ["sm_90a"])[-1]]
+    mean = sum(r.get("compile_s", 0.0) for r in rows) / len(rows) if rows else COMPILE_FALLBACK_S
+    wanted = [r for r in rows
+              if set(r.get("presets", ())) & set(presets)
+              and (not r.get("dtypes") or set(r["dtypes"]) & set(dtypes))
+              and (kernels is None or any(k in r.get("kernel", "") for k in kernels))]
+    return len(wanted), mean, table["_file"]
+
+
+def _backends_per_subject() -> dict[str, int]:
+    """How many backends `detbench run` would pick per subject where every registered one is
+    available (an upper figure: the GPU image lacks flash-attn, for one)."""
+    hidden = {"detbench-reference", "planted"}
+    return {name: sum(1 for b in REGISTRY.backends(s.primary_op) if b.origin not in hidden)
+            for name, s in SUBJECTS.items()}
+
+
+def _est_tests(cases: int, workers: int) -> Estimate:
+    table = _aot_table()
+    _, per_spec, source = _compile_cost(table, (), ())
+    compile_s = cases * TEST_SPECIALISATIONS * per_spec / workers
+    run_s = cases * TEST_S / workers
+    return Estimate(START_S + compile_s + run_s,
+                    f"{START_S:.0f} s start + {cases} cases x {TEST_SPECIALISATIONS} specialisations x "
+                    f"{per_spec:.2f} s compile ({source}) / {workers} workers + {cases} x {TEST_S} s run / {workers}")
+
+
+def _est_run(preset: str, dtypes: tuple[str, ...], modes: int, repeats: int, timed: int) -> Estimate:
+    per_subject = _backends_per_subject()
+    cells = sum(per_subject.values()) * len(dtypes) * modes
+    calls = repeats + BATCH_CALLS + timed
+    work = (cells * calls + len(per_subject) * REFERENCE_CALLS) * CALL_S[preset]
+    n, per_spec, source = _compile_cost(_aot_table(), (preset,), dtypes)
+    return Estimate(START_S + n * per_spec + work,
+                    f"{START_S:.0f} s start + {n} specialisations x {per_spec:.2f} s compile ({source}) + "
+                    f"({cells} cells x {calls} calls + {len(per_subject)} fp64 references x {REFERENCE_CALLS}) "
+                    f"x {CALL_S[preset]} s")
+
+
+def _est_sft(configs: int, repeats: int, steps: int) -> Estimate:
+    n, per_spec, source = _compile_cost(_aot_table(), ("qwen2.5-0.5b",), ("bf16",), ("attn", "attention"))
+    work = configs * repeats * (SFT_BUILD_S + steps * SFT_STEP_S)
+    return Estimate(START_S + n * per_spec + work,
+                    f"{START_S:.0f} s start + {n} attention specialisations x {per_spec:.2f} s compile ({source}) "
+                    f"+ {configs} configs x {repeats} repeats x ({SFT_BUILD_S} s build + {steps} steps x {SFT_STEP_S} s)")
+
+
+def _est_fixed(seconds: float, what: str) -> Estimate:
+    return Estimate(START_S + seconds, f"{START_S:.0f} s start + {seconds:.0f} s {what} (assumed)")
+
+
+# ---- the parts and their stages -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a stage's command is built from."""
+    out: Path          # --out
+    folder: Path       # this stage's own temporary folder
+    dry_run: bool
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.dry_run else "cuda"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    what: str                                     # one line: what it measures
+    output: str | None                            # its file in --out
+    command: Callable[[Ctx], list[str] | str]     # the command, or why it is skipped
+    estimate: Callable[[], Estimate]              # its cost on the GPU
+    result: str | None = None                     # the file its command writes in its folder (else: newest JSON)
+
+
+def _kernel_test_files() -> list[str]:
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
+
+
+def _pytest(ctx: Ctx, files: list[str], select: str | None) -> list[str]:
+    """The kernel tests compiled on CUDA (bf16 included), in parallel where pytest-xdist is installed
+    (the GPU image has it), with a JUnit XML report of every case."""
+    if ctx.dry_run:
+        select = DRY_RUN_TESTS
+    workers = [] if ctx.dry_run or find_spec("xdist") is None else ["-n", str(min(GPU_MACHINE_CORES, os.cpu_count() or 1))]
+    return [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", *workers,
+            *(["-k", select] if select else []), f"--junitxml={ctx.folder / 'tests.xml'}"]
+
+
+# The number of test cases each tests stage selects (tests/test_gpu_check.py checks them against
+# `pytest --collect-only`, so the estimates cannot drift from the test files).
+CORE_TEST_CASES = 159
+ALL_TEST_CASES = 307
+
+
+def _run_cmd(preset: str, repeats: int, time_repeats: int, warmup: int) -> Callable[[Ctx], list[str]]:
+    def command(ctx: Ctx) -> list[str]:
+        if ctx.dry_run:
+            return _bench("run", "--quick", "--device", "cpu", "--subjects", "rmsnorm,attention",
+                          "--dtypes", "fp32", "--modes", "default,torch-det", "--repeats", "3",
+                          "--time-repeats", "2", "--out", str(ctx.folder), "--no-progress")
+        return _bench("run", "--device", "cuda", "--preset", preset, "--dtypes", "bf16",
+                      "--modes", "default,torch-det", "--repeats", str(repeats), "--time-repeats", str(time_repeats),
+                      "--warmup", str(warmup), "--out", str(ctx.folder), "--no-progress")
+    return command
+
+
+SFT_ATTENTION = "eager,sdpa,triton"  # transformers' two, and detbench's deterministic Triton kernel
+SFT_STEPS, SFT_REPEATS = 10, 3
 
 
 def _sft_model(dry_run: bool) -> str:
@@ -251,58 +380,159 @@ def _plant(dry_run: bool) -> list[str]:
     return ["--plant", DRY_RUN_PLANT] if dry_run else []
 
 
-def _sft_argv(folder: Path, dry_run: bool) -> list[str]:
-    if dry_run:
-        return _bench("sft", "--model", _sft_model(dry_run), "--device", "cpu", "--attention", "eager,sdpa",
-                      "--dtype", "fp32", "--lr", "1e-5,3e-4", "--steps", "2", "--repeats", "2",
-                      "--batch-size", "2", "--seq-len", "16", "--out", str(folder), "--summary-only",
-                      *_plant(dry_run))
-    return _bench("sft", "--model", _sft_model(dry_run), "--device", "cuda", "--attention",
-                  "eager,sdpa,triton", "--dtype", "bf16", "--lr", "1e-5,3e-4", "--steps", "20",
-                  "--repeats", "3", "--out", str(folder), "--summary-only")
+def _sft_cmd(lr: str, modes: str) -> Callable[[Ctx], list[str]]:
+    def command(ctx: Ctx) -> list[str]:
+        if ctx.dry_run:
+            return _bench("sft", "--model", _sft_model(True), "--device", "cpu", "--attention", "eager,sdpa",
+                          "--dtype", "fp32", "--lr", lr, "--steps", "2", "--repeats", "2", "--batch-size", "2",
+                          "--seq-len", "16", "--out", str(ctx.folder), "--summary-only", *_plant(True))
+        return _bench("sft", "--model", _sft_model(False), "--device", "cuda", "--attention", SFT_ATTENTION,
+                      "--mode", modes, "--dtype", "bf16", "--lr", lr, "--steps", str(SFT_STEPS),
+                      "--repeats", str(SFT_REPEATS), "--out", str(ctx.folder), "--summary-only")
+    return command
+
+
+def _pinpoint_cmd(ctx: Ctx) -> list[str] | str:
+    """Pinpoint the first SFT configuration that diverged (skipped, with the reason, when none did)."""
+    sft = _load(ctx.out / "sft.json")
+    if sft is None:
+        return "no SFT result"
+    target = _first_diverged(sft)
+    if target is None:
+        return "no SFT configuration diverged"
+    return _bench("pinpoint", "--model", _sft_model(ctx.dry_run), "--device", ctx.device,
+                  "--attention", target["attention"], "--mode", target["mode"], "--dtype", target["dtype"],
+                  "--lr", repr(target["lr"]), "--steps", "2", "--out", str(ctx.folder), *_plant(ctx.dry_run))
+
+
+def _kernels_cmd(ctx: Ctx) -> list[str]:
+    return _bench("kernel-bench", "--device", ctx.device, "--json", str(ctx.folder / "kernel_speed.json"),
+                  *(["--tiny"] if ctx.dry_run else []))
+
+
+RUN_06B = dict(repeats=10, time_repeats=20, warmup=3)
+RUN_8B = dict(repeats=5, time_repeats=10, warmup=2)
+
+PARTS: dict[int, tuple[str, list[StageSpec]]] = {
+    1: ("headline: do the deterministic kernels pass on CUDA; does SFT diverge with sdpa but not eager "
+        "(bf16, lr 3e-4); which op does pinpoint name", [
+        StageSpec("tests-core", "the kernels' correctness (vs float64) and repeat-equality tests on CUDA",
+                  "tests-core.xml", lambda c: _pytest(c, _kernel_test_files(), CORE_TESTS),
+                  lambda: _est_tests(CORE_TEST_CASES, GPU_MACHINE_CORES), result="tests.xml"),
+        StageSpec("sft", "detbench sft, Qwen2.5-0.5B shapes, eager vs sdpa vs triton attention, bf16, lr 3e-4",
+                  "sft.json", _sft_cmd("3e-4", "default"), lambda: _est_sft(3, SFT_REPEATS, SFT_STEPS)),
+        StageSpec("pinpoint", "detbench pinpoint on the first SFT configuration whose repeats diverged",
+                  "pinpoint.json", _pinpoint_cmd, lambda: _est_fixed(PINPOINT_S, "replay and trace-compare")),
+    ]),
+    2: ("cost of determinism: every backend on Qwen3-0.6B shapes, default vs torch-det; kernel speed", [
+        StageSpec("run-0.6b", "detbench run, Qwen3-0.6B shapes, bf16, default and torch-det, 10 repeats",
+                  "run-qwen3-0.6b.json", _run_cmd("qwen3-0.6b", **RUN_06B),
+                  lambda: _est_run("qwen3-0.6b", ("bf16",), 2, RUN_06B["repeats"],
+                                   2 * (RUN_06B["time_repeats"] + RUN_06B["warmup"]))),
+        StageSpec("kernels", "detbench kernel-bench: each kernel against its atomic twin and torch",
+                  "kernel_speed.json", _kernels_cmd, lambda: _est_fixed(KERNEL_BENCH_S, "of timings"),
+                  result="kernel_speed.json"),
+    ]),
+    3: ("breadth: every kernel and drop-in test, Qwen3-8B shapes, SFT at lr 1e-5", [
+        StageSpec("tests-all", "every kernel and transformers drop-in test on CUDA", "tests-all.xml",
+                  lambda c: _pytest(c, [*_kernel_test_files(), "tests/test_hf_dropin.py"], None),
+                  lambda: _est_tests(ALL_TEST_CASES, GPU_MACHINE_CORES), result="tests.xml"),
+        StageSpec("run-8b", "detbench run, Qwen3-8B shapes, bf16, default and torch-det, 5 repeats",
+                  "run-qwen3-8b.json", _run_cmd("qwen3-8b", **RUN_8B),
+                  lambda: _est_run("qwen3-8b", ("bf16",), 2, RUN_8B["repeats"],
+                                   2 * (RUN_8B["time_repeats"] + RUN_8B["warmup"]))),
+        StageSpec("sft-1e-5", "detbench sft as in part 1 at lr 1e-5", "sft-lr1e-5.json",
+                  _sft_cmd("1e-5", "default"), lambda: _est_sft(3, SFT_REPEATS, SFT_STEPS)),
+    ]),
+}
+
+
+def part_stages(part: int) -> list[Stage]:
+    """The part's stages, env first, each with its estimate."""
+    stages = [Stage("env", estimate_s=5.0, basis="in this process (assumed)")]
+    for spec in PARTS[part][1]:
+        est = spec.estimate()
+        stages.append(Stage(spec.name, estimate_s=round(est.seconds, 1), basis=est.basis))
+    return stages
+
+
+def plan(part: int, budget_s: float = PART_BUDGET_S) -> dict:
+    """The part's stages with their GPU estimates and limits, and whether the estimates fit ``budget_s``."""
+    stages = part_stages(part)
+    total = sum(s.estimate_s for s in stages)
+    for s in stages:
+        s.limit_s = round(budget_s * s.estimate_s / total, 1)
+    return {"part": part, "title": PARTS[part][0], "budget_s": budget_s, "estimate_s": round(total, 1),
+            "fits": total <= budget_s, "stages": stages}
+
+
+class _Budget:
+    """Runs stages, each within its share of the budget (in proportion to its estimate) plus what
+    earlier stages left unused, never past the part's deadline."""
+
+    def __init__(self, stages: list[Stage], budget_s: float, log) -> None:
+        self.by_name = {s.name: s for s in stages}
+        self.budget_s = budget_s
+        self.total_est = sum(s.estimate_s for s in stages) or 1.0
+        self.deadline = time.monotonic() + budget_s
+        self.carry = 0.0
+        self.log = log
+
+    def step(self, name: str, argv: list[str], env_extra=None) -> Stage:
+        st = self.by_name[name]
+        argv = _hooked(name, argv)
+        share = self.budget_s * st.estimate_s / self.total_est
+        lim = max(0.0, min(share + self.carry, self.deadline - time.monotonic()))
+        _run_stage(st, argv, lim, self.log, env_extra)
+        self.carry = max(0.0, lim - st.seconds) if st.status == "ok" else 0.0
+        return st
+
+    def skip(self, name: str, reason: str) -> None:
+        st = self.by_name[name]
+        st.status = f"skipped: {reason}"
+        self.carry += self.budget_s * st.estimate_s / self.total_est
 
 
 @dataclass
 class CheckRun:
-    """One gpu-check, filled in as it goes, so that an interrupted run still says what finished."""
+    """One gpu-check part, filled in as it goes, so that an interrupted run still says what finished."""
 
     budget_s: float
     dry_run: bool
-    stages: list[Stage] = field(default_factory=lambda: [Stage(n) for n in ("env", *SHARES)])
+    part: int = 1
+    stages: list[Stage] = field(default_factory=list)
     env: dict | None = None
     interrupted: bool = False  # stopped by Ctrl-C or SIGTERM; the stage it was in says "interrupted"
 
+    def __post_init__(self) -> None:
+        if not self.stages:
+            self.stages = part_stages(self.part)
+
 
 def run_checks(out: Path, run: CheckRun) -> CheckRun:
-    """Run every stage into ``out``, recording into ``run`` (the caller's, so it survives an interrupt).
+    """Run every stage of ``run.part`` into ``out``, recording into ``run`` (the caller's, so it
+    survives an interrupt).
 
     On ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under ``bench.cli``) the running stage's process group
     is killed (:func:`_run_stage`), the stage is marked ``interrupted``, ``run.interrupted`` is set and
     the interrupt goes on; the caller then writes the summary (:func:`write_summary`). The temporary
     ``gpu-check-*`` folder is removed on every way out.
     """
-    device = "cpu" if run.dry_run else "cuda"
-    dry_run = run.dry_run
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
         with open(out / "gpu_check.log", "w") as log:
             budget = _Budget(run.stages, run.budget_s, log)
-            run.env = _env_stage(budget.by_name["env"], device, log)
-            budget.step("tests", _tests_argv(dry_run))
-            for name, preset in (("run-0.6b", "qwen3-0.6b"), ("run-8b", "qwen3-8b")):
-                d = work / name
-                d.mkdir()
-                st = budget.step(name, _run_argv(preset, d, dry_run))
-                _adopt(_newest_json(d), out, f"run-{preset}.json", st)
-            kjson = work / "kernel_speed.json"
-            st = budget.step("kernels", _bench("kernel-bench", "--device", device, "--json", str(kjson),
-                                               *(["--tiny"] if dry_run else [])))
-            _adopt(kjson, out, "kernel_speed.json", st)
-            d = work / "sft"
-            d.mkdir()
-            st = budget.step("sft", _sft_argv(d, dry_run))
-            _adopt(_newest_json(d), out, "sft.json", st)
-            _pinpoint_stage(budget, out, work, device, dry_run, sft_ok=bool(st.output))
+            run.env = _env_stage(budget.by_name["env"], "cpu" if run.dry_run else "cuda", log)
+            for spec in PARTS[run.part][1]:
+                ctx = Ctx(out=out, folder=work / spec.name, dry_run=run.dry_run)
+                ctx.folder.mkdir()
+                argv = spec.command(ctx)
+                if isinstance(argv, str):
+                    budget.skip(spec.name, argv)
+                    continue
+                st = budget.step(spec.name, argv)
+                src = ctx.folder / spec.result if spec.result else _newest_json(ctx.folder)
+                _adopt(src, out, spec.output, st)
     except KeyboardInterrupt:
         run.interrupted = True
         for st in run.stages:
@@ -324,30 +554,9 @@ def _env_stage(st: Stage, device: str, log) -> dict:
     return env
 
 
-def _pinpoint_stage(budget: _Budget, out: Path, work: Path, device: str, dry_run: bool, sft_ok: bool) -> None:
-    """Pinpoint the first SFT configuration that diverged (skipped, with the reason, when none did)."""
-    target = _first_diverged(out / "sft.json") if sft_ok else None
-    pin = budget.by_name["pinpoint"]
-    if target is None:
-        pin.status = "skipped: no SFT configuration diverged" if sft_ok else "skipped: no SFT result"
-        return
-    d = work / "pinpoint"
-    d.mkdir()
-    argv = _bench("pinpoint", "--model", _sft_model(dry_run), "--device", device, "--attention", target["attention"],
-                  "--mode", target["mode"], "--dtype", target["dtype"], "--lr", repr(target["lr"]),
-                  "--steps", "2", "--out", str(d), *_plant(dry_run))
-    pin.note = f"on {target['attention']} {target['mode']} {target['dtype']} lr={target['lr']}"
-    budget.step("pinpoint", argv)
-    _adopt(_newest_json(d), out, "pinpoint.json", pin)
-
-
-def _first_diverged(sft_json: Path) -> dict | None:
+def _first_diverged(sft: dict) -> dict | None:
     """The first configuration of an SFT result whose repeats were not bitwise equal."""
-    try:
-        data = json.loads(sft_json.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    for cfg in data.get("configs", []):
+    for cfg in sft.get("configs", []):
         if cfg.get("status") == "ok" and cfg.get("identical") is False:
             return cfg
     return None
@@ -360,9 +569,89 @@ def _load(path: Path):
         return None
 
 
+def _junit(path: Path) -> dict | None:
+    """Counts of a pytest JUnit XML report, and the failed cases' names."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    counts["failed"] = [f"{c.get('classname', '')}::{c.get('name', '')}" for c in root.iter("testcase")
+                        if c.find("failure") is not None or c.find("error") is not None]
+    return counts
+
+
+# ---- what the results say -----------------------------------------------------------------------
+
+
+def _tests_answer(report: dict | None, file: str) -> tuple[str, str]:
+    if report is None:
+        return "not answered: no test report", file
+    passed = report["tests"] - report["failures"] - report["errors"] - report["skipped"]
+    if report["tests"] == 0:
+        return "not answered: no test ran", file
+    if report["failures"] or report["errors"]:
+        names = ", ".join(report["failed"][:3]) + (" ..." if len(report["failed"]) > 3 else "")
+        return f"NO: {report['failures'] + report['errors']} of {report['tests']} failed ({names})", file
+    return f"yes: {passed} passed, {report['skipped']} skipped", file
+
+
+def _sft_answer(sft: dict | None) -> tuple[str, str]:
+    if sft is None:
+        return "not answered: no SFT result", "sft.json"
+    by_attn = {c["attention"]: c for c in sft.get("configs", [])}
+    parts = []
+    for name, c in by_attn.items():
+        if c.get("status") != "ok":
+            parts.append(f"{name} {c.get('status')}")
+        elif c.get("identical") is None:
+            parts.append(f"{name} not comparable")
+        else:
+            parts.append(f"{name} {'identical' if c['identical'] else 'DIVERGED at step ' + str(c.get('first_divergent_step'))}"
+                         f" x{c.get('repeats')}")
+    eager, sdpa = by_attn.get("eager", {}), by_attn.get("sdpa", {})
+    if eager.get("identical") is True and sdpa.get("identical") is False:
+        verdict = "yes"
+    elif eager.get("identical") is None or sdpa.get("identical") is None:
+        verdict = "not answered"
+    else:
+        verdict = "no"
+    return f"{verdict}: {'; '.join(parts) or 'no configuration'}", "sft.json"
+
+
+def _pinpoint_answer(pin: dict | None, pin_stage: Stage | None) -> tuple[str, str]:
+    if pin is None:
+        reason = pin_stage.status if pin_stage else "not run"
+        return f"not answered: pinpoint {reason}", "pinpoint.json"
+    for pair in (pin.get("compare") or {}).get("pairs", []):
+        rc = pair.get("root_cause")
+        if rc:
+            return f"{rc['op']} at {rc['module']} ({rc['phase']}), from trace-compare", "pinpoint.json"
+    for f in (pin.get("replay") or {}).get("findings", [])[:1]:
+        return f"{f['op']} at {f['module']} ({f['phase']}), from replay", "pinpoint.json"
+    return "none: the runs pinpoint compared did not differ", "pinpoint.json"
+
+
+def headline(out: Path, stages: list[Stage]) -> list[tuple[str, str, str]]:
+    """Part 1's answers: (question, answer, file it rests on)."""
+    by_name = {s.name: s for s in stages}
+    return [
+        ("Do detbench's deterministic kernels pass their correctness and repeat-equality tests on CUDA?",
+         *_tests_answer(_junit(out / "tests-core.xml"), "tests-core.xml")),
+        ("Does SFT of Qwen2.5-0.5B shapes (bf16, lr 3e-4) diverge with sdpa but not with eager?",
+         *_sft_answer(_load(out / "sft.json"))),
+        ("Which op does pinpoint name?", *_pinpoint_answer(_load(out / "pinpoint.json"), by_name.get("pinpoint"))),
+    ]
+
+
 def findings(out: Path) -> list[str]:
-    """One line per headline measurement found in the stage results (missing files are skipped)."""
+    """One line per measurement found in the stage results (missing files are skipped)."""
     lines = []
+    for name in ("tests-core.xml", "tests-all.xml"):
+        report = _junit(out / name)
+        if report is not None:
+            lines.append(f"{name}: {_tests_answer(report, name)[0]}")
     for name in ("run-qwen3-0.6b.json", "run-qwen3-8b.json"):
         run = _load(out / name)
         if run is None:
@@ -379,9 +668,10 @@ def findings(out: Path) -> list[str]:
         value = "n/a" if r.get("value") is None else f"{r['value']:.3g}"
         met = {True: "met", False: "MISSED", None: "not judged"}[r.get("met")]
         lines.append(f"kernel-bench {r['name']}: {value} (target {r.get('target') or '-'}, {met})")
-    sft = _load(out / "sft.json")
-    for c in (sft or {}).get("configs", []):
-        lines.append(f"sft {c['attention']} {c['mode']} {c['dtype']} lr={c['lr']:g}: {c.get('verdict') or c.get('status')}")
+    for name in ("sft.json", "sft-lr1e-5.json"):
+        for c in (_load(out / name) or {}).get("configs", []):
+            lines.append(f"sft {c['attention']} {c['mode']} {c['dtype']} lr={c['lr']:g}: "
+                         f"{c.get('verdict') or c.get('status')}")
     pin = _load(out / "pinpoint.json")
     if pin:
         for f in (pin.get("replay") or {}).get("findings", [])[:3]:
@@ -396,28 +686,46 @@ def findings(out: Path) -> list[str]:
 def write_summary(out: Path, run: CheckRun) -> str:
     """Write summary.md and summary.json (each atomically) from ``run``, finished or interrupted."""
     where = env_line(run.env) if run.env else "Environment not captured"
+    estimate = sum(s.estimate_s for s in run.stages)
     lines = [
-        f"# detbench gpu-check{' (CPU dry run)' if run.dry_run else ''}",
+        f"# detbench gpu-check part {run.part}{' (CPU dry run)' if run.dry_run else ''}",
         "",
-        f"{where}. Budget {run.budget_s:.0f}s. Stage logs: gpu_check.log.",
+        f"Part {run.part}, {PARTS[run.part][0]}.",
+        "",
+        f"{where}. Budget {run.budget_s:.0f}s; GPU estimate {estimate:.0f}s. Stage logs: gpu_check.log.",
         "",
     ]
     if run.interrupted:
         stopped = [s.name for s in run.stages if s.status == "interrupted"]
         lines += [f"**Interrupted** (Ctrl-C or SIGTERM){' during ' + ', '.join(stopped) if stopped else ''}; "
                   f"the stages after it did not run.", ""]
+    if run.part == 1:
+        lines += ["## Headline", "", "| question | answer | from |", "|---|---|---|"]
+        lines += [f"| {q} | {a} | {f} |" for q, a, f in headline(out, run.stages)] + [""]
     lines += [
-        "| stage | status | seconds | limit | output | note |",
-        "|---|---|---|---|---|---|",
+        "## Stages",
+        "",
+        "| stage | status | seconds | estimate | limit | output | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in run.stages:
-        lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.limit_s} | {s.output or ''} | {s.note} |")
+        lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.estimate_s} | {s.limit_s} | {s.output or ''} "
+                     f"| {s.note} |")
+    lines += ["", "Estimates (GPU, from `bench/gpu_check.py`'s cost model):", ""]
+    lines += [f"- {s.name}: {s.estimate_s:.0f} s = {s.basis}" for s in run.stages]
     found = findings(out)
     if found:
         lines += ["", "## Findings", ""] + [f"- {line}" for line in found]
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "summary.md", text, exclusive=False)
-    write_json_atomic(out / "summary.json", {"dry_run": run.dry_run, "budget_s": run.budget_s,
+    write_json_atomic(out / "summary.json", {"part": run.part, "dry_run": run.dry_run, "budget_s": run.budget_s,
                                              "interrupted": run.interrupted, "environment": run.env,
+                                             "headline": [dict(zip(("question", "answer", "from"), h))
+                                                          for h in headline(out, run.stages)] if run.part == 1 else None,
                                              "stages": [asdict(s) for s in run.stages]}, exclusive=False)
     return text
+
+
+def files(part: int) -> tuple[str, ...]:
+    """The files --out receives for ``part``."""
+    return ("summary.md", "summary.json", "gpu_check.log", *(s.output for s in PARTS[part][1] if s.output))

@@ -16,25 +16,67 @@ import pytest
 import torch
 
 from bench import cli, gpu_check
-from bench.gpu_check import FILES, TEST_STAGE_HOOK, Stage, _run_stage
+from bench.gpu_check import PART_BUDGET_S, PARTS, TEST_STAGE_HOOK, Stage, _run_stage, files, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_dry_run_writes_every_file(tmp_path, capsys):
+def test_part_1_alone_answers_the_headline(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["gpu-check", "--dry-run", "--out", str(out), "--budget", "400"])
+    rc = cli.main(["gpu-check", "--dry-run", "--part", "1", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
     assert rc == 0, stages
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)  # at most 8, the device tool's limit
+    assert sorted(p.name for p in out.iterdir()) == sorted(files(1))
     assert all(s["status"] == "ok" for s in stages.values()), stages
-    # The dry run plants a fault in one MLP projection; the pinpoint stage must name it.
+    answers = {h["question"].split()[0]: h["answer"] for h in summary["headline"]}
+    # tests-core ran its (dry-run) cases for real and all passed
+    assert answers["Do"].startswith("yes: ") and " passed" in answers["Do"], answers
+    # The dry run plants a fault in one MLP projection, so eager diverges too: the answer is "no", and says why.
+    assert answers["Does"].startswith("no: eager DIVERGED at step 1 x2"), answers
+    assert answers["Which"] == "linear/planted-nondet at model.layers.1.mlp.down_proj (forward), from trace-compare"
     text = (out / "summary.md").read_text()
-    assert "pinpoint trace-compare root cause: linear/planted-nondet at model.layers.1.mlp.down_proj" in text
+    assert "## Headline" in text and text.index("## Headline") < text.index("## Stages")
     printed = capsys.readouterr().out
-    assert printed.rstrip().endswith("┘")  # the summary table comes last
+    assert printed.rstrip().endswith("┘")  # the stage table comes last
+
+
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_every_part_fits_its_budget_by_estimate(part):
+    p = plan(part)
+    assert p["fits"] and p["estimate_s"] <= PART_BUDGET_S, [(s.name, s.estimate_s, s.basis) for s in p["stages"]]
+    assert all(s.estimate_s > 0 and s.basis for s in p["stages"])
+    assert sum(s.limit_s for s in p["stages"]) == pytest.approx(PART_BUDGET_S, abs=0.5)
+    assert len(files(part)) <= gpu_check.MAX_FILES
+
+
+def test_plan_flags_a_part_over_its_budget(capsys):
+    assert cli.main(["gpu-check", "--plan", "--budget", "60"]) == 1
+    assert "OVER BUDGET" in capsys.readouterr().out
+    assert cli.main(["gpu-check", "--plan"]) == 0
+
+
+def _collected(*args: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+@pytest.mark.slow
+def test_test_stages_select_what_their_estimates_count():
+    kernel_files = gpu_check._kernel_test_files()
+    core = _collected(*kernel_files, "-k", gpu_check.CORE_TESTS)
+    assert len(core) == gpu_check.CORE_TEST_CASES
+    everything = _collected(*kernel_files, "tests/test_hf_dropin.py")
+    assert len(everything) == gpu_check.ALL_TEST_CASES
+    # the headline subset checks every kernel both against float64 and for repeat equality
+    for f in kernel_files:
+        if f.endswith("test_kernel_speed.py"):
+            continue
+        mine = [c for c in core if c.startswith(f)]
+        assert any(w in c for c in mine for w in ("float64", "reference", "accuracy", "atomic_twin")), f
+        assert any(w in c for c in mine for w in ("repeat", "run_to_run")), f
 
 
 @pytest.mark.slow
@@ -99,7 +141,7 @@ def test_interrupt_kills_the_stage_and_lists_the_files(tmp_path, sig, code):
     tmp.mkdir()
     child = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     env = {**os.environ, "TMPDIR": str(tmp),
-           TEST_STAGE_HOOK: f"tests={shlex.join([sys.executable, '-c', child])}"}
+           TEST_STAGE_HOOK: f"tests-core={shlex.join([sys.executable, '-c', child])}"}
     proc = subprocess.Popen([sys.executable, "-m", "bench", "gpu-check", "--dry-run", "--out", str(out)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
@@ -126,7 +168,7 @@ def test_interrupt_kills_the_stage_and_lists_the_files(tmp_path, sig, code):
     message = [line for line in err.splitlines() if "interrupted" in line]
     assert message and all(name in message[-1] for name in written), err
     stages = {s["name"]: s["status"] for s in json.loads((out / "summary.json").read_text())["stages"]}
-    assert stages["env"] == "ok" and stages["tests"] == "interrupted" and stages["sft"] == "not run", stages
+    assert stages["env"] == "ok" and stages["tests-core"] == "interrupted" and stages["sft"] == "not run", stages
 
 
 # A stage child that ignores SIGTERM and leaves a grandchild (in its process group) that ignores it too.
