@@ -56,7 +56,7 @@ from qwen_layers.config import PRESETS, QwenConfig
 from qwen_layers.model import QwenForCausalLM, Routed, build_model, set_backends
 from qwen_layers.registry import OPS, REGISTRY, BackendError
 
-SCHEMA = "detbench.sft/1"
+SCHEMA = "detbench.sft/2"  # 2: the distributed section (bench.distributed)
 
 class SFTError(InputError):
     """A setting that cannot be used; the message says which and how to fix it (the CLI exits 2)."""
@@ -486,6 +486,7 @@ class SFTResult:
     batches: list[dict[str, Any]]        # the first MAX_DESCRIBED_BATCHES batches the steps use
     configs: list[ConfigResult]
     batches_not_described: int = 0       # batches the steps use beyond those described
+    distributed: dict[str, Any] | None = None  # data-parallel setups compared (bench.distributed.record)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -880,22 +881,31 @@ def run(plan: Plan, *, command: Sequence[str] = (), on_step=None, on_config=None
     record then has status ``interrupted`` and holds the configurations that finished (it is returned,
     not raised).
     """
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    env = capture_environment(plan.device, seeds={"model": plan.settings.seed, "data": plan.settings.data_seed})
+    started = now()
     configs: list[ConfigResult] = []
     status = "complete"
     try:
         run_plan(plan, on_step=on_step, on_config=on_config, results=configs)
     except KeyboardInterrupt:
         status = "interrupted"
+    return make_record(plan, command=command, started=started, status=status, configs=configs)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(plan: Plan, *, command: Sequence[str], started: str, status: str, configs: list[ConfigResult],
+                distributed: dict[str, Any] | None = None) -> SFTResult:
+    """The result record of a finished (or interrupted) run of ``plan``."""
+    env = capture_environment(plan.device, seeds={"model": plan.settings.seed, "data": plan.settings.data_seed})
     described, not_described = describe_batches(plan.batches, plan.steps)
     return SFTResult(
-        schema=SCHEMA, run_id=new_run_id(), started=started,
-        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), status=status,
+        schema=SCHEMA, run_id=new_run_id(), started=started, finished=now(), status=status,
         command=list(command), settings=plan.settings, environment=env,
         modes=[MODES[m].to_dict() for m in plan.modes],
         model_config={k: v for k, v in plan.spec.config.__dict__.items()},
-        batches=described, configs=configs, batches_not_described=not_described,
+        batches=described, configs=configs, batches_not_described=not_described, distributed=distributed,
     )
 
 

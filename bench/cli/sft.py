@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.cli.common import UsageError, parse_device, pause_point
+from bench.cli.sft_dp import add_dp_args, cmd_sft_dp, dp_settings
 from bench.results import check_out_dir, to_json
 from bench.sft import ConfigResult, Plan, fmt_exact, make_plan, parse_list, run, save
 
@@ -115,6 +116,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write a result file")
     p.add_argument("--json", action="store_true", help="print the result record as JSON instead of tables")
     p.add_argument("--summary-only", action="store_true", help="print only the summary table, not every step")
+    add_dp_args(p)
     p.set_defaults(func=cmd_sft)
 
 
@@ -142,6 +144,9 @@ def cmd_sft(args) -> int:
                           steps=args.steps, repeats=args.repeats, n_batches=args.batches, betas=betas,
                           weight_decay=args.weight_decay, clip=args.clip, out=None if args.no_save else args.out)
     out_dir = None if args.no_save else check_out_dir(args.out)
+    settings = dp_settings(args)
+    if settings.requested:
+        return cmd_sft_dp(args, plan, settings, out_dir)
     console = Console()
     total = plan.n_configs * plan.repeats * plan.steps
     if not args.json:

@@ -1,0 +1,126 @@
+"""``detbench sft --world-size/--accum/--vary/--reduce``: data-parallel setups compared (``bench.distributed``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+
+from bench import distributed as dp
+from bench.cli.common import UsageError, split_list
+from bench.results import to_json
+from bench.sft import Plan, fmt_exact, make_record, now, save
+
+EXIT_INTERRUPTED = 130
+
+
+def add_dp_args(p) -> None:
+    g = p.add_argument_group("data-parallel (torch.distributed: gloo on CPU, NCCL on CUDA)")
+    g.add_argument("--world-size", type=int, default=1,
+                   help="ranks; detbench starts them (or run it under torchrun --nproc-per-node N)")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per rank and step (default 1)")
+    g.add_argument("--micro-batch", type=int,
+                   help="sequences per micro-batch; each setup's accumulation then follows from its world size")
+    g.add_argument("--parallel", default="ddp", choices=dp.PARALLEL, help="DDP or FSDP2 fully_shard (default ddp)")
+    g.add_argument("--reduce", default="standard",
+                   help="standard (all-reduce, p.grad accumulation), invariant (one fixed reduction tree), "
+                        "or both: standard,invariant (their cost compared in the same run)")
+    g.add_argument("--vary", action="append", default=[], metavar="AXIS=VALUES",
+                   help="setups that are the same training, compared with the first: world=1,2,4 | accum=1,2,4 | "
+                        "resume=K | threads=1,2")
+    g.add_argument("--master-port", type=int, help="loopback port for the ranks' rendezvous (default: a free one)")
+    g.add_argument("--rank-timeout", type=float, default=dp.RANK_TIMEOUT_S,
+                   help=f"seconds a collective waits for a rank before the run fails (default {dp.RANK_TIMEOUT_S:.0f})")
+
+
+def dp_settings(args) -> dp.DPSettings:
+    if args.rank_timeout <= 0:
+        raise UsageError("--rank-timeout must be a positive number of seconds")
+    return dp.DPSettings(world=args.world_size, accum=args.accum, micro_batch=args.micro_batch,
+                         parallel=args.parallel, reduce=tuple(split_list([args.reduce], "--reduce")), vary=tuple(args.vary),
+                         master_port=args.master_port, timeout_s=args.rank_timeout)
+
+
+def _bits_cell(row: dict) -> str:
+    c = row["comparison"]
+    if c["identical"]:
+        return "[green]identical[/]"
+    step = f"loss @{c['first_loss_step']}" if c["first_loss_step"] else "params only"
+    return f"[red]{step}; {c['params_differ']}/{c['params_total']} params, {c['max_ulp']} ulp[/]"
+
+
+def setups_table(rows: list[dict], steps: int):
+    t = Table(title=f"detbench sft: setups compared bit for bit over {steps} steps", title_justify="left")
+    for col in ("setup", "reduce", "micro", "run to run", "loss at last step", "vs first setup", "step s",
+                "bytes/step/rank"):
+        t.add_column(col, justify="right" if col in ("micro", "step s", "bytes/step/rank") else "left")
+    for r in rows:
+        r2r = f"[green]same x{r['repeats']}[/]" if r["run_to_run_identical"] else f"[red]DIFFERS (x{r['repeats']})[/]"
+        t.add_row(r["label"], r["reduce"], str(r["micro_batch"]), r2r, fmt_exact(r["losses"][-1]),
+                  _bits_cell(r) if r["label"] != r["vs"] else "(reference)", f"{r['median_step_s']:.4f}",
+                  f"{r['bytes_per_step_per_rank']:,}")
+    lines = [escape(f"{r['reduce']} {r['label']}: {r['verdict']}") for r in rows if r["label"] != r["vs"]]
+    return Group(t, *lines)
+
+
+def cost_table(cost: list[dict]):
+    t = Table(title="cost of --reduce invariant (same run; median step time, bytes each rank receives per step)",
+              title_justify="left")
+    for col in ("setup", "standard s", "invariant s", "ratio", "standard bytes", "invariant bytes"):
+        t.add_column(col, justify="left" if col == "setup" else "right")
+    for c in cost:
+        t.add_row(c["setup"], f"{c['standard_step_s']:.4f}", f"{c['invariant_step_s']:.4f}",
+                  "-" if c["ratio"] is None else f"{c['ratio']:.2f}", f"{c['standard_bytes']:,}",
+                  f"{c['invariant_bytes']:,}")
+    return t
+
+
+def cmd_sft_dp(args, plan: Plan, settings: dp.DPSettings, out_dir) -> int:
+    console = Console()
+    started = now()
+    with dp.scratch() as tmp:
+        jobs = dp.plan_jobs(plan, settings, tmp)
+        if dp.launched_by_torchrun():
+            result = dp.run_torchrun_rank(jobs[0])
+            if result is None:  # ranks other than 0 report nothing
+                return 0
+        else:
+            if not args.json:
+                s = plan.settings
+                console.print(f"[bold]detbench sft[/] {s.model} on {s.device}: {len(jobs)} setup(s), each "
+                              f"{s.repeats} repeats x {s.steps} steps, global batch {s.batch_size}; "
+                              f"{plan.attention[0]} {plan.modes[0]} {s.dtypes[0]} lr={plan.lrs[0]:g}")
+
+            def on_setup(row: dict) -> None:
+                if not args.json:
+                    console.print(f"  {row['reduce']} {row['label']}: run to run "
+                                  f"{'identical' if row['run_to_run_identical'] else 'DIFFERS'}"
+                                  f"{'' if row['label'] == row['vs'] else '; ' + row['verdict']}", highlight=False)
+
+            result = dp.run_setups(jobs, timeout_s=settings.timeout_s * 4 + 60 * plan.settings.steps,
+                                   on_setup=on_setup)
+    status = {"complete": "complete", "interrupted": "interrupted", "failed": "failed"}[result.status]
+    if status == "failed" and not result.setups:
+        raise dp.RankFailed(result.reason)
+    record = make_record(plan, command=sys.argv, started=started,
+                         status="interrupted" if status == "interrupted" else "complete" if status == "complete"
+                         else "failed", configs=[], distributed=dp.record(result, settings, jobs))
+    if args.json:
+        json.dump(to_json(record), sys.stdout, indent=1)
+        print()
+    else:
+        console.print(setups_table(result.setups, plan.steps))
+        if result.cost:
+            console.print(cost_table(result.cost))
+        if status != "complete":
+            console.print(f"[yellow]{status}: {len(result.setups)} of {len(jobs)} setups finished"
+                          f"{': ' + result.reason if result.reason else ''}[/]")
+    path = save(record, out_dir) if out_dir is not None else None
+    if path is not None and not args.json:
+        console.print(f"result: {path}", highlight=False)
+    if status == "failed":
+        return 1
+    return EXIT_INTERRUPTED if status == "interrupted" else 0
