@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from typing import Iterator
 
 import torch
 
 # Read once when the kernels are defined: @triton.jit decides interpreter-or-compiled at definition
 # time, so this is the mode the kernels in this process actually run in.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# True only inside recording_launches(), in the context that opened it: kernels.aot's launch recorder,
+# which turns every kernel launch into a record, calls the wrappers on meta and CPU tensors there.
+_RECORDING: contextvars.ContextVar[bool] = contextvars.ContextVar("kernels_recording_launches", default=False)
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[None]:
+    """Within the block, in this context only, :func:`triton_available` (hence :func:`check_device`)
+    accepts meta and CPU tensors. For a launch recorder that launches nothing (``kernels.aot``); around
+    a real launch it would hand a kernel pointers it cannot read."""
+    token = _RECORDING.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
 
 
 def triton_available(device: torch.device) -> str | None:
@@ -17,6 +36,8 @@ def triton_available(device: torch.device) -> str | None:
         import triton  # noqa: F401  (in here: triton is optional; this probe says whether it is there)
     except ImportError:
         return "package triton not installed (Linux only: pip install triton)"
+    if _RECORDING.get() and device.type in ("meta", "cpu"):
+        return None
     if device.type == "cuda":
         if INTERPRET:
             return "kernels were defined under TRITON_INTERPRET=1 (CPU interpreter); unset it to run on CUDA"
