@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import tempfile
@@ -345,8 +346,21 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+TEST_FAIL_ENV = "DETBENCH_TEST_RANK_FAIL"  # tests only: "RANK:STEP" makes that rank raise at that step
+
+
+def _die_with_parent() -> None:
+    """Linux: this rank gets SIGTERM when the process that started it dies, even by SIGKILL."""
+    try:
+        import ctypes  # noqa: I001  (in here: Linux-only, and only ranks need it)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def rank_main(rank: int, job: Job) -> None:
     """One rank: join the group, train ``job.repeats`` times, and (rank 0) write the result."""
+    _die_with_parent()
     world = job.setup.world
     if job.setup.threads is not None:
         torch.set_num_threads(job.setup.threads)
@@ -396,6 +410,8 @@ def _train(rank: int, world: int, job: Job, device: torch.device) -> dict:
         losses, norms, values, seconds = [], [], [], []
         with apply_mode(job.mode):
             for k in range(job.first_step, last):
+                if os.environ.get(TEST_FAIL_ENV) == f"{rank}:{k}":
+                    raise RuntimeError(f"planted failure on rank {rank} at step {k + 1} ({TEST_FAIL_ENV})")
                 t0 = time.perf_counter()
                 batch = batch_for_step(batches, k).to(device)
                 mine = _micro_batches(batch, world * accum)[rank * accum:(rank + 1) * accum]
@@ -486,9 +502,9 @@ def _spawn(job: Job, timeout_s: float) -> dict:
             if time.monotonic() > deadline:
                 raise RankFailed(f"{job.setup.label()}: the ranks did not finish within {timeout_s:.0f} s")
     except mp.ProcessRaisedException as e:
-        first = str(e).strip().splitlines()
-        raise RankFailed(f"{job.setup.label()}: {first[0] if first else 'a rank raised'}; "
-                         f"{first[-1] if len(first) > 1 else ''}".rstrip("; ")) from None
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise RankFailed(f"{job.setup.label()}: rank {e.error_index} raised "
+                         f"{lines[-1].strip() if lines else 'an exception'}; the other ranks were stopped") from None
     except mp.ProcessExitedException as e:
         raise RankFailed(f"{job.setup.label()}: rank {e.error_index} exited with code {e.exit_code}") from None
     finally:

@@ -102,12 +102,15 @@ def cmd_sft_dp(args, plan: Plan, settings: dp.DPSettings, out_dir) -> int:
 
             result = dp.run_setups(jobs, timeout_s=settings.timeout_s * 4 + 60 * plan.settings.steps,
                                    on_setup=on_setup)
-    status = {"complete": "complete", "interrupted": "interrupted", "failed": "failed"}[result.status]
-    if status == "failed" and not result.setups:
-        raise dp.RankFailed(result.reason)
-    record = make_record(plan, command=sys.argv, started=started,
-                         status="interrupted" if status == "interrupted" else "complete" if status == "complete"
-                         else "failed", configs=[], distributed=dp.record(result, settings, jobs))
+    status = result.status
+    if status == "failed":
+        print(f"detbench sft: {result.reason}", file=sys.stderr)
+        if not result.setups:
+            return 1
+    if status == "interrupted" and not result.setups:
+        raise KeyboardInterrupt  # nothing finished: bench.cli says so, and nothing is written
+    record = make_record(plan, command=sys.argv, started=started, status=status, configs=[],
+                         distributed=dp.record(result, settings, jobs))
     if args.json:
         json.dump(to_json(record), sys.stdout, indent=1)
         print()
