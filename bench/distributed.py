@@ -54,9 +54,9 @@ from torch import nn
 from bench.data import SFTBatch, batch_for_step
 from bench.errors import InputError
 from bench.modes import apply_mode
-from bench.pinpoint import phase
+from bench.pinpoint import compare_runs, phase
 from bench.results import write_json_atomic
-from bench.sft import SFTError, _batches, build, make_optimizer, parse_model, value_bits
+from bench.sft import SFTError, _batches, build, make_optimizer, parse_model, sft_step, value_bits
 
 REDUCTIONS = ("standard", "invariant")
 PARALLEL = ("ddp", "fsdp")
@@ -443,7 +443,7 @@ def _train(rank: int, world: int, job: Job, device: torch.device) -> dict:
             params_out = full
     return {"setup": asdict(job.setup), "reduce": job.reduce, "parallel": job.parallel,
             "first_step": job.first_step, "repeats": repeats, "params": params_out, "grad_bytes": grad_bytes,
-            "rank": {"rank": rank, "loss_bits": [rep["loss_bits"] for rep in repeats],
+            "rank": {"rank": rank, "threads": torch.get_num_threads(), "loss_bits": [rep["loss_bits"] for rep in repeats],
                      "param_fingerprints": repeats[0]["param_fingerprints"]}}
 
 
@@ -609,6 +609,100 @@ def verdict(setup: Setup, ref_setup: Setup, reduce: str, cmp: dict, repeats: int
             f"{cmp['max_abs']:.3g}, max {cmp['max_ulp']} ulp{why}")
 
 
+# ------------------------------------------------------------------------------------------------
+# where two setups part
+# ------------------------------------------------------------------------------------------------
+
+
+def _logits_and_grads(model: nn.Module, batch: SFTBatch, rows: slice, size: int) -> tuple[torch.Tensor, dict]:
+    """Logits and parameter gradients of the sequences ``rows`` computed inside a micro-batch of ``size``
+    sequences starting at ``rows.start`` (the other sequences present but with no scored token)."""
+    sl = slice(rows.start, rows.start + size)
+    labels = batch.labels[sl].clone()
+    labels[rows.stop - rows.start:] = -100
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch.input_ids[sl], attention_mask=batch.attention_mask[sl], labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach()[: rows.stop - rows.start], grads
+
+
+def locate(job: Job, ref_job: Job) -> dict:
+    """At which point ``job`` parts from ``ref_job``, checked in this process on step 1's batch with the
+    initial weights.
+
+    Micro-batches of different sizes: the first micro-batch's sequences computed at both sizes: if
+    their logits differ the difference enters in a rank's forward (a batch-variant op); if only their
+    gradients differ, in its backward; else at the reduction. The same micro-batch size: every
+    micro-batch is the same computation in both setups (and each setup repeats bit for bit), so the
+    difference enters where the gradients are summed (the accumulation into p.grad, the all-reduce).
+    Thread counts: detbench pinpoint's compare_runs on one step under each thread count names the first op.
+    """
+    spec = parse_model(job.model)
+    dtype = getattr(torch, job.dtype)
+    device = torch.device(job.device)
+    batches = _batches(spec.config, data=job.data, n_batches=job.n_batches, steps=job.steps,
+                       batch_size=job.batch_size, seq_len=job.seq_len, data_seed=job.data_seed)
+    batch = batch_for_step(batches, 0).to(device)
+    s, r = job.setup, ref_job.setup
+    if s.resume is not None:
+        return {"where": "resume", "detail": "the resumed run restores parameters, optimizer state, generators and "
+                "the data position; a difference here is a bug in what was saved or restored"}
+    if s.threads != r.threads:
+        return _locate_threads(spec, job, batch, (r.threads, s.threads))
+    m, m_ref = job.batch_size // (s.world * s.accum), ref_job.batch_size // (r.world * r.accum)
+    if m == m_ref:
+        return {"where": "reduction", "detail": f"both setups compute the same micro-batches of {m} sequences (each "
+                f"setup repeats bit for bit), so the difference enters where the gradients are summed: "
+                f"{s.accum} vs {r.accum} accumulated into p.grad in arrival order, all-reduce over {s.world} vs "
+                f"{r.world} ranks"}
+    small, large = sorted((m, m_ref))
+    model = build(spec, attention=job.attention, dtype=dtype, device=device, seed=job.seed)
+    with apply_mode(job.mode):
+        la, ga = _logits_and_grads(model, batch, slice(0, small), small)
+        lb, gb = _logits_and_grads(model, batch, slice(0, small), large)
+    if not same_bits(la, lb):
+        n = int((la.view(-1) != lb.view(-1)).sum())
+        return {"where": "forward", "detail": f"the same {small} sequences give different logits computed in a "
+                f"micro-batch of {small} and of {large} ({n} of {la.numel()} elements): a batch-variant op in the "
+                "forward (detbench run's batch-invariance column names which)"}
+    differ = sorted(name for name in ga if not same_bits(ga[name], gb[name]))
+    if differ:
+        return {"where": "backward", "detail": f"the same {small} sequences give the same logits but different "
+                f"gradients for {len(differ)} of {len(ga)} parameters (first: {differ[0]}) in a micro-batch of "
+                f"{small} and of {large}: a batch-variant op in the backward"}
+    return {"where": "reduction", "detail": f"the same {small} sequences give the same logits and gradients in "
+            f"micro-batches of {small} and {large}; the difference enters where the gradients are summed "
+            "(accumulation into p.grad, all-reduce)"}
+
+
+def _locate_threads(spec, job: Job, batch: SFTBatch, threads: tuple[int | None, int | None]) -> dict:
+    counts = iter(threads)
+    before = torch.get_num_threads()
+    dtype = getattr(torch, job.dtype)
+
+    def setup():
+        n = next(counts)
+        torch.set_num_threads(n if n is not None else before)
+        model = build(spec, attention=job.attention, dtype=dtype, device=torch.device(job.device), seed=job.seed)
+        return model, make_optimizer(model, lr=job.lr, betas=job.betas, weight_decay=job.weight_decay)
+
+    def step(model, opt):
+        return sft_step(model, opt, batch, job.clip)[0]
+
+    try:
+        with apply_mode(job.mode):
+            report = compare_runs(step, setup=setup, runs=2)
+    finally:
+        torch.set_num_threads(before)
+    rc = report.root_cause
+    if rc is None:
+        return {"where": "threads", "detail": "one step traced under each thread count agrees; the difference "
+                "enters in a later step"}
+    return {"where": "threads", "detail": f"first op that differs between {threads[0]} and {threads[1]} threads: "
+            f"{rc['op']} at {rc['module']} ({rc['phase']})", "root_cause": rc}
+
+
 @dataclass
 class DPResult:
     settings: dict
@@ -653,6 +747,8 @@ def run_setups(jobs: list[Job], timeout_s: float, on_setup=None) -> DPResult:
             results[(job.reduce, job.setup)] = res
             ref_job = next(j for j in jobs if j.reduce == job.reduce)
             row = _row(job, res, ref_job, results[(ref_job.reduce, ref_job.setup)])
+            if not row["comparison"]["identical"]:
+                row["where"] = locate(job, ref_job)
             out.setups.append(row)
             if on_setup is not None:
                 on_setup(row)

@@ -168,7 +168,22 @@ def test_accumulation_is_detected_with_the_standard_reduction(tmp_path):
     rows = _rows(rec)
     assert all(r["run_to_run_identical"] for r in rows.values()), out
     for a in (2, 4):
-        assert not rows[("standard", f"world=1 accum={a}")]["comparison"]["identical"], out
+        row = rows[("standard", f"world=1 accum={a}")]
+        assert not row["comparison"]["identical"], out
+        # the first micro-batch's sequences give the same bits at either size here, so it is the sum
+        assert row["where"]["where"] == "reduction", row["where"]
+    assert "where it enters (reduction)" in out
+
+
+@pytest.mark.slow
+def test_thread_count_is_detected_and_pinpointed_to_an_op(tmp_path):
+    rec, out, rc = _sft(tmp_path, "--batch-size", "8", "--steps", "2", "--repeats", "2", "--vary", "threads=1,2")
+    assert rc == 0, out
+    row = _rows(rec)[("standard", "world=1 accum=1 threads=2")]
+    assert [r["threads"] for r in row["ranks"]] == [2]
+    # on this project's 2-core CPU machines one op splits its work by the thread count; pinpoint names it
+    assert not row["comparison"]["identical"], row
+    assert row["where"]["where"] == "threads" and row["where"]["root_cause"]["op"].startswith("aten."), row["where"]
 
 
 @pytest.mark.slow

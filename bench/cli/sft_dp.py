@@ -62,7 +62,12 @@ def setups_table(rows: list[dict], steps: int):
         t.add_row(r["label"], r["reduce"], str(r["micro_batch"]), r2r, fmt_exact(r["losses"][-1]),
                   _bits_cell(r) if r["label"] != r["vs"] else "(reference)", f"{r['median_step_s']:.4f}",
                   f"{r['bytes_per_step_per_rank']:,}")
-    lines = [escape(f"{r['reduce']} {r['label']}: {r['verdict']}") for r in rows if r["label"] != r["vs"]]
+    lines = []
+    for r in rows:
+        if r["label"] != r["vs"]:
+            lines.append(escape(f"{r['reduce']} {r['label']}: {r['verdict']}"))
+            if r.get("where"):
+                lines.append(escape(f"  where it enters ({r['where']['where']}): {r['where']['detail']}"))
     return Group(t, *lines)
 
 
