@@ -862,6 +862,15 @@ def run_torchrun_rank(job: Job) -> DPResult | None:
     return out
 
 
+def _nccl_info() -> dict:
+    """NCCL's version and the algorithm/protocol settings in force (unset: NCCL chooses per call)."""
+    try:
+        version = ".".join(str(v) for v in torch.cuda.nccl.version())
+    except (AttributeError, RuntimeError, TypeError):
+        version = None
+    return {"version": version, **{k: os.environ.get(k) for k in ("NCCL_ALGO", "NCCL_PROTO")}}
+
+
 def record(out: DPResult, dp: DPSettings, jobs: list[Job]) -> dict:
     """What the sft result stores under ``distributed``."""
     return {"settings": {**asdict(dp), "reduce": list(dp.reduce), "vary": list(dp.vary)},
@@ -869,4 +878,5 @@ def record(out: DPResult, dp: DPSettings, jobs: list[Job]) -> dict:
                                   "weighted by its share of them)",
             "launcher": "torchrun" if launched_by_torchrun() else "spawn",
             "backend": "nccl" if jobs and jobs[0].device == "cuda" else "gloo",
+            "nccl": _nccl_info() if jobs and jobs[0].device == "cuda" else None,
             "status": out.status, "reason": out.reason, "setups": out.setups, "cost": out.cost}

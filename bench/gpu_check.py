@@ -54,6 +54,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from bench.results import capture_environment, write_json_atomic, write_text_atomic
 from bench.subjects import SUBJECTS
 from qwen_layers.registry import REGISTRY
@@ -410,6 +412,22 @@ def _kernels_cmd(ctx: Ctx) -> list[str]:
                   *(["--tiny"] if ctx.dry_run else []))
 
 
+def _nccl_cmd(ctx: Ctx) -> list[str] | str:
+    """Data-parallel SFT on every visible GPU with NCCL, standard against invariant reduction (the dry
+    run rehearses it on two gloo ranks)."""
+    if ctx.dry_run:
+        return _bench("sft", "--model", "qwen3-tiny", "--device", "cpu", "--world-size", "2", "--micro-batch", "2",
+                      "--batch-size", "4", "--seq-len", "16", "--steps", "2", "--repeats", "2",
+                      "--reduce", "standard,invariant", "--out", str(ctx.folder), "--summary-only")
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        return f"{gpus} GPU visible; data-parallel NCCL needs at least 2"
+    return _bench("sft", "--model", _sft_model(False), "--device", "cuda", "--world-size", str(gpus),
+                  "--micro-batch", "1", "--batch-size", str(gpus * 2), "--dtype", "bf16", "--lr", "3e-4",
+                  "--steps", str(SFT_STEPS), "--repeats", "2", "--reduce", "standard,invariant",
+                  "--out", str(ctx.folder), "--summary-only")
+
+
 RUN_06B = dict(repeats=10, time_repeats=20, warmup=3)
 RUN_8B = dict(repeats=5, time_repeats=10, warmup=2)
 
@@ -443,6 +461,8 @@ PARTS: dict[int, tuple[str, list[StageSpec]]] = {
                                    2 * (RUN_8B["time_repeats"] + RUN_8B["warmup"]))),
         StageSpec("sft-1e-5", "detbench sft as in part 1 at lr 1e-5", "sft-lr1e-5.json",
                   _sft_cmd("1e-5", "default"), lambda: _est_sft(3, SFT_REPEATS, SFT_STEPS)),
+        StageSpec("sft-nccl", "detbench sft on every visible GPU (NCCL), standard vs invariant reduction; skipped "
+                  "with fewer than 2 GPUs", "sft-nccl.json", _nccl_cmd, lambda: _est_sft(2, 2, SFT_STEPS)),
     ]),
 }
 
@@ -672,6 +692,9 @@ def findings(out: Path) -> list[str]:
         for c in (_load(out / name) or {}).get("configs", []):
             lines.append(f"sft {c['attention']} {c['mode']} {c['dtype']} lr={c['lr']:g}: "
                          f"{c.get('verdict') or c.get('status')}")
+    for r in ((_load(out / "sft-nccl.json") or {}).get("distributed") or {}).get("setups", []):
+        lines.append(f"sft data-parallel {r['reduce']} {r['label']}: run to run "
+                     f"{'identical' if r['run_to_run_identical'] else 'DIFFERS'}; {r['verdict']}")
     pin = _load(out / "pinpoint.json")
     if pin:
         for f in (pin.get("replay") or {}).get("findings", [])[:3]:
