@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+from importlib import metadata
 from typing import Iterator
 
 import torch
@@ -46,9 +47,33 @@ def triton_available(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if INTERPRET:
-            return None
+            return interpreter_conflict(_version("triton"), _version("numpy"))
         return "needs a CUDA device, or TRITON_INTERPRET=1 set before start-up to use the (slow) CPU interpreter"
     return f"no Triton support for device type {device.type!r}"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for p in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit()) if p[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def interpreter_conflict(triton_version: str, numpy_version: str) -> str | None:
+    """Triton's CPU interpreter before 3.7 breaks on numpy 2.4 and later (it converts arrays of one
+    element to scalars, which numpy 2.4 no longer does): the reason, or None."""
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s CPU interpreter breaks on numpy {numpy_version}: "
+                "pip install 'numpy<2.4', or triton >= 3.7")
+    return None
 
 
 def check_device(*tensors: torch.Tensor, op: str) -> None:
