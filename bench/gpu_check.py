@@ -9,8 +9,9 @@ command may run 10 minutes. So the script is split into parts, each meant to fin
                        bf16, lr 3e-4; pinpoint: the op behind the first SFT divergence
     part 2  cost       env; run-0.6b: detbench run on Qwen3-0.6B shapes, bf16, default vs torch-det
                        (the cost of determinism per backend); kernels: detbench kernel-bench
-    part 3  breadth    env; tests-all: every kernel and drop-in test; run-8b: Qwen3-8B shapes;
-                       sft-1e-5: the SFT matrix at lr 1e-5
+    part 3  breadth    env; tests-all: every kernel and drop-in test; run-8b: Qwen3-8B shapes
+    part 4  setups     env; sft-1e-5: part 1's SFT at lr 1e-5; sft-nccl: data-parallel SFT on every
+                       visible GPU with NCCL, standard vs invariant reduction (skipped below 2 GPUs)
 
 Every stage is a subprocess in its own process group with a time limit: its share of the part's
 budget in proportion to its estimate, plus what earlier stages left unused. A stage that runs over
@@ -257,17 +258,22 @@ def _aot_table() -> dict | None:
 
 def _compile_cost(table: dict | None, presets: tuple[str, ...], dtypes: tuple[str, ...],
                   kernels: tuple[str, ...] | None = None) -> tuple[int, float, str]:
-    """(specialisations, seconds per specialisation, where that figure comes from) for the kernels
-    that detbench launches at ``presets``' shapes in ``dtypes`` on one target of the AOT table."""
+    """(specialisations, mean compile seconds of one, where that comes from) for the kernels detbench
+    launches at ``presets``' shapes in ``dtypes`` (all presets and dtypes when empty), on sm_90a (the
+    H200's target) in the AOT table."""
     if table is None:
         return 0, COMPILE_FALLBACK_S, "no AOT table committed"
-    rows = [r for r in table.get("entries", []) if r.get("target") == table.get("targets", ["sm_90a"])[-1]]
-    mean = sum(r.get("compile_s", 0.0) for r in rows) / len(rows) if rows else COMPILE_FALLBACK_S
-    wanted = [r for r in rows
-              if set(r.get("presets", ())) & set(presets)
-              and (not r.get("dtypes") or set(r["dtypes"]) & set(dtypes))
-              and (kernels is None or any(k in r.get("kernel", "") for k in kernels))]
-    return len(wanted), mean, table["_file"]
+    rows = [r for r in table.get("entries", []) if r.get("target") == "sm_90a" and (r.get("result") or {}).get("ok")]
+    if not rows:
+        return 0, COMPILE_FALLBACK_S, f"{table['_file']} has no sm_90a entries"
+    mean = sum(r["result"]["compile_s"] for r in rows) / len(rows)
+
+    def wanted(r: dict) -> bool:
+        sites = [cs.split("/") for cs in r.get("call_sites", [])]
+        return (any((not presets or s[0] in presets) and (not dtypes or s[1] in dtypes) for s in sites)
+                and (kernels is None or any(k in r.get("kernel", "") for k in kernels)))
+
+    return sum(1 for r in rows if wanted(r)), mean, table["_file"]
 
 
 def _backends_per_subject() -> dict[str, int]:
@@ -451,7 +457,7 @@ PARTS: dict[int, tuple[str, list[StageSpec]]] = {
                   "kernel_speed.json", _kernels_cmd, lambda: _est_fixed(KERNEL_BENCH_S, "of timings"),
                   result="kernel_speed.json"),
     ]),
-    3: ("breadth: every kernel and drop-in test, Qwen3-8B shapes, SFT at lr 1e-5", [
+    3: ("breadth: every kernel and drop-in test on CUDA, Qwen3-8B shapes", [
         StageSpec("tests-all", "every kernel and transformers drop-in test on CUDA", "tests-all.xml",
                   lambda c: _pytest(c, [*_kernel_test_files(), "tests/test_hf_dropin.py"], None),
                   lambda: _est_tests(ALL_TEST_CASES, GPU_MACHINE_CORES), result="tests.xml"),
@@ -459,6 +465,8 @@ PARTS: dict[int, tuple[str, list[StageSpec]]] = {
                   "run-qwen3-8b.json", _run_cmd("qwen3-8b", **RUN_8B),
                   lambda: _est_run("qwen3-8b", ("bf16",), 2, RUN_8B["repeats"],
                                    2 * (RUN_8B["time_repeats"] + RUN_8B["warmup"]))),
+    ]),
+    4: ("setups: SFT at lr 1e-5; data-parallel SFT on every visible GPU with NCCL", [
         StageSpec("sft-1e-5", "detbench sft as in part 1 at lr 1e-5", "sft-lr1e-5.json",
                   _sft_cmd("1e-5", "default"), lambda: _est_sft(3, SFT_REPEATS, SFT_STEPS)),
         StageSpec("sft-nccl", "detbench sft on every visible GPU (NCCL), standard vs invariant reduction; skipped "
