@@ -59,15 +59,19 @@ from qwen_layers.model import QwenForCausalLM
 
 try:
     import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+except ImportError:  # no Triton on this platform: main() says so and exits 2
+    triton = None
+try:  # the compile half: Triton's knobs (hooks, listener, scoped settings); recording works without them
     from triton import knobs
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime import driver
     from triton.runtime.cache import triton_key
-    from triton.runtime.jit import JITFunction, KernelInterface
-except ImportError:  # no Triton on this platform: main() says so and exits 2
-    triton = None
+except ImportError:
+    knobs = None
 
 __all__ = [
     "TARGETS", "Target", "Shape", "Launch", "TensorStandIn", "Specialisation", "CompileResult", "Entry",
@@ -139,8 +143,9 @@ class Shape:
 
 
 def _jit_objects(module) -> dict[str, Any]:
+    """The module's own ``@triton.jit`` functions (interpreted ones under TRITON_INTERPRET=1)."""
     return {name: obj for name, obj in vars(module).items()
-            if isinstance(obj, KernelInterface) and getattr(obj.fn, "__module__", None) == module.__name__}
+            if isinstance(obj, (JITFunction, InterpretedFunction)) and obj.fn.__module__ == module.__name__}
 
 
 def discover_kernels() -> dict[str, Any]:
@@ -246,45 +251,50 @@ def call_site(label: str) -> Iterator[None]:
         _SITE.reset(token)
 
 
-def _recording_run(original: Callable) -> Callable:
-    def run(self, *args, grid, warmup, **kwargs):
+def _recording_getitem(original: Callable) -> Callable:
+    def getitem(self, grid):
         sink = _SINK.get()
-        if sink is None or warmup:  # another thread or context, or a compile: the real thing
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        backward = torch._C._current_autograd_node() is not None  # set while the engine runs a backward node
-        sink.append(Launch(kernel_name(self), tuple(_stand_in(a) for a in args),
-                           tuple(sorted((k, _stand_in(v)) for k, v in kwargs.items())),
-                           tuple(grid) if not callable(grid) else ("callable",), _SITE.get(),
-                           "backward" if backward else "forward"))
-        return None
+        if sink is None:  # another thread or context: the real launch
+            return original(self, grid)
 
-    return run
+        def record(*args, **kwargs):
+            backward = torch._C._current_autograd_node() is not None  # set while autograd runs a backward node
+            sink.append(Launch(kernel_name(self), tuple(_stand_in(a) for a in args),
+                               tuple(sorted((k, _stand_in(v)) for k, v in kwargs.items())),
+                               tuple(grid) if not callable(grid) else ("callable",), _SITE.get(),
+                               "backward" if backward else "forward"))
+
+        return record
+
+    return getitem
 
 
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[Launch]]:
-    """Within the block, in this context, every Triton kernel launch is appended to the list yielded
-    instead of running, and the wrappers accept meta and CPU tensors (``_common.recording_launches``).
+    """Within the block, in this context, every Triton kernel launch ``kernel[grid](...)`` is appended to
+    the list yielded instead of running, and the wrappers accept meta and CPU tensors
+    (``_common.recording_launches``).
 
-    ``run`` of the JIT function classes is replaced for the block and restored in ``finally``; the
-    replacement defers to the original outside this context and for ``warmup`` (compile) calls.
+    ``__getitem__`` of the JIT function classes (compiled and interpreted) is replaced for the block and
+    restored in ``finally``; the replacement launches as usual outside this context. Compiles
+    (``kernel.run(..., warmup=True)``) do not go through it.
     """
     launches: list[Launch] = []
     classes = {JITFunction} | {type(k) for k in discover_kernels().values()}
-    saved = {cls: cls.__dict__.get("run") for cls in classes}
+    saved = {cls: cls.__dict__.get("__getitem__") for cls in classes}
     token = _SINK.set(launches)
     try:
         for cls in classes:
-            cls.run = _recording_run(cls.run)
+            cls.__getitem__ = _recording_getitem(cls.__getitem__)
         with _common.recording_launches():
             yield launches
     finally:
         _SINK.reset(token)
         for cls, original in saved.items():
-            if original is None:
-                del cls.run
+            if original is None:  # inherited: remove the shadowing attribute
+                del cls.__getitem__
             else:
-                cls.run = original
+                cls.__getitem__ = original
 
 
 def twin_backends(twin: str) -> dict[str, str]:
@@ -841,11 +851,11 @@ def relocate_cache(cache_dir: Path, *, binary_only: bool = False) -> dict:
             out["rewritten"] += 1
     out["bytes"] = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
     manifest = cache_dir / MANIFEST
-    if manifest.is_file():
+    if manifest.is_file() and knobs is not None:
         recorded = json.loads(manifest.read_text()).get("fingerprint", {})
         out["mismatch"] = fingerprint_mismatch(recorded, cache_fingerprint())
     else:
-        out["mismatch"] = None  # no manifest: nothing to compare
+        out["mismatch"] = None  # no manifest (or a Triton without knobs): nothing to compare
     return out
 
 
@@ -1011,6 +1021,9 @@ def _validate(args) -> dict:
     if _common.INTERPRET:
         raise _BadInput("TRITON_INTERPRET=1 is set: the kernels were defined for the CPU interpreter and cannot "
                         "be compiled; unset it")
+    if knobs is None:
+        raise _BadInput(f"triton {triton.__version__} has no triton.knobs, which compiling ahead of time needs "
+                        f"(tested with triton 3.6 and 3.8)")
     return cfg
 
 
@@ -1028,7 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{Path(args.relocate_cache).resolve()}, {moved['dropped_groups']} dropped, "
               f"{moved['deleted_files']} intermediate files deleted; {moved['bytes'] / 2**20:.1f} MiB")
         if moved["mismatch"] is None:
-            print(f"  no {MANIFEST}: cannot tell whether this Triton and ptxas can hit these entries")
+            print(f"  no {MANIFEST} (or no triton.knobs here): cannot tell whether this Triton and ptxas can hit "
+                  f"these entries")
         elif moved["mismatch"]:
             print("  WARNING: filled under another setup, these lookups will miss: " + "; ".join(moved["mismatch"]))
         else:
