@@ -59,6 +59,7 @@ import torch
 
 from bench.results import capture_environment, write_json_atomic, write_text_atomic
 from bench.subjects import SUBJECTS
+from kernels import aot
 from qwen_layers.registry import REGISTRY
 
 PART_BUDGET_S = 420.0
@@ -531,6 +532,7 @@ class CheckRun:
     stages: list[Stage] = field(default_factory=list)
     env: dict | None = None
     interrupted: bool = False  # stopped by Ctrl-C or SIGTERM; the stage it was in says "interrupted"
+    triton_cache: str | None = None  # a Triton cache folder filled ahead of time (python -m kernels.aot)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -551,6 +553,7 @@ def run_checks(out: Path, run: CheckRun) -> CheckRun:
         with open(out / "gpu_check.log", "w") as log:
             budget = _Budget(run.stages, run.budget_s, log)
             run.env = _env_stage(budget.by_name["env"], "cpu" if run.dry_run else "cuda", log)
+            stage_env = _use_triton_cache(run, budget.by_name["env"], log) if run.triton_cache else None
             for spec in PARTS[run.part][1]:
                 ctx = Ctx(out=out, folder=work / spec.name, dry_run=run.dry_run)
                 ctx.folder.mkdir()
@@ -558,7 +561,7 @@ def run_checks(out: Path, run: CheckRun) -> CheckRun:
                 if isinstance(argv, str):
                     budget.skip(spec.name, argv)
                     continue
-                st = budget.step(spec.name, argv)
+                st = budget.step(spec.name, argv, stage_env)
                 src = ctx.folder / spec.result if spec.result else _newest_json(ctx.folder)
                 _adopt(src, out, spec.output, st)
     except KeyboardInterrupt:
@@ -570,6 +573,20 @@ def run_checks(out: Path, run: CheckRun) -> CheckRun:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return run
+
+
+def _use_triton_cache(run: CheckRun, st: Stage, log) -> dict:
+    """Point the cache's group files at where it is now and hand it to every stage (TRITON_CACHE_DIR).
+    A cache filled by another Triton build (another Python's libtriton, another ptxas) only misses:
+    the note says so, and the stages compile as they would without it."""
+    folder = Path(run.triton_cache).resolve()
+    info = aot.relocate_cache(folder)
+    mismatch = info.get("mismatch")
+    st.note += (f"; Triton cache {folder.name}: {info['groups'] - info['dropped_groups']} kernels, "
+                + (f"built elsewhere ({'; '.join(mismatch)}): expect misses" if mismatch else
+                   "fingerprint matches" if mismatch == [] else "no fingerprint to check"))
+    log.write(f"===== triton cache {folder}: {json.dumps(info)}\n")
+    return {"TRITON_CACHE_DIR": str(folder)}
 
 
 def _env_stage(st: Stage, device: str, log) -> dict:

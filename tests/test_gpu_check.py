@@ -246,3 +246,34 @@ def test_finished_stage_leaves_no_child_behind(tmp_path):
         _run_stage(st, [sys.executable, "-c", _STUBBORN, str(pidfile), "0"], 60, log)
     assert st.status == "ok"
     assert _gone(_pids(pidfile)), "the stage's child outlived it"
+
+
+def _fake_cache(root: Path, moved_from: Path) -> Path:
+    """A Triton cache folder as `kernels.aot --cache-dir` leaves it, then moved: group files still name
+    the old absolute paths."""
+    entry = root / "ABCDEF"
+    entry.mkdir(parents=True)
+    for name in ("_k.json", "_k.cubin"):
+        (entry / name).write_text("{}")
+    children = {n: str(moved_from / "ABCDEF" / n) for n in ("_k.json", "_k.cubin")}
+    (entry / "__grp___k.json").write_text(json.dumps({"child_paths": children}))
+    return root
+
+
+def test_triton_cache_is_relocated_and_handed_to_every_stage(tmp_path):
+    cache = _fake_cache(tmp_path / "here", tmp_path / "elsewhere")
+    run = gpu_check.CheckRun(60.0, True, 1, triton_cache=str(cache))
+    st = Stage("env")
+    with open(tmp_path / "log", "w") as log:
+        env = gpu_check._use_triton_cache(run, st, log)
+    assert env == {"TRITON_CACHE_DIR": str(cache.resolve())}
+    group = json.loads((cache / "ABCDEF" / "__grp___k.json").read_text())["child_paths"]
+    assert group == {n: str(cache.resolve() / "ABCDEF" / n) for n in ("_k.json", "_k.cubin")}
+    assert "Triton cache here: 1 kernels" in st.note
+
+
+def test_a_folder_without_a_triton_cache_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["gpu-check", "--dry-run", "--out", str(tmp_path / "out"), "--triton-cache",
+                     str(tmp_path / "empty")]) == 2
+    assert "no Triton cache there" in capsys.readouterr().err

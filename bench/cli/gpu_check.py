@@ -85,7 +85,10 @@ def cmd_gpu_check(args) -> int:
     stray = [p.name for p in out.iterdir() if p.name not in files(args.part)]
     if stray:
         raise UsageError(f"--out {out} already holds other files ({', '.join(stray[:3])}); give an empty folder")
-    run = CheckRun(float(args.budget), args.dry_run, args.part)
+    if args.triton_cache is not None and not any(Path(args.triton_cache).glob("*/__grp__*.json")):
+        raise UsageError(f"--triton-cache {args.triton_cache}: no Triton cache there; fill one with "
+                         "python -m kernels.aot --targets sm_90a --cache-dir DIR (results/aot/README.md)")
+    run = CheckRun(float(args.budget), args.dry_run, args.part, triton_cache=args.triton_cache)
     print_plan([args.part], args.budget)
     try:
         run_checks(out, run)
@@ -133,4 +136,7 @@ def add_parser(subparsers) -> None:
                    help="print every part's stages with their GPU cost estimates and limits, run nothing; "
                         "exit 1 if a part's estimate exceeds the budget")
     p.add_argument("--dry-run", action="store_true", help="run the part's stages on the CPU with tiny shapes")
+    p.add_argument("--triton-cache", metavar="DIR",
+                   help="a Triton cache filled ahead of time with the GPU's Triton and Python (python -m kernels.aot "
+                        "--cache-dir DIR); relocated, then used by every stage (TRITON_CACHE_DIR)")
     p.set_defaults(func=cmd_gpu_check)
