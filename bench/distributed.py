@@ -775,10 +775,12 @@ def cost_rows(rows: list[dict]) -> list[dict]:
 
 
 def make_jobs(*, setups: Sequence[Setup], reduce: Sequence[str], parallel: str, out: str, **common: Any) -> list[Job]:
-    """One job per reduction x setup, each with its own folder under ``out`` and its own port."""
+    """One job per setup x reduction, each with its own folder under ``out`` and its own port."""
     jobs = []
-    for red in reduce:
-        for i, s in enumerate(setups):
+    # setup-major: the reductions of one setup run back to back, so their step times (the cost
+    # ratio) are measured close together on a shared, noisy machine
+    for i, s in enumerate(setups):
+        for red in reduce:
             folder = Path(out) / f"{red}-{i}"
             folder.mkdir(parents=True, exist_ok=True)
             jobs.append(Job(setup=s, reduce=red, parallel=parallel, port=free_port(), out=str(folder), **common))

@@ -251,3 +251,23 @@ def test_ctrl_c_ends_every_rank_and_saves_what_finished(tmp_path):
     rec = json.loads(sorted(tmp_path.glob("sft-*.json"))[-1].read_text())
     assert rec["status"] == "interrupted" and rec["distributed"]["status"] == "interrupted"
     assert [r["label"] for r in rec["distributed"]["setups"]] == ["world=1 accum=1"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_process_is_a_rank(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    marker = f"detbench-test-{uuid.uuid4().hex}"
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "bench", "sft", *TINY, "--batch-size", "4",
+                           "--steps", "2", "--repeats", "2", "--world-size", "2", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DETBENCH_TEST_MARKER": marker, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(tmp_path.glob("sft-*.json"))
+    assert len(files) == 1  # rank 0 alone writes
+    rec = json.loads(files[0].read_text())
+    assert rec["distributed"]["launcher"] == "torchrun"
+    row = rec["distributed"]["setups"][0]
+    assert row["run_to_run_identical"] and len(row["ranks"]) == 2
+    assert _strays(marker) == []
