@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.compare import mismatch
+from bench.pinpoint.bounds import RISK, miss_sentence, missable_rate
 from bench.pinpoint.fingerprint import Coefficients, fingerprints
 
-RISK = 0.05
 # Full mismatch reports (worst indices, copied to the CPU in float64) only for tensors up to this size.
 MISMATCH_REPORT_MAX_NUMEL = 1 << 22
 
@@ -28,19 +28,18 @@ MISMATCH_REPORT_MAX_NUMEL = 1 << 22
 def missable_fraction(n: int, risk: float = RISK) -> float | None:
     """Largest per-run difference rate that N identical repeats fail to reveal with probability >= risk.
 
-    ``None`` for N < 2 (nothing was compared).
+    ``None`` for N < 2 (nothing was compared). N repeats make N - 1 comparisons with repeat 0
+    (:func:`bench.pinpoint.bounds.missable_rate`, the model replay and trace-compare share).
     """
     if n < 2:
         return None
-    return 1.0 - risk ** (1.0 / (n - 1))
+    return missable_rate(n - 1, risk)
 
 
 def bound_sentence(n: int, risk: float = RISK) -> str:
-    p = missable_fraction(n, risk)
-    if p is None:
+    if n < 2:
         return f"N={n}: a single run cannot show run-to-run differences"
-    return (f"N={n}: a difference occurring in fewer than {p:.0%} of runs could be missed "
-            f"with {risk:.0%} probability")
+    return f"N={n}: {miss_sentence(n - 1, 'runs', risk)}"
 
 
 # ------------------------------------------------------------------------------------------------
