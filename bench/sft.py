@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import math
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -223,33 +224,125 @@ def _ops_used(module: nn.Module) -> set[str]:
     return used
 
 
+def _plant_target(model: nn.Module, p: Plant, device: torch.device) -> nn.Module:
+    """The module ``p`` names, after checking its op and backend."""
+    if p.op not in OPS:
+        raise SFTError(f"--plant {p}: unknown op {p.op!r}; ops are: {', '.join(OPS)}")
+    try:
+        REGISTRY.resolve(p.op, p.backend, device)
+    except BackendError as e:
+        raise SFTError(f"--plant {p}: {e}") from None
+    try:
+        return model.get_submodule(p.path)
+    except AttributeError:
+        raise SFTError(f"--plant {p}: the model has no module {p.path!r}; module paths look like "
+                       f"model.layers.0.mlp.down_proj (see print(model))") from None
+
+
 def apply_plants(model: nn.Module, plants: Iterable[Plant], device: torch.device) -> None:
     """Route each plant's op below its module path to its backend.
 
+    detbench models: the op's backend choice of every routed module below the path. transformers models
+    (``hf:``): the ``forward`` of every module below the path that runs the op is replaced, on the instance,
+    by one that calls the registry backend (:data:`HF_PLANTABLE`; :func:`remove_plants` undoes it).
     Planted backends (``planted-*``) must be in the registry: run inside :func:`bench.planted.planted_registered`.
     """
     plants = list(plants)
     if not plants:
         return
     if not isinstance(model, Routed):
-        raise SFTError("--plant needs a detbench model (its ops resolve through the registry); transformers "
-                       "models (hf:...) cannot be planted")
+        _plant_transformers(model, plants, device)
+        return
     for p in plants:
-        if p.op not in OPS:
-            raise SFTError(f"--plant {p}: unknown op {p.op!r}; ops are: {', '.join(OPS)}")
-        try:
-            REGISTRY.resolve(p.op, p.backend, device)
-        except BackendError as e:
-            raise SFTError(f"--plant {p}: {e}") from None
-        try:
-            target = model.get_submodule(p.path)
-        except AttributeError:
-            raise SFTError(f"--plant {p}: the model has no module {p.path!r}; module paths look like "
-                           f"model.layers.0.mlp.down_proj (see print(model))") from None
+        target = _plant_target(model, p, device)
         if p.op not in _ops_used(target):
             raise SFTError(f"--plant {p}: module {p.path!r} ({type(target).__name__}) does not run op {p.op!r}; "
                            f"it runs: {', '.join(sorted(_ops_used(target))) or 'no routed op'}")
         set_backends(target, {p.op: p.backend})
+
+
+# --plant on transformers models. Their modules do not call detbench's registry, so a plant replaces the
+# forward of each module that runs the op (on the instance; the class is untouched) by one that calls the
+# registry backend with the module's own weights, computing what transformers' forward computes.
+HF_PLANTABLE = {
+    "linear": "nn.Linear modules",
+    "rmsnorm": "RMSNorm modules (a weight and variance_epsilon, as Qwen2RMSNorm / Qwen3RMSNorm)",
+    "swiglu": "MLP modules (gate_proj, up_proj, down_proj and a SiLU act_fn, as Qwen2MLP / Qwen3MLP)",
+}
+_HF_REFUSED = {
+    "attention": "transformers picks one attention implementation for every layer: choose it with --attention "
+                 "(detbench-<backend> routes every layer through that registry backend)",
+    "loss": "transformers computes the loss in the model's loss_function; plant the loss in detbench's model "
+            "(drop the 'hf:' prefix of --model)",
+}
+
+
+def _planted_linear(self, x):
+    return REGISTRY.resolve("linear", self._detbench_plant, x.device)(x, self.weight, self.bias)
+
+
+def _planted_rmsnorm(self, hidden_states):
+    return REGISTRY.resolve("rmsnorm", self._detbench_plant, hidden_states.device)(
+        hidden_states, self.weight, self.variance_epsilon)
+
+
+def _planted_swiglu(self, x):
+    fn = REGISTRY.resolve("swiglu", self._detbench_plant, x.device)
+    return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
+
+
+def _hf_runs(module: nn.Module, op: str) -> bool:
+    """Whether transformers' ``module`` itself computes ``op`` in a way a planted forward reproduces."""
+    if op == "linear":
+        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    if op == "rmsnorm":
+        return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+                and isinstance(getattr(module, "weight", None), torch.Tensor))
+    if op == "swiglu":
+        return (all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+                and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
+    return False
+
+
+_PLANTED_FORWARD = {"linear": _planted_linear, "rmsnorm": _planted_rmsnorm, "swiglu": _planted_swiglu}
+
+
+def _plant_transformers(model: nn.Module, plants: list[Plant], device: torch.device) -> None:
+    """apply_plants for a transformers model: everything is checked before anything changes."""
+    targets: list[tuple[nn.Module, Plant]] = []
+    for p in plants:
+        root = _plant_target(model, p, device)
+        if p.op in _HF_REFUSED:
+            raise SFTError(f"--plant {p}: {p.op} cannot be planted into a transformers model: {_HF_REFUSED[p.op]}")
+        if p.op not in HF_PLANTABLE:
+            raise SFTError(f"--plant {p}: {p.op} cannot be planted into a transformers model; what can: "
+                           + "; ".join(f"{op} in {what}" for op, what in HF_PLANTABLE.items()))
+        found = [(name, m) for name, m in root.named_modules() if _hf_runs(m, p.op)]
+        if not found:
+            raise SFTError(f"--plant {p}: module {p.path or '<root>'!r} ({type(root).__name__}) has no "
+                           f"{HF_PLANTABLE[p.op]} below it, so it does not run {p.op}")
+        for name, m in found:
+            if "forward" in m.__dict__:
+                where = ".".join(x for x in (p.path, name) if x) or "<root>"
+                raise SFTError(f"--plant {p}: {where} ({type(m).__name__}) already has a forward of its own "
+                               f"(planted twice, or patched by another library); plant each module once")
+            targets.append((m, p))
+    undo = model.__dict__.setdefault("_detbench_plants", [])
+    for m, p in targets:
+        m._detbench_plant = p.backend
+        m.forward = types.MethodType(_PLANTED_FORWARD[p.op], m)  # bound to m: a deep copy stays with its copy
+        undo.append(m)
+
+
+def remove_plants(model: nn.Module) -> int:
+    """Undo :func:`apply_plants` on a transformers model: every planted module gets its class's forward back.
+    Returns how many modules were restored (0 for a model without plants, and for detbench models, whose
+    plants are backend choices: :func:`qwen_layers.model.set_backends` sets them back)."""
+    planted = model.__dict__.pop("_detbench_plants", [])
+    for m in planted:
+        m.__dict__.pop("forward", None)
+        m.__dict__.pop("_detbench_plant", None)
+    return len(planted)
 
 
 def _hf_classes(config: QwenConfig):
@@ -260,6 +353,17 @@ def _hf_classes(config: QwenConfig):
     from transformers import Qwen2Config, Qwen2ForCausalLM  # in here: transformers is optional
 
     return Qwen2Config, Qwen2ForCausalLM
+
+
+def _hf_model_class(config: QwenConfig, attn: str):
+    """(transformers causal-LM class, its config) for a detbench config."""
+    config_cls, model_cls = _hf_classes(config)
+    d = config.to_hf_dict()
+    d.pop("model_type")
+    d.pop("architectures")
+    hf_config = config_cls(**d)
+    hf_config._attn_implementation = attn
+    return model_cls, hf_config
 
 
 def _detbench_backend(name: str) -> str | None:
@@ -317,21 +421,15 @@ def build(
                 raise SFTError(f"--model {spec.text!r}: {e}") from None
         apply_plants(model, plants, device)
         return model.train()
-    if plants:
-        apply_plants(nn.Module(), plants, device)  # raises the "cannot plant transformers models" error
     attn = _hf_attn_name(attention)
     if spec.preset is not None:
-        config_cls, model_cls = _hf_classes(spec.config)
-        d = spec.config.to_hf_dict()
-        d.pop("model_type")
-        d.pop("architectures")
-        hf_config = config_cls(**d)
-        hf_config._attn_implementation = attn
+        model_cls, hf_config = _hf_model_class(spec.config, attn)
         with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global generator
             model = model_cls(hf_config)
         seeded = build_model(spec.config, seed=seed)
         model.load_state_dict(seeded.state_dict())
         model = _keep_inv_freq_fp32(model, dtype).to(device)
+        apply_plants(model, plants, device)
         return model.train()
     from transformers import AutoModelForCausalLM  # in here: transformers is optional
 
@@ -344,7 +442,9 @@ def build(
                                                          local_files_only=True)
     except (OSError, ValueError) as e:
         raise SFTError(f"--model {spec.text!r}: transformers cannot load it: {str(e).splitlines()[0]}") from None
-    return model.to(device).train()
+    model = model.to(device)
+    apply_plants(model, plants, device)
+    return model.train()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -747,9 +847,12 @@ def _check_plants(spec: ModelSpec, plants: list[Plant], device: torch.device) ->
     if not plants:
         return
     if spec.transformers:
-        apply_plants(nn.Module(), plants, device)
-    with torch.device("meta"):
-        skeleton = QwenForCausalLM(spec.config)
+        model_cls, hf_config = _hf_model_class(spec.config, "eager")
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            skeleton = model_cls(hf_config)
+    else:
+        with torch.device("meta"):
+            skeleton = QwenForCausalLM(spec.config)
     with planted_registered():
         apply_plants(skeleton, plants, device)
 

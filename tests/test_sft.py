@@ -249,6 +249,56 @@ def test_sft_sees_planted_divergence(tmp_path, monkeypatch, place):
     assert "planted" in plan.settings.plants[0]
 
 
+@pytest.mark.parametrize("place", [pytest.param("linear-fwd", marks=pytest.mark.slow), "rmsnorm-dw"])
+def test_sft_sees_divergence_planted_into_a_transformers_model(tmp_path, monkeypatch, place):
+    """--plant on hf: models: the planted module's forward calls the registry backend (a negative control for
+    a user's transformers step as much as for detbench's model)."""
+    pytest.importorskip("transformers")
+    plant, _, (bs, length, prompt, steps) = PLACES[place]
+    path = token_file(tmp_path / "t.jsonl", n_seqs=bs * steps, length=length, prompt=prompt)
+    plan = sft.make_plan(model="hf:qwen3-tiny", data=str(path), batch_size=bs, steps=steps, repeats=2, lrs="1e-3",
+                         plants=[plant])
+    spy = OrderSpy()
+    with spy.installed():
+        res, _, finals = run_watching_parameters(plan, monkeypatch)
+    miss = spy.miss_probability(spy.calls[:steps])  # repeat 0: the repeats agree only if every call agreed
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    assert plan.settings.model_kind == "transformers" and res.identical is False, res.verdict
+    measured = [(res.loss_bits[r], res.grad_norm_bits[r], res.grad_digests[r]) for r in (0, 1)]
+    assert measured[0] != measured[1] or differing_parameters(finals[0], finals[1])
+
+
+def test_plants_of_eager_backends_into_a_transformers_model_change_no_bit_and_come_off():
+    """Planting the eager backends computes what transformers' forwards compute, bit for bit (so a planted
+    difference is the backend's, not the plant's); remove_plants gives every module its class's forward back;
+    a deep copy of a planted model runs with its own weights."""
+    pytest.importorskip("transformers")
+    import copy
+
+    spec = sft.parse_model("hf:qwen3-tiny")
+    (batch,) = synthetic_batches(256, n_batches=1, batch_size=2, seq_len=16, seed=0)
+    plants = [sft.parse_plant(p) for p in ("model=linear/eager", "model.layers=rmsnorm/eager",
+                                           "model.layers.1=swiglu/eager")]
+
+    def step(model):
+        loss, norm = sft.sft_step(model, sft.make_optimizer(model, lr=1e-3), batch)
+        return [bits(loss), bits(norm)] + [bits(p.detach()) for p in model.parameters()]
+
+    plain = step(sft.build(spec, attention="eager", dtype=torch.float32, device="cpu"))
+    model = sft.build(spec, attention="eager", dtype=torch.float32, device="cpu", plants=plants)
+    planted = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(planted) == 14 + 8 + 1  # Linears under model (not lm_head); the layers' 4 RMSNorms x 2; one MLP
+    twin = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(step(model), plain))
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    assert twin.model.layers[1].mlp.forward.__self__ is twin.model.layers[1].mlp
+    assert not all(torch.equal(a, b) for a, b in zip(step(twin), plain))
+    assert sft.remove_plants(model) == len(planted) and not any("forward" in m.__dict__ for m in model.modules())
+    assert sft.remove_plants(model) == 0
+
+
 def test_cli_sft_prints_the_divergence(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     path = token_file(tmp_path / "t.jsonl", n_seqs=12, length=16, prompt=4)
@@ -305,8 +355,16 @@ BAD_INPUTS = [
     ("plant-op-not-run-there", ["--plant", "model.layers.0.mlp=attention/planted-nondet-bwd"],
      "does not run op 'attention'"),
     ("plant-unknown-backend", ["--plant", "model.layers.0.mlp=linear/nope"], "unknown backend 'nope'"),
-    ("plant-into-hf-model", ["--model", "hf:qwen3-tiny", "--plant", "model.norm=rmsnorm/planted-nondet-dw"],
-     "cannot be planted"),
+    ("plant-attention-into-hf-model", ["--model", "hf:qwen3-tiny", "--plant",
+                                       "model.layers.0.self_attn=attention/planted-nondet-bwd"],
+     "attention cannot be planted into a transformers model: transformers picks one attention implementation"),
+    ("plant-embedding-into-hf-model", ["--model", "hf:qwen3-tiny", "--plant", "model.embed_tokens=embedding/eager"],
+     "embedding cannot be planted into a transformers model; what can: linear in nn.Linear modules"),
+    ("plant-hf-op-not-run-there", ["--model", "hf:qwen3-tiny", "--plant",
+                                   "model.layers.0.self_attn.q_norm=linear/planted-nondet"],
+     "(Qwen3RMSNorm) has no nn.Linear modules below it"),
+    ("plant-hf-unknown-module", ["--model", "hf:qwen3-tiny", "--plant", "model.layers.7=linear/planted-nondet"],
+     "has no module 'model.layers.7'"),
     ("hf-attention-not-implemented", ["--model", "hf:qwen3-tiny", "--attention", "sdpa-math"],
      "not an attn_implementation"),
     ("betas-one-number", ["--betas", "0.9"], "two numbers"),
