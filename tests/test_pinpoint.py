@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import types
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import qwen_layers.registry as reg
 from bench import cli, pinpoint, sft
 from bench.compare import bits
 from bench.data import batch_for_step, read_token_file
+from bench.pinpoint.bounds import percent
 from bench.pinpoint.fingerprint import Fingerprints
 from bench.pinpoint.locate import _PHASE
 from bench.planted import planted_registered
@@ -159,6 +161,26 @@ def test_no_false_positives_on_the_unplanted_model(tmp_path):
     assert cmp.identical, str(cmp)
     assert len(set(cmp.events)) == 1 and cmp.events[0] > 1000
     assert cmp.root_cause is None
+    _assert_bound_stated(report, 1, job.steps)
+    _assert_bound_stated(cmp, 3, job.steps)
+    assert "fingerprints of differing tensors collide with probability" in str(cmp) and "2^-33" in str(cmp)
+
+
+def _assert_bound_stated(report, per_call: int, steps: int) -> None:
+    """A clean report says what it rests on: k (compared calls) per op class, and for the rarest class the
+    difference rate that could be missed with 5% probability, (1-p)^(k x per_call) = 0.05."""
+    calls = report.calls_compared if per_call == 1 else report.calls_per_run
+    assert calls["registry"]["loss/eager"] == steps  # one loss per SFT step
+    k = min(n for ops in calls.values() for n in ops.values())
+    b = report.bound
+    assert b["rarest"]["calls"] == k and b["rarest"]["comparisons"] == k * per_call
+    assert b["missable_rate"] == pytest.approx(1 - 0.05 ** (1 / (k * per_call)))
+    text = str(report)
+    n = f"{k} call(s)" + (f" x {per_call} = {k * per_call} comparisons" if per_call > 1 else "")
+    assert (f"the rarest op class, {b['rarest']['op']}, k = {n}: a difference occurring in fewer than "
+            f"{percent(b['missable_rate'])} of its calls could be missed with 5% probability") in text, text
+    assert f"loss/eager {steps}" in text
+    assert json.loads(report.to_json())["bound"]["rarest"] == b["rarest"]
 
 
 def test_no_false_positives_replaying_every_op_in_exact_mode(tmp_path):
@@ -443,10 +465,16 @@ def test_phase_context_restores():
     assert _PHASE.get() is None
 
 
-def test_pinpoint_cli_on_a_harness_subject(capsys):
+def test_pinpoint_cli_on_a_harness_subject(capsys, monkeypatch):
     assert cli.main(["pinpoint", "--subject", "rmsnorm", "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["replay"]["clean"] and out["compare"]["identical"]
+    assert out["replay"]["bound"]["rarest"]["calls"] >= 1 and out["compare"]["bound"]["comparisons_per_call"] == 1
+    monkeypatch.setenv("COLUMNS", "400")
+    assert cli.main(["pinpoint", "--subject", "rmsnorm", "--device", "cpu", "--units", "modules"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("bound: the rarest op class") == 2 and text.count("could be missed with 5% probability") == 2
+    assert "calls compared per op class" in text and "calls per run per op class" in text and "2^-33" in text
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -454,6 +482,7 @@ def test_pinpoint_cli_on_a_harness_subject(capsys):
     (["--runs", "1"], "--runs"),
     (["--steps", "0"], "--steps"),
     (["--dtype", "fp32,bf16"], "one value"),
+    (["--units", "all"], "--units 'all': choose one of ops, leaves, modules"),
     (["--plant", "model.layers.9.mlp=linear/planted-nondet"], "no module"),
     (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is out of range"),
     (["--data-seed", str(2 ** 64)], f"--data-seed {2 ** 64} is out of range"),
@@ -619,3 +648,268 @@ def test_reports_serialise_when_fn_returns_a_loss_that_requires_grad(method):
 def test_compare_runs_setup_must_return_a_tuple_of_arguments(returned):
     with pytest.raises(TypeError, match=r"setup must return a tuple of the arguments for fn .*got "):
         pinpoint.compare_runs(lambda *a: None, runs=2, setup=lambda: returned)
+
+
+# ------------------------------------------------------------------------------------------------
+# module units: nondeterminism written in Python inside a user's own module
+# ------------------------------------------------------------------------------------------------
+
+
+def shuffled_forward(self, x):
+    """A Linear forward as a user might write it: x @ W.T summed over 4 K-chunks in an order drawn from the
+    OS on every call (seeding torch does not tame it). Every mm and add in it is deterministic on its own.
+    The partial products are kept in ``self.spy`` (an OrderSpy) for the miss probability."""
+    parts = [x[..., s] @ self.weight[:, s].T for s in torch.arange(self.in_features).chunk(4)]
+    self.spy.calls.append([p.detach().clone() for p in parts])
+    order = list(range(len(parts)))
+    _sysrand.shuffle(order)
+    total = parts[order[0]]
+    for i in order[1:]:
+        total = total + parts[i]
+    return total if self.bias is None else total + self.bias
+
+
+def _shuffle(module: nn.Linear) -> OrderSpy:
+    module.spy = OrderSpy()
+    module.forward = types.MethodType(shuffled_forward, module)
+    return module.spy
+
+
+@pytest.mark.slow
+def test_replay_names_python_random_order_in_a_transformers_module_by_its_path(tmp_path):
+    """The issue's case, as a new user would meet it: transformers' Qwen2 model whose down_proj.forward sums
+    K-chunks in an OS-random order. Replay with module units (the default) names the module; replaying ops
+    and registry calls only (units="ops") sees every op agree with itself."""
+    job = PlantedSFT(tmp_path, None, (2, 16, 4, 6), model="hf:qwen2.5-tiny")
+    model, opt = job.setup()
+    spy = _shuffle(model.model.layers[1].mlp.down_proj)
+    report = pinpoint.replay(job.run, model, opt)
+    miss = spy.miss_probability()
+    assert len(spy.calls) == 2 * job.steps  # each forward call and its replay
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    found = [(f.level, f.op, f.module, f.phase) for f in report.findings]
+    assert found == [("module", "Linear", "model.layers.1.mlp.down_proj", "forward")], str(report)
+    f = report.findings[0]
+    assert f.n_diff > 0 and f.max_ulp > 0 and "order in which Python combined them changed" in f.note
+    assert not report.errors and not report.not_replayable
+
+    model, opt = job.setup()
+    _shuffle(model.model.layers[1].mlp.down_proj)
+
+    def two_steps(m, o):  # enough to show it: no op disagrees with itself in any step
+        return [sft.sft_step(m, o, batch_for_step(job.batches, k))[0] for k in range(2)]
+
+    without = pinpoint.replay(two_steps, model, opt, units="ops")
+    assert without.clean and without.module_units_replayed == 0, str(without)
+
+
+class ShuffledLinear(nn.Linear):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.spy = OrderSpy()
+
+    forward = shuffled_forward
+
+
+def test_replay_names_a_random_order_leaf_module_of_a_plain_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), ShuffledLinear(32, 16))
+    x = torch.randn(6, 16)
+
+    def steps():
+        for _ in range(6):
+            net(x).square().mean().backward()
+
+    report = pinpoint.replay(steps, roots={"net": net})
+    miss = net[2].spy.miss_probability()
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    assert [(f.level, f.op, f.module, f.phase) for f in report.findings] == [
+        ("module", "ShuffledLinear", "net.2", "forward")], str(report)
+    assert 1 <= report.findings[0].count <= 6  # the calls whose two orders gave other bits (each: 11/12)
+    assert report.calls_compared["module"] == {"Linear": 6, "ReLU": 6, "ShuffledLinear": 6}
+    assert pinpoint.replay(steps, roots={"net": net}, units="ops").clean  # every op agrees with itself
+
+
+class Mixture(nn.Module):
+    """A non-leaf module whose own code sums its submodules' outputs in an OS-random order; ``shared``
+    is called twice per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.shared = nn.Linear(16, 16)
+        self.spy = OrderSpy()
+
+    def forward(self, x):
+        parts = [e(x) for e in self.experts] + [self.shared(x), self.shared(2 * x)]
+        self.spy.calls.append([p.detach().clone() for p in parts])
+        _sysrand.shuffle(parts)
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
+
+
+def test_units_modules_names_a_random_order_in_a_parent_modules_own_code():
+    """units="modules" replays every module; a module's replay reruns only its own code (the Linears answer
+    with their first run's outputs: each ran once per call, hooks included), and names the parent. Leaf units
+    cannot see it: each Linear agrees with itself."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Mixture(), nn.Tanh())
+    x = torch.randn(4, 16)
+    ran = []
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: ran.append(mod))
+
+    def steps():
+        for _ in range(4):
+            net(x).sum().backward()
+
+    assert pinpoint.replay(steps, roots={"net": net}).clean  # leaves: the Linears and Tanh agree
+    ran.clear()
+    net[0].spy.calls.clear()
+    report = pinpoint.replay(steps, roots={"net": net}, units="modules")
+    miss = net[0].spy.miss_probability()
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    assert [(f.level, f.op, f.module) for f in report.findings] == [("module", "Mixture", "net.0")], str(report)
+    assert "order in which Python combined them changed" in report.findings[0].note
+    assert len(ran) == 4 * 5  # the submodules' forwards did not run again in the parent's replay
+    assert report.calls_compared["module"]["Sequential"] == 4 and not report.errors
+
+
+class Stateful(nn.Module):
+    """Buffers written in forward (BatchNorm's running statistics), an in-place op on its input, dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x))
+        return self.drop(nn.functional.relu_(h)).sum(-1)
+
+
+@pytest.mark.parametrize("units", ["leaves", "modules"])
+def test_module_replays_leave_results_buffers_and_generator_state_as_a_plain_run(units):
+    torch.manual_seed(0)
+    plain, replayed = Stateful(), Stateful()
+    replayed.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 8)
+
+    def step(net):
+        net(x).square().mean().backward()
+        return net(x)
+
+    torch.manual_seed(5)
+    want = step(plain)
+    want_rng = torch.get_rng_state()
+    torch.manual_seed(5)
+    report = pinpoint.replay(step, replayed, units=units)
+    assert report.clean and report.module_units_replayed >= 6, str(report)
+    assert torch.equal(bits(report.value), bits(want)) and torch.equal(torch.get_rng_state(), want_rng)
+    for (name, a), b in zip(plain.state_dict().items(), replayed.state_dict().values()):
+        assert torch.equal(bits(a), bits(b)), name  # running statistics updated once per call, not twice
+    for a, b in zip(plain.parameters(), replayed.parameters()):
+        assert torch.equal(bits(a.grad), bits(b.grad))
+
+
+class Counting(nn.Module):
+    """Rebinds an attribute in forward, and runs the noisy aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return noisy_sum(x * 2)
+
+
+class WritesWeight(nn.Linear):
+    def forward(self, x):
+        self.weight.data.mul_(1.0)
+        return noisy_sum(super().forward(x))
+
+
+class Cache:
+    def __init__(self) -> None:
+        self.items: list = []
+
+
+class TakesCache(nn.Module):
+    def forward(self, x, cache):
+        cache.items.append(x) if isinstance(cache, Cache) else cache.append(x)
+        return noisy_sum(x)
+
+
+_NOT_REPLAYABLE = {
+    "attribute": (Counting, lambda m, x: m(x), "it sets attribute(s) calls in forward"),
+    "parameter": (lambda: WritesWeight(8, 8), lambda m, x: m(x), "it writes its parameter(s) weight in place"),
+    "positional": (TakesCache, lambda m, x: m(x, Cache()), "it takes a Cache argument"),
+    "keyword": (TakesCache, lambda m, x: m(x, cache=Cache()), "its keyword argument cache is a Cache"),
+    "keyword-list": (TakesCache, lambda m, x: m(x, cache=[]), "its keyword argument cache is a list, which its "
+                                                              "forward may have changed"),
+}
+
+
+@pytest.mark.parametrize("case", list(_NOT_REPLAYABLE))
+def test_a_module_that_cannot_be_replayed_is_named_and_its_ops_are_still_replayed(case):
+    """Not skipped silently: the report says which module and why, and the nondeterministic aten op inside it
+    is still found (its ops are replayed one by one, after the fact when the reason shows only then)."""
+    make, call, reason = _NOT_REPLAYABLE[case]
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(3, 8)
+    report = pinpoint.replay(lambda: [call(m, x) for _ in range(2)], roots={"m": m}, units="modules")
+    (entry,) = report.not_replayable
+    assert entry["module"] == "m" and entry["calls"] == 2 and reason in entry["reason"], entry
+    assert entry["ops_not_compared"] == 0
+    assert [(f.level, f.op, f.module) for f in report.findings] == [
+        ("aten", "detbench_test.noisy_sum.default", "m")], str(report)
+    assert report.findings[0].count == 2  # both calls (each agrees with itself with probability 2^-22)
+    assert reason in str(report) and not report.errors
+
+
+def test_replay_units_must_be_known():
+    with pytest.raises(ValueError, match="units must be one of ops, leaves, modules; got 'all'"):
+        pinpoint.replay(lambda: None, units="all")
+
+
+@pytest.mark.slow
+def test_replay_names_an_op_planted_into_a_transformers_model(tmp_path, planted_registry):
+    """--plant on an hf: model: the planted registry call is named at the module path, at registry level
+    (inside the Linear's module unit, whose replay gets the call's recorded output back)."""
+    job = PlantedSFT(tmp_path, "model.layers.1.mlp.down_proj=linear/planted-nondet", (2, 16, 4, 6),
+                     model="hf:qwen3-tiny")
+    spy = OrderSpy()
+    with spy.installed():
+        report = pinpoint.replay(job.run, *job.setup())
+    miss = spy.miss_probability()
+    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    assert [(f.level, f.op, f.module, f.phase) for f in report.findings] == [
+        ("registry", "linear/planted-nondet", "model.layers.1.mlp.down_proj", "forward")], str(report)
+
+
+class Raises(nn.Module):
+    def forward(self, x):
+        raise ValueError("refused")
+
+
+def test_a_forward_that_raises_closes_its_module_call(recwarn):
+    """torch calls the global always-call hook without kwargs when a forward raises: the module's call is
+    closed all the same (its path no longer labels the ops after it; its unit is dropped), with no warning."""
+    net = nn.ModuleDict({"bad": Raises(), "good": nn.Linear(4, 4)})
+    x = torch.randn(2, 4)
+
+    def fn():
+        with pytest.raises(ValueError, match="refused"):
+            net["bad"](x)
+        return noisy_sum(net["good"](x))  # run at the root
+
+    for units in ("leaves", "modules"):
+        report = pinpoint.replay(fn, roots={"net": net}, units=units)
+        assert [(f.op, f.module) for f in report.findings] == [("detbench_test.noisy_sum.default", "")], str(report)
+    assert not [w for w in recwarn if "always_call" in str(w.message)]

@@ -16,6 +16,7 @@ from bench.data import batch_for_step, on_device
 from bench.dtypes import parse_dtype, torch_name
 from bench.modes import MODES, apply_mode
 from bench.pinpoint import CompareReport, ReplayReport, compare_runs, replay
+from bench.pinpoint.units import UNITS
 from bench.planted import planted_registered
 from bench.results import (
     capture_environment,
@@ -48,8 +49,11 @@ def replay_table(report: ReplayReport) -> Group:
         if not report.comparable:
             parts.append(f"[yellow]{escape(report.summary())}[/]")
     parts += [f"[yellow]{escape(e)}[/]" for e in report.errors]
+    parts += [escape(line) for line in report.not_replayable_lines()]
     if report.skipped:
         parts.append(escape(report.skipped_line()))
+    if report.clean:
+        parts += [escape(line) for line in report.bound_lines()]
     return Group(*parts)
 
 
@@ -57,6 +61,8 @@ def compare_tables(report: CompareReport) -> Group:
     """A trace-compare report as rich tables: per differing pair of runs, its findings, then its notes."""
     style = "green" if report.identical else "yellow" if report.bitwise_equal else "red"
     parts = [f"[{style}]{escape(report.summary())}[/]"]
+    if report.identical:
+        parts += [escape(line) for line in report.bound_lines()]
     for p in report.pairs:
         if p.identical:
             continue
@@ -78,7 +84,11 @@ def add_parser(sub) -> None:
         "pinpoint", help="name the op that makes runs differ (replay and trace-compare)",
         description="Pinpoint run-to-run nondeterminism: replay every op on the spot and compare (one run), and "
                     "trace two or more runs and compare them op by op (root cause, first module, spread). "
-                    "The subject is one or more SFT steps (default) or a harness subject of detbench run.")
+                    "The subject is one or more SFT steps (default) or a harness subject of detbench run. "
+                    "A clean report says what it rests on: k, the calls of each op class compared, and for the "
+                    "rarest class how rare a fault could be and still be missed with 5% probability "
+                    "((1-p)^k; trace-compare: k x (runs - 1) comparisons), plus the fingerprints' collision "
+                    "bound. More steps (--steps) or runs (--runs) tighten it.")
     add_common_model_args(p)
     p.add_argument("--subject", default="sft",
                    help="sft (SFT steps of --model, default) or a harness subject: rmsnorm, attention, "
@@ -89,6 +99,14 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", "-k", type=int, default=1, help="SFT steps per run (default 1)")
     p.add_argument("--exact", action="store_true", help="compare full copies instead of fingerprints (memory!)")
     p.add_argument("--all-ops", action="store_true", help="replay order-free (pointwise, copy) ops too")
+    p.add_argument("--units", default="leaves", metavar="{" + ",".join(UNITS) + "}",
+                   help="which module forwards replay also runs twice as a whole, to catch nondeterminism in a "
+                        "module's own Python code: leaves (default: leaf modules such as nn.Linear, an RMSNorm, your own leaf "
+                        "module; detbench's routed modules are covered by their registry calls), modules (every "
+                        "module; each replay reruns only the module's own code, its submodules answer with their "
+                        "recorded outputs), ops (none; only registry calls and custom-Function backwards). "
+                        "Modules that cannot be replayed (a KV-cache argument, parameters written in forward) are "
+                        "listed with the reason and their ops replayed one by one")
     p.add_argument("--attention", default="eager", help="attention backend (sft subject; default eager)")
     p.add_argument("--backend", default="eager", help="backend of a harness subject's primary op (default eager)")
     p.add_argument("--mode", default="default", help="determinism mode: default, torch-det, hf-full")
@@ -163,6 +181,8 @@ def cmd_pinpoint(args) -> int:
         raise UsageError(f"--runs must be at least 2 (trace-compare compares runs), got {args.runs}")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.units not in UNITS:
+        raise UsageError(f"--units {args.units!r}: choose one of {', '.join(UNITS)} (default leaves)")
     check_seed(args.seed, "--seed")
     check_seed(args.data_seed, "--data-seed")
     out_dir = check_out_dir(args.out) if args.out else None
@@ -181,7 +201,7 @@ def _pinpoint(args, device, out_dir) -> int:
         if args.method in ("both", "replay"):
             if not args.json:
                 console.print(f"[bold]replay[/]: {desc}, mode {mode}")
-            reports["replay"] = replay(fn, *setup(), roots=roots, all_ops=args.all_ops)
+            reports["replay"] = replay(fn, *setup(), roots=roots, all_ops=args.all_ops, units=args.units)
             if not args.json:
                 console.print(replay_table(reports["replay"]))
         if args.method in ("both", "compare"):

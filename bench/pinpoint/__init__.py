@@ -18,9 +18,11 @@ Usage (any callable: a block, one SFT step, a user's function)::
 Two complementary methods:
 
 **Replay** (:func:`replay`, one run, no cascade). Every aten op runs a second time right after the
-first, on the same inputs, and the two results are compared bit for bit; registry calls and
-custom-Function backwards are replayed as whole units too, so nondeterminism in how Python composes
-deterministic ops is found as well. How each kind of op is handled: :mod:`bench.pinpoint.replay`.
+first, on the same inputs, and the two results are compared bit for bit; registry calls, custom-Function
+backwards and module forwards (``units="leaves"`` by default, ``"modules"``, ``"ops"``) are replayed as
+whole units too, so nondeterminism in how Python composes deterministic ops - in a user's own
+``nn.Module`` too - is found as well. How each kind of op is handled: :mod:`bench.pinpoint.replay`;
+module units: :mod:`bench.pinpoint.units`.
 
 **Trace and compare** (:func:`compare_runs`, two or more full runs). Every op's inputs and outputs
 are fingerprinted in execution order (:func:`trace`), together with every registry call, every
@@ -28,6 +30,11 @@ custom-Function backward and every module's forward output; the runs are aligned
 the report names the *root cause*, the first module whose output differs and how far the difference
 spread (:mod:`bench.pinpoint.compare`). Fingerprints and their collision bound:
 :mod:`bench.pinpoint.fingerprint` (:func:`fingerprints` is also usable on its own).
+
+A clean report says what it rests on (``report.bound``, printed under it): how many calls of each op
+class were compared (k), and for the rarest class the fault rate that could still be missed with 5%
+probability, (1-p)^k = 0.05 - replay compares each call once, trace-compare R - 1 times - plus the
+fingerprints' collision bound (:mod:`bench.pinpoint.bounds`, shared with ``detbench run``).
 
 Where an op ran is reported as a module path and a phase (forward, backward, optimizer or a
 :func:`phase` name): :mod:`bench.pinpoint.locate`, which also says how registry calls and custom
@@ -38,12 +45,14 @@ are not supported. Overhead: ``bench/benchmarks/bench_pinpoint_overhead.py``.
 
 Modules, each importing only those before it::
 
+    bounds       what k agreeing comparisons can miss: missable_rate(), class_bound()
     ops          what kind of op; tree helpers; generator state; bitwise comparison
     locate       phase(); module path / phase / autograd node of the running op; hooks   (ops)
     fingerprint  Fingerprints, Coefficients, fingerprints(), COLLISION_BOUND             (ops)
-    replay       replay(), ReplayMode, ReplayReport, Finding                             (ops, locate)
+    units        replay's units: Unit, ModuleUnit, which modules can be replayed         (ops)
+    replay       replay(), ReplayMode, ReplayReport, Finding                 (bounds, ops, locate, units)
     trace        trace(), TraceMode, Trace, Event                                        (ops, locate, fingerprint)
-    compare      compare_runs(), CompareReport, PairComparison                           (ops, fingerprint, trace)
+    compare      compare_runs(), CompareReport, PairComparison       (bounds, ops, fingerprint, trace)
 
 (``bench.pinpoint.replay`` and ``bench.pinpoint.trace`` as attributes are the functions; import
 from the modules with ``from bench.pinpoint.trace import TraceMode``.)

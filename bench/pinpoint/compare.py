@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from bench.compare import mismatch
+from bench.pinpoint.bounds import bound_lines, by_level, class_bound
 from bench.pinpoint.fingerprint import COLLISION_BOUND, Coefficients
-from bench.pinpoint.ops import NonFinite
+from bench.pinpoint.ops import NonFinite, op_info
 from bench.pinpoint.trace import Trace, _trace
 from bench.results import to_json
 
@@ -198,6 +199,25 @@ class CompareReport:
     collision_bound: str
     non_finite: list[NonFinite] = field(default_factory=list)   # per run: where NaN / infinities first appeared
     value: Any = field(default=None, repr=False, compare=False)
+    calls_per_run: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> op -> events in run 0
+    #                                         (order-free aten ops left out: no order can change them)
+
+    def _calls(self) -> dict[tuple[str, str], int]:
+        return {(kind, op): k for kind, ops in self.calls_per_run.items() for op, k in ops.items()}
+
+    @property
+    def bound(self) -> dict:
+        """What "identical" rests on (:func:`bench.pinpoint.bounds.class_bound`): each call of an op in a later
+        run was compared with the same call in run 0 (``runs - 1`` comparisons per call); the op class with
+        the fewest calls bounds what could be missed. Order-free aten ops (pointwise, data movement) are not
+        counted: no order can change them. ``collision_bound`` adds the fingerprints' own."""
+        return {**class_bound(self._calls(), self.runs - 1), "collision": self.collision_bound}
+
+    def bound_lines(self) -> list[str]:
+        lines = bound_lines(self._calls(), self.runs - 1, f"a call against the same call of run 0, in each of "
+                                                          f"{self.runs - 1} later run(s)")
+        lines[-1] = lines[-1].replace("calls compared per op class", "calls per run per op class")
+        return lines + ([] if self.exact else [f"collisions: {self.collision_bound}"])
 
     @property
     def comparable(self) -> bool:
@@ -235,6 +255,7 @@ class CompareReport:
         d = asdict(replace(self, value=None))  # fn's value is not serialised (nor deep-copied)
         del d["value"]
         d["method"] = "compare"
+        d["bound"] = self.bound
         d["identical"] = self.identical
         d["comparable"] = self.comparable
         d["root_cause"] = self.root_cause
@@ -268,6 +289,8 @@ class CompareReport:
     def __str__(self) -> str:
         """Plain text: the summary, then each differing pair's findings and notes (the CLI draws tables)."""
         lines = [self.summary()]
+        if self.identical:
+            lines += self.bound_lines()
         for p in self.pairs:
             if p.identical:
                 continue
@@ -306,9 +329,24 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
     skipped: Counter = Counter()
     for tr in traces:
         skipped.update(tr.skipped)
+    infos: dict = {}
+    calls = Counter((ev.kind, ev.op) for ev in traces[0].events
+                    if ev.kind != "aten" or not _order_free(ev.op, infos))
     return CompareReport(runs, exact, pairs, [len(t.events) for t in traces], dict(skipped),
                          time.perf_counter() - t0, "exact comparison" if exact else COLLISION_BOUND,
-                         [t.non_finite for t in traces], traces[0].value)
+                         [t.non_finite for t in traces], traces[0].value, by_level(calls))
+
+
+def _order_free(name: str, cache: dict) -> bool:
+    """Whether the aten event ``name`` (``aten.add.Tensor``) is an order-free op: no order can change its
+    result (its outputs are even described symbolically), so it does not count towards the bound."""
+    ns, _, rest = name.partition(".")
+    packet, _, overload = rest.partition(".")
+    try:
+        func = getattr(getattr(getattr(torch.ops, ns), packet), overload or "default")
+    except (AttributeError, RuntimeError):
+        return False
+    return op_info(func, cache).order_free
 
 
 def _setup_args(setup: Callable[[], tuple]) -> tuple:

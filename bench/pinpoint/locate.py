@@ -27,7 +27,9 @@ in the registry:
   context) are not seen - the same holds for registry calls.
 
 The module and optimizer hooks are torch's global hooks, registered for the block and removed in
-``finally``, like the dispatch mode.
+``finally``, like the dispatch mode. The module hooks also tell the mode that owns the locator when a
+module's forward starts and ends (``on_module_pre``, ``on_module``; replay's module units, trace's
+module outputs).
 """
 
 from __future__ import annotations
@@ -73,6 +75,15 @@ def phase(name: str) -> Iterator[None]:
 _ACCUMULATE_GRAD = "torch::autograd::AccumulateGrad"
 
 
+class _Raised:
+    def __repr__(self) -> str:
+        return "RAISED"
+
+
+# The output handed to ``on_module`` when the module's forward raised (there is none).
+RAISED = _Raised()
+
+
 class _Busy:
     """Our own work (fingerprints, copies, comparisons) done from hooks and wrappers: while it runs,
     Python dispatch is off (``torch._C._DisableTorchDispatch``), so it is neither traced nor replayed,
@@ -116,7 +127,8 @@ class _Locator:
         self.keep: list = []  # modules named here stay alive, so their ids stay theirs
         # Set by the mode that owns this locator.
         self.on_registry: Callable | None = None
-        self.on_module: Callable | None = None
+        self.on_module_pre: Callable | None = None    # (module, args) before a forward
+        self.on_module: Callable | None = None        # (path, module, (args, kwargs), output) after it
         self.on_pynode: Callable | None = None
         for prefix, m in (roots or {}).items():
             self._index(m, prefix)
@@ -177,8 +189,13 @@ class _Locator:
     # -- hooks ------------------------------------------------------------------------------
     def _pre_hook(self, module, args):
         self.stack().append((self.name_of(module), self._next_seq()))
+        if self.on_module_pre is not None:
+            self.on_module_pre(module, args)
 
-    def _post_hook(self, module, args, kwargs, output):
+    def _post_hook(self, module, args, *rest):
+        # torch calls it (module, args, kwargs, output) after a forward, and - always_call - as
+        # (module, args, output) when the forward raised: the output is then RAISED.
+        kwargs, output = rest if len(rest) == 2 else ({}, RAISED)
         st = self.stack()
         if not st:
             return
@@ -260,7 +277,10 @@ class _Locator:
 
         def call(*args, **kwargs):
             cb = locator.on_registry
-            if cb is None or locator.in_unit() or locator.busy or torch._C._current_autograd_node() is not None:
+            if cb is None or locator.busy or torch._C._current_autograd_node() is not None:
+                return fn(*args, **kwargs)
+            unit = getattr(locator.local, "unit", None)
+            if unit and not getattr(unit, "nests", False):  # inside a registry call or backward: part of it
                 return fn(*args, **kwargs)
             return cb(fn, f"{op}/{backend}", args, kwargs)
 
@@ -351,4 +371,4 @@ def running(mode: TorchDispatchMode, locator: _Locator) -> Iterator[None]:
                 yield
         finally:
             mode.active = False
-            locator.on_registry = locator.on_module = locator.on_pynode = None
+            locator.on_registry = locator.on_module = locator.on_module_pre = locator.on_pynode = None

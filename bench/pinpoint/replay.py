@@ -3,8 +3,8 @@
 Under a ``TorchDispatchMode`` every aten op runs a second time right after the first, on the same
 inputs, and the two results are compared bit for bit. An op whose result changed although its inputs
 could not have is nondeterministic by itself (a GPU kernel that adds with atomics, a split-K reduction
-ordered by arrival). Two coarser *units* are replayed as a whole, because nondeterminism can live in
-how Python composes deterministic ops (bench/planted.py sums deterministic partial products in a random
+ordered by arrival). Coarser *units* are replayed as a whole, because nondeterminism can live in how
+Python composes deterministic ops (bench/planted.py sums deterministic partial products in a random
 order; every single ``mm`` and ``add`` is deterministic, so replaying aten ops one by one cannot see it):
 
 * every call of a registry backend (observed with ``qwen_layers.registry.observe`` while a pinpoint
@@ -12,7 +12,13 @@ order; every single ``mm`` and ``add`` is deterministic, so replaying aten ops o
   attention, is covered) - replayed on detached copies of its arguments under ``no_grad``;
 * every backward of a custom ``torch.autograd.Function`` (a Python-level backward) - replayed by
   calling the node's backward again on copies of its incoming gradients, inside the node's post-hook
-  while its saved tensors are still alive.
+  while its saved tensors are still alive;
+* module forwards (``units=``: by default every leaf module other than detbench's routed ones, e.g. a
+  user's own ``nn.Linear`` subclass or transformers' RMSNorm; ``"modules"``: every module, each replay
+  running only the module's own code) - replayed on copies of the arguments under ``no_grad``, from the
+  generator state and buffer values they started with; a module that cannot be replayed (it takes a
+  KV cache, writes its parameters, rebinds attributes) is listed with the reason and its ops are
+  replayed one by one. Details: :mod:`bench.pinpoint.units`.
 
 Inside such a unit the aten ops are recorded (not replayed one by one), the replay's ops are recorded
 too, and the two lists are compared op by op. So an op inside a unit whose inputs were equal but whose
@@ -55,9 +61,14 @@ from an input no op of the run made (a parameter, fn's arguments). Ops before it
 usual. (An in-place op whose own written tensor already held NaN before it, coming from outside the
 run, is reported as having made it.)
 
+What a clean report rests on: every compared call of an op was compared once, so a fault that changes
+a fraction p of an op's calls goes unseen over its k calls with probability (1-p)^k. The report counts k
+per op class (``calls_compared``: aten ops replayed, ops compared inside units, the units themselves)
+and states the bound for the class with the fewest (``bound``, :mod:`bench.pinpoint.bounds`).
+
 Speed: a Python call per aten op (a do-nothing dispatch mode alone doubles a tiny CPU step), every
 order-dependent op runs twice, and every floating-point output is read once more (its min and max)
-until the first NaN.
+until the first NaN. A module unit also copies its positional arguments and buffers before it runs.
 """
 
 from __future__ import annotations
@@ -75,7 +86,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.compare import Mismatch, mismatch
-from bench.pinpoint.locate import _Locator, running
+from bench.pinpoint.bounds import bound_lines, by_level, class_bound
+from bench.pinpoint.locate import _PHASE, RAISED, _Locator, running
 from bench.pinpoint.ops import (
     SKIP_NAMESPACES,
     SKIP_REASONS,
@@ -99,6 +111,16 @@ from bench.pinpoint.ops import (
     tensor_label,
     value_kind,
 )
+from bench.pinpoint.units import (
+    UNITS,
+    ControlFlowChanged,
+    ModuleUnit,
+    Unit,
+    copy_tree,
+    plain_leaves,
+    pre_reason,
+    storage_of,
+)
 from bench.results import to_json
 
 
@@ -106,8 +128,8 @@ from bench.results import to_json
 class Finding:
     """One op (or unit) that disagreed with its own replay."""
 
-    level: str                  # "aten" | "registry" | "autograd.Function"
-    op: str                     # aten.mm.default | linear/planted-nondet | _PVNondetDVBackward
+    level: str                  # "aten" | "registry" | "autograd.Function" | "module"
+    op: str                     # aten.mm.default | linear/planted-nondet | _PVNondetDVBackward | Linear (module class)
     module: str                 # module path ("" = the root module / outside every module) or parameter name
     phase: str                  # forward | backward | optimizer | <user phase>
     count: int                  # calls of this op at this place that disagreed
@@ -170,15 +192,9 @@ def _finding(level: str, op: str, module: str, phase: str, inputs: list[str], ou
                    **kw)
 
 
-class _Unit:
-    """A registry call or custom-Function backward being recorded (first run, then its replay)."""
-
-    def __init__(self, level: str, name: str, path: str, ph: str, node: str | None) -> None:
-        self.level, self.name, self.path, self.phase, self.node = level, name, path, ph, node
-        self.first: list = []
-        self.second: list = []
-        self.target = self.first
-        self.inputs: list[str] = []
+def _versions(ins: list, out) -> list[int]:
+    """Version counters of an op's tensor inputs and outputs (they change when written in place)."""
+    return [t._version for t in ins] + [t._version for t in _tensors(out)]
 
 
 def _call_no_grad(fn: Callable, args, kwargs):
@@ -189,15 +205,22 @@ def _call_no_grad(fn: Callable, args, kwargs):
 class ReplayMode(TorchDispatchMode):
     """The dispatch mode behind :func:`replay` (use that function; this class is its engine)."""
 
-    def __init__(self, locator: _Locator, all_ops: bool = False) -> None:
+    def __init__(self, locator: _Locator, all_ops: bool = False, units: str = "leaves") -> None:
         super().__init__()
+        if units not in UNITS:
+            raise ValueError(f"units must be one of {', '.join(UNITS)}; got {units!r}")
         self.loc = locator
         self.all_ops = all_ops
+        self.unit_setting = units
         self.busy = locator.busy
         self.infos: dict = {}
         self.findings: dict[tuple, Finding] = {}
         self.replayed = 0
         self.units = 0
+        self.module_units = 0
+        self.compared: Counter = Counter()       # (level, op) -> calls compared with their replay
+        self.not_replayable: dict[tuple, dict] = {}  # (path, reason) -> what and how often
+        self._unreplayable: dict[int, str] = {}  # id(module) -> reason, found after a forward
         self.skipped: Counter = Counter()
         self.errors: list[str] = []
         self.active = False
@@ -206,6 +229,9 @@ class ReplayMode(TorchDispatchMode):
         self._names: dict[int, str] | None = None
         locator.on_registry = self._registry_call
         locator.on_pynode = self._hook_pynode
+        if units != "ops":
+            locator.on_module_pre = self._module_pre
+            locator.on_module = self._module_post
 
     # -- dispatch ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -254,6 +280,7 @@ class ReplayMode(TorchDispatchMode):
                 after.restore()
         self._watch(info, args, kwargs, out)
         self.replayed += 1
+        self.compared[("aten", info.name)] += 1
         d = first_difference(a, b, ignored)
         if d is not None:
             ins = _args_tensors(args, kwargs)
@@ -288,7 +315,7 @@ class ReplayMode(TorchDispatchMode):
             path, ph = where
         self._found("aten", info.name, path, ph, ins, scalars, nan, inf)
 
-    def _watch_unit(self, unit: _Unit, inputs, outputs) -> None:
+    def _watch_unit(self, unit: Unit, inputs, outputs) -> None:
         """The same check on a unit's own outputs (a registry call's, a custom backward's), which may
         come from kernels no aten op runs (Triton)."""
         if self.non_finite.nan is not None:
@@ -344,32 +371,46 @@ class ReplayMode(TorchDispatchMode):
             old.count += 1
 
     # -- units ------------------------------------------------------------------------------
-    def _record(self, unit: _Unit, func, info: OpInfo, args, kwargs):
+    def _record(self, unit: Unit, func, info: OpInfo, args, kwargs):
         if info.kind in ("skip", "view", "uninitialised"):
             return func(*args, **kwargs)
+        # A module unit's first run also keeps what replaying its ops one by one needs, should the module
+        # turn out not replayable (bench.pinpoint.units), and which storages its in-place ops write.
+        keep = unit.nests and unit.target is unit.first
         if info.kind == "mutating":
-            snap = _args_tensors(_clone(args), _clone(kwargs))
+            pre = (_clone(args), _clone(kwargs))
             out = func(*args, **kwargs)
-            outs = _clone((_written_values(info, args, kwargs), out))
-            unit.target.append((func, info, snap, outs))
+            written = _written_values(info, args, kwargs)
+            outs = _clone((written, out))
+            unit.target.append((func, info, _args_tensors(*pre), outs))
+            if keep:
+                unit.raw.append(pre)
+                unit.written.update(storage_of(t) for t in _tensors(written))
         else:
             out = func(*args, **kwargs)
-            unit.target.append((func, info, _args_tensors(args, kwargs), out))
+            ins = _args_tensors(args, kwargs)
+            unit.target.append((func, info, ins, out))
+            if keep:
+                unit.raw.append((args, kwargs, _versions(ins, out)))
         if unit.target is unit.first:
             self._watch(info, args, kwargs, out, (unit.path, unit.phase))
         return out
 
-    def _finish_unit(self, unit: _Unit, out1, out2) -> None:
+    def _finish_unit(self, unit: Unit, out1, out2, note: str = "") -> None:
         """Compare a unit's two runs: its outputs, and its ops pairwise.
 
         Ops that can depend on an order are always compared (an aten op inside the unit that disagreed
         with itself is reported even when the unit's outputs agree); order-free ops only when the
         unit's outputs differ, to find the first op that got different inputs.
         """
-        self.units += 1
+        if unit.level == "module":
+            self.module_units += 1
+        else:
+            self.units += 1
+        self.compared[(unit.level, unit.name)] += 1
         d_unit = first_difference(out1, out2)
         full = d_unit is not None or self.all_ops
-        composition = None
+        composition = note or None
         first_diff_seen = False
         for (f1, info, in1, o1), (f2, _, in2, o2) in zip(unit.first, unit.second):
             if f1 is not f2:
@@ -377,6 +418,7 @@ class ReplayMode(TorchDispatchMode):
                 break
             if info.order_free and not full:
                 continue
+            self.compared[("aten", info.name)] += 1
             ignored = frozenset() if info.kind == "mutating" else info.ignored_returns
             d = first_difference(o1, o2, ignored)
             if d is None:
@@ -396,15 +438,20 @@ class ReplayMode(TorchDispatchMode):
                                [_meta(t) for t in _leaves(out1)], d_unit, node=unit.node, note=composition or ""))
 
     def _registry_call(self, fn, name: str, args, kwargs):
+        # Called outside units, and inside module units (which nest): in a module's first run the call is a
+        # unit of its own and its output is recorded for the module's replay, which gets it back.
+        parent = getattr(self.loc.local, "unit", None)
+        if parent is not None and parent.replaying:
+            return parent.take(("registry", name), name)
         path, ph, node = self.loc.where()
-        unit = _Unit("registry", name, path, ph, node)
+        unit = Unit("registry", name, path, ph, node)
         unit.inputs = [_meta(t) for t in _args_tensors(args, kwargs)]
         rng = _Rng()
         self.loc.local.unit = unit
         try:
             out = fn(*args, **kwargs)
         finally:
-            self.loc.local.unit = None
+            self.loc.local.unit = parent
         with self.busy():
             self._watch_unit(unit, (args, kwargs), out)
         ok, out2 = self._rerun(unit, rng, (args, kwargs), lambda c: _call_no_grad(fn, *c),
@@ -412,9 +459,12 @@ class ReplayMode(TorchDispatchMode):
         if ok:
             with self.busy():
                 self._finish_unit(unit, out, out2)
+        if parent is not None:
+            with self.busy():
+                parent.calls.append((("registry", name), name, copy_tree(out)))
         return out
 
-    def _rerun(self, unit: _Unit, rng: _Rng, inputs, call: Callable, failure: str):
+    def _rerun(self, unit: Unit, rng: _Rng, inputs, call: Callable, failure: str):
         """A unit's second run: ``call`` on detached copies of ``inputs``, from the generator state
         ``rng`` saved before the first run; the state after the first run is put back afterwards.
         Returns (True, output), or (False, None) with the error recorded after ``failure``."""
@@ -423,6 +473,7 @@ class ReplayMode(TorchDispatchMode):
             copies = _clone(inputs)
             rng.restore()
         unit.target = unit.second
+        outer = getattr(self.loc.local, "unit", None)
         self.loc.local.unit = unit
         try:
             return True, call(copies)
@@ -430,9 +481,143 @@ class ReplayMode(TorchDispatchMode):
             self.errors.append(f"{failure} {type(e).__name__}: {e}")
             return False, None
         finally:
-            self.loc.local.unit = None
+            self.loc.local.unit = outer
             with self.busy():
                 after.restore()
+
+    # -- module units (bench.pinpoint.units) ----------------------------------------------------
+    def _frames(self) -> list:
+        """This thread's open module calls: None (nothing to undo) or (unit before it, its ModuleUnit or
+        None when its ops are replayed one by one)."""
+        f = getattr(self.loc.local, "frames", None)
+        if f is None:
+            f = self.loc.local.frames = []
+        return f
+
+    def _module_pre(self, module: nn.Module, args) -> None:
+        frames = self._frames()
+        cur = getattr(self.loc.local, "unit", None)
+        if (not self.active or self.busy or self.loc.opt_depth or torch._C._current_autograd_node() is not None
+                or (cur is not None and (not cur.nests or cur.replaying))):
+            frames.append(None)  # in backward, inside a registry call or custom backward, or in a replay
+            return
+        path = self.loc.stack()[-1][0]
+        reason = pre_reason(module, args, self.unit_setting)
+        if reason is None:
+            reason = self._unreplayable.get(id(module))  # found after an earlier call
+        unit = None
+        if reason is None:
+            with self.busy():
+                unit = ModuleUnit(module, path, _PHASE.get() or "forward", args)
+                unit.inputs = [_meta(t) for t in _tensors(args)]
+        elif reason:
+            self._note_unreplayable(module, path, reason)
+        if unit is None and cur is None:
+            frames.append(None)
+            return
+        frames.append((cur, unit))
+        self.loc.local.unit = unit  # None inside a module unit: this call's ops are replayed one by one
+
+    def _module_post(self, path: str, module: nn.Module, args_kwargs, output) -> None:
+        frames = self._frames()
+        if not frames:
+            return
+        frame = frames.pop()
+        if frame is None:
+            return
+        parent, unit = frame
+        self.loc.local.unit = parent
+        if output is RAISED:
+            return
+        if unit is not None:
+            self._finish_module(unit, *args_kwargs, output)
+        if parent is not None:
+            with self.busy():
+                parent.calls.append((("module", module), f"module {path or '<root>'} ({type(module).__name__})",
+                                     copy_tree(output)))
+
+    def _note_unreplayable(self, module: nn.Module, path: str, reason: str, not_compared: int = 0) -> None:
+        """A call of a module that could not be replayed whole; ``not_compared``: its ops that could not be
+        replayed one by one after it ran either."""
+        entry = self.not_replayable.setdefault((path, reason), {
+            "module": path, "type": type(module).__name__, "reason": reason, "calls": 0, "ops_not_compared": 0})
+        entry["calls"] += 1
+        entry["ops_not_compared"] += not_compared
+
+    def _finish_module(self, unit: ModuleUnit, args, kwargs, output) -> None:
+        """After a module unit's first run: replay its forward and compare, or, when it turns out not
+        replayable, replay the ops it ran one by one."""
+        module = unit.module
+        with self.busy():
+            reason = unit.post_reason(kwargs)
+            if reason:
+                self._unreplayable[id(module)] = reason
+                self._note_unreplayable(module, unit.path, reason, not_compared=self._replay_recorded(unit))
+                return
+            written = unit.written_args(args)
+            kw = copy_tree(kwargs)
+            after = _Rng()
+            unit.rng.restore()
+        state: dict = {}
+        unit.target = unit.second
+        outer = getattr(self.loc.local, "unit", None)
+        self.loc.local.unit = unit
+        failure = None
+        try:
+            with unit.replay_state(state), torch.no_grad():
+                out2 = module.forward(*unit.args, **kw)
+        except ControlFlowChanged as e:
+            failure = f"module {unit.path or '<root>'} ({unit.name}): {e} (control flow changed)"
+        except Exception as e:
+            failure = f"module {unit.path or '<root>'} ({unit.name}): replay raised {type(e).__name__}: {e}"
+        finally:
+            self.loc.local.unit = outer
+            with self.busy():
+                after.restore()
+        with self.busy():
+            if failure is not None:
+                self.errors.append(failure)
+                return
+            first = (plain_leaves(output), [args[i] for i in written], [module._buffers.get(n) for n in unit.buffers])
+            second = (plain_leaves(out2), [unit.args[i] for i in written], list(state["buffers"].values()))
+            self._finish_unit(unit, first, second, unit.leftover())
+
+    def _replay_recorded(self, unit: ModuleUnit) -> int:
+        """The ops a module unit recorded, replayed one by one after it ran (it could not be replayed whole):
+        in-place ops from the copies taken before them, functional ops on their own inputs when nothing has
+        overwritten those or their outputs since. Returns how many could not be compared."""
+        missed = 0
+        with torch.no_grad():
+            for (func, info, ins, out), raw in zip(unit.first, unit.raw):
+                if info.order_free and not self.all_ops:
+                    self.skipped["order_free"] += 1
+                    continue
+                if info.random:  # the generator state it ran from is gone
+                    missed += 1
+                    continue
+                try:
+                    if info.kind == "mutating":
+                        pre_args, pre_kwargs = _clone(raw[0]), _clone(raw[1])
+                        out2 = func(*pre_args, **pre_kwargs)
+                        a, b = out, (_written_values(info, pre_args, pre_kwargs), out2)
+                        ignored = frozenset()
+                    else:
+                        args, kwargs, versions = raw
+                        if _versions(ins, out) != versions:
+                            missed += 1
+                            continue
+                        a, b, ignored = out, func(*args, **kwargs), info.ignored_returns
+                except Exception as e:
+                    self.errors.append(f"{info.name}: replay raised {type(e).__name__}: {e}")
+                    continue
+                self.replayed += 1
+                self.compared[("aten", info.name)] += 1
+                d = first_difference(a, b, ignored)
+                if d is not None:
+                    self._add(_finding("aten", info.name, unit.path, unit.phase, [_meta(t) for t in ins],
+                                       [_meta(t) for t in _leaves(out)], d,
+                                       note=f"replayed after {unit.name} ran (it could not be replayed whole)"))
+        return missed
 
     def _hook_pynode(self, node) -> None:
         ref = weakref.ref(node)
@@ -443,7 +628,7 @@ class ReplayMode(TorchDispatchMode):
             if n is None or mode.loc.in_unit() or not mode.active:
                 return None
             path = mode.loc.path_of_node(n)
-            unit = _Unit("autograd.Function", n.name(), path, "backward", n.name())
+            unit = Unit("autograd.Function", n.name(), path, "backward", n.name())
             unit.inputs = [_meta(g) for g in _tensors(grad_outputs)]
             unit.rng = _Rng()
             mode.loc.local.unit = unit
@@ -493,6 +678,31 @@ class ReplayReport:
     seconds: float
     non_finite: NonFinite = field(default_factory=NonFinite)  # where NaN / infinities first appeared
     value: Any = field(default=None, repr=False, compare=False)  # what fn returned (not serialised)
+    units: str = "leaves"        # which modules were units (bench.pinpoint.units)
+    module_units_replayed: int = 0   # module forwards replayed as a whole
+    not_replayable: list[dict] = field(default_factory=list)  # modules that could not be: why, how often
+    calls_compared: dict[str, dict[str, int]] = field(default_factory=dict)  # level -> op -> calls compared
+
+    def _calls(self) -> dict[tuple[str, str], int]:
+        return {(level, op): k for level, ops in self.calls_compared.items() for op, k in ops.items()}
+
+    @property
+    def bound(self) -> dict:
+        """What a clean verdict rests on (:func:`bench.pinpoint.bounds.class_bound`): every call was compared
+        once with its replay; the op class with the fewest compared calls bounds what could be missed."""
+        return class_bound(self._calls(), 1)
+
+    def bound_lines(self) -> list[str]:
+        return bound_lines(self._calls(), 1, "a call against its replay")
+
+    def not_replayable_lines(self) -> list[str]:
+        lines = []
+        for e in self.not_replayable:
+            gap = (f"; {e['ops_not_compared']} of its ops could not be compared either" if e["ops_not_compared"]
+                   else "; its ops were replayed one by one instead")
+            lines.append(f"not replayable whole: module {e['module'] or '<root>'} ({e['type']}), {e['calls']} "
+                         f"call(s): {e['reason']}{gap}")
+        return lines
 
     @property
     def comparable(self) -> bool:
@@ -508,6 +718,7 @@ class ReplayReport:
         d = asdict(replace(self, value=None))  # fn's value is not serialised (nor deep-copied)
         del d["value"]
         d["method"] = "replay"
+        d["bound"] = self.bound
         d["clean"] = self.clean
         d["comparable"] = self.comparable
         d["skip_reasons"] = {k: SKIP_REASONS.get(k, SKIP_NAMESPACES.get(k, k)) for k in self.skipped}
@@ -518,14 +729,18 @@ class ReplayReport:
 
     def summary(self) -> str:
         if self.clean:
-            return (f"replay: every op agreed with itself ({self.ops_replayed} aten ops and {self.units_replayed} "
-                    f"registry/custom-Function units replayed once each)")
+            modules = f" and {self.module_units_replayed} module calls" if self.units != "ops" else ""
+            return (f"replay: every op agreed with itself ({self.ops_replayed} aten ops, {self.units_replayed} "
+                    f"registry/custom-Function units{modules} replayed once each)")
         if not self.comparable and not self.findings:
             nan = self.non_finite.nan
             before = (f"the {nan['replayed_before']} aten ops and {nan['units_before']} units replayed before it "
                       f"agreed with themselves; after it " if nan is not None else "")
             return (f"replay: not comparable - outputs became non-finite: {self.non_finite.sentence('op')}; "
                     f"{before}equal NaN bits hide any difference")
+        if not self.findings and self.comparable:
+            return (f"replay: no op disagreed with its replay, but {len(self.errors)} replay(s) could not be run "
+                    f"or took another path (below)")
         names = "; ".join(f"{f.op} at {f.where}" for f in self.findings)
         text = f"replay: {len(self.findings)} op(s) disagreed with their own replay: {names}"
         if not self.comparable:
@@ -540,8 +755,11 @@ class ReplayReport:
                          f"of output {f.output_index} differ, max |d| {f.max_abs:.3e}, max ulp {f.max_ulp}")
             lines.append(f"     {f.detail()}")
         lines += self.errors
+        lines += self.not_replayable_lines()
         if self.skipped:
             lines.append(self.skipped_line())
+        if self.clean:
+            lines += self.bound_lines()
         return "\n".join(lines) + "\n"
 
     def skipped_line(self) -> str:
@@ -549,7 +767,7 @@ class ReplayReport:
 
 
 def replay(fn: Callable, *args, roots: Mapping[str, nn.Module] | None = None, all_ops: bool = False,
-           **kwargs) -> ReplayReport:
+           units: str = "leaves", **kwargs) -> ReplayReport:
     """Run ``fn(*args, **kwargs)`` once, replaying every op (and every registry call and custom-Function
     backward) on the spot and comparing bit for bit. Returns a :class:`ReplayReport`.
 
@@ -557,13 +775,18 @@ def replay(fn: Callable, *args, roots: Mapping[str, nn.Module] | None = None, al
     state afterwards are those of a plain run. Once an output holds a NaN, the report is not
     comparable (``report.comparable``; ``report.non_finite`` says where and how it appeared). ``roots`` names modules explicitly
     (``{"model": m}``); by default the first module called names its submodules from ``""``.
-    Order-free ops (pointwise, data movement) are not replayed unless ``all_ops=True``.
+    Order-free ops (pointwise, data movement) are not replayed unless ``all_ops=True``. ``units`` says which
+    module forwards are replayed as a whole too: ``"leaves"`` (default) leaf modules other than detbench's
+    routed ones, ``"modules"`` every module (each replay runs only the module's own code), ``"ops"`` none
+    (:mod:`bench.pinpoint.units`; a module that cannot be replayed is listed in ``report.not_replayable``).
     """
     loc = _Locator(roots)
-    mode = ReplayMode(loc, all_ops)
+    mode = ReplayMode(loc, all_ops, units)
     t0 = time.perf_counter()
     with running(mode, loc):
         value = fn(*args, **kwargs)
     mode.non_finite.value = value_kind(value)
     return ReplayReport(list(mode.findings.values()), mode.replayed, mode.units, dict(mode.skipped), mode.errors,
-                        time.perf_counter() - t0, mode.non_finite, value)
+                        time.perf_counter() - t0, mode.non_finite, value, units=units,
+                        module_units_replayed=mode.module_units, not_replayable=list(mode.not_replayable.values()),
+                        calls_compared=by_level(mode.compared))
