@@ -76,7 +76,7 @@ class Setup:
 
     world: int = 1
     accum: int = 1
-    threads: int | None = None   # CPU intra-op threads per rank; None: torch's default
+    threads: int | None = None   # CPU intra-op threads per rank; None: 1 (as under torchrun)
     resume: int | None = None    # save after this many steps, go on in fresh processes
 
     def label(self) -> str:
@@ -362,8 +362,12 @@ def rank_main(rank: int, job: Job) -> None:
     """One rank: join the group, train ``job.repeats`` times, and (rank 0) write the result."""
     _die_with_parent()
     world = job.setup.world
-    if job.setup.threads is not None:
-        torch.set_num_threads(job.setup.threads)
+    # One intra-op thread per rank unless the setup says otherwise, as torchrun sets OMP_NUM_THREADS=1:
+    # ranks that each take every core starve DDP's communication thread (steps 30x slower measured on
+    # 2 cores), and the thread count must be the same in every setup compared, since CPU kernels split
+    # their work by it (--vary threads shows which op).
+    if job.device == "cpu":
+        torch.set_num_threads(job.setup.threads or 1)
     device = torch.device(job.device if job.device == "cpu" else f"cuda:{rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
