@@ -231,11 +231,18 @@ def test_identical_verdict_agrees_with_the_bits_of_every_repeat(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("place", list(PLACES))
-def test_sft_sees_planted_divergence(tmp_path, monkeypatch, place):
+@pytest.mark.parametrize("model, place", [
+    *(("qwen3-tiny", p) for p in PLACES),
+    # --plant on hf: models: the planted module's forward calls the registry backend (a negative control
+    # for a user's transformers step as much as for detbench's model)
+    pytest.param("hf:qwen3-tiny", "linear-fwd", marks=pytest.mark.slow), ("hf:qwen3-tiny", "rmsnorm-dw"),
+])
+def test_sft_sees_planted_divergence(tmp_path, monkeypatch, model, place):
+    if model.startswith("hf:"):
+        pytest.importorskip("transformers")
     plant, _, (bs, length, prompt, steps) = PLACES[place]
     path = token_file(tmp_path / "t.jsonl", n_seqs=bs * steps, length=length, prompt=prompt)
-    plan = sft.make_plan(model="qwen3-tiny", data=str(path), batch_size=bs, steps=steps, repeats=2, lrs="1e-3",
+    plan = sft.make_plan(model=model, data=str(path), batch_size=bs, steps=steps, repeats=2, lrs="1e-3",
                          plants=[plant])
     spy = OrderSpy()
     with spy.installed():
@@ -243,29 +250,11 @@ def test_sft_sees_planted_divergence(tmp_path, monkeypatch, place):
     miss = spy.miss_probability(spy.calls[:steps])  # repeat 0: the repeats agree only if every call agreed
     assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
     assert res.identical is False, res.verdict
+    assert plan.settings.model_kind == ("transformers" if model.startswith("hf:") else "detbench")
     # the repeats' own measurements differ, compared here: per-step bits, or the final parameters' bits
     measured = [(res.loss_bits[r], res.grad_norm_bits[r], res.grad_digests[r]) for r in (0, 1)]
     assert measured[0] != measured[1] or differing_parameters(finals[0], finals[1])
     assert "planted" in plan.settings.plants[0]
-
-
-@pytest.mark.parametrize("place", [pytest.param("linear-fwd", marks=pytest.mark.slow), "rmsnorm-dw"])
-def test_sft_sees_divergence_planted_into_a_transformers_model(tmp_path, monkeypatch, place):
-    """--plant on hf: models: the planted module's forward calls the registry backend (a negative control for
-    a user's transformers step as much as for detbench's model)."""
-    pytest.importorskip("transformers")
-    plant, _, (bs, length, prompt, steps) = PLACES[place]
-    path = token_file(tmp_path / "t.jsonl", n_seqs=bs * steps, length=length, prompt=prompt)
-    plan = sft.make_plan(model="hf:qwen3-tiny", data=str(path), batch_size=bs, steps=steps, repeats=2, lrs="1e-3",
-                         plants=[plant])
-    spy = OrderSpy()
-    with spy.installed():
-        res, _, finals = run_watching_parameters(plan, monkeypatch)
-    miss = spy.miss_probability(spy.calls[:steps])  # repeat 0: the repeats agree only if every call agreed
-    assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
-    assert plan.settings.model_kind == "transformers" and res.identical is False, res.verdict
-    measured = [(res.loss_bits[r], res.grad_norm_bits[r], res.grad_digests[r]) for r in (0, 1)]
-    assert measured[0] != measured[1] or differing_parameters(finals[0], finals[1])
 
 
 def test_plants_of_eager_backends_into_a_transformers_model_change_no_bit_and_come_off():
