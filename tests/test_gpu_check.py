@@ -43,7 +43,7 @@ def test_part_1_alone_answers_the_headline(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("part", [2, 3, 4])
+@pytest.mark.parametrize("part", [2, 4])  # part 3's commands are built as parts 1's and 2's are
 def test_later_parts_rehearse_on_the_cpu(tmp_path, part):
     out = tmp_path / "out"
     rc = cli.main(["gpu-check", "--dry-run", "--part", str(part), "--out", str(out)])
