@@ -52,8 +52,9 @@ class RMSNormConfig:
     """The pinned launch configuration (record it with results: a different one is another dW order).
 
     Forward and backward use one block of ``next_power_of_2(N)`` columns per row, with
-    :meth:`num_warps` warps; those change scheduling and the shape of the in-row tree sum for the
-    variance, which is fixed for a given N.
+    :meth:`num_warps` (forward) and :meth:`bwd_num_warps` (backward) warps; those change scheduling
+    and the shape of the in-row tree sums (the variance; dx's mean(dh * h)), which is fixed for a
+    given N.
     """
 
     rows_per_program: int = 32  # backward: rows one program walks in order into one dW partial
@@ -62,6 +63,7 @@ class RMSNormConfig:
     max_block_n: int = 65536  # widest row the single-block kernels take
 
     def num_warps(self, block_n: int) -> int:
+        """Warps of the forward kernel for rows of ``block_n`` columns."""
         # Hopper (H200): 4 warps keep rows up to 2K columns busy; wider rows need more threads per
         # row to keep the per-thread register count down (Qwen3-8B's hidden size 4096 -> 8 warps).
         if block_n <= 2048:
@@ -69,6 +71,17 @@ class RMSNormConfig:
         if block_n <= 8192:
             return 8
         return 16
+
+    def bwd_num_warps(self, block_n: int) -> int:
+        """Warps of the backward kernel: the forward's, except 16 instead of 4 at 2048 columns."""
+        # The backward keeps x, dy, the weight and the dW partial of a row in registers. At 2048
+        # columns (Qwen3-1.7B's hidden size) with 4 warps, 16 of each per thread, Triton 3.6's ptxas
+        # spilled 8 B on sm_80 (16-bit x, both twins); 8 warps still spilled 4 B there with Triton 3.8
+        # (float16, at 48 registers); with 16 warps (40 registers) nothing spills on sm_80 or sm_90a
+        # with Triton 3.6 or 3.8, whatever the dtype. This changes dx's bits at 2048 columns, not its
+        # determinism or batch invariance: the in-row tree sum of mean(dh * h) is laid out over 16
+        # warps instead of 4 (a fixed order either way); dW's per-column sums are untouched.
+        return 16 if block_n == 2048 else self.num_warps(block_n)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,7 +254,7 @@ def rmsnorm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
         dy2, x2, weight, rstd, dx, dw,
         dy2.stride(0), x2.stride(0), dx.stride(0), R, N,
         ROWS_PER_PROGRAM=config.rows_per_program, BLOCK_N=block_n, ATOMIC=atomic,
-        num_warps=config.num_warps(block_n),
+        num_warps=config.bwd_num_warps(block_n),
     )
     if not atomic:
         dw = _reduce_partials(dw, config)
