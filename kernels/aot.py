@@ -2,22 +2,26 @@
 
 No GPU is needed. The launches are *recorded* by running the real host wrappers (the model's forward
 and backward through the backend registry, and the attention wrapper with a padded mask), with every
-``kernel[grid](...)`` turned into a record instead of a launch; each distinct specialisation is then
-compiled by Triton's own JIT path (``kernel.run(..., warmup=True)``) against a stand-in driver that
-reports the target GPU, so divisibility attributes, constexprs, dtypes, warps and stages are exactly
-what the runtime computes there. Registers and spills come from ``ptxas -v`` (or, for a Triton cache
-hit, from ``cuobjdump -res-usage``), shared memory from the compiled kernel's metadata::
+``kernel[grid](...)`` turned into a record instead of a launch, once per target: some wrappers choose
+their launch configs by the GPU's compute capability (``kernels.matmul``, ``kernels.attention``), and
+recording for a target makes them choose as on it (:func:`assume_target`). Each distinct
+specialisation is then compiled by Triton's own JIT path (``kernel.run(..., warmup=True)``) against a
+stand-in driver that reports the target GPU, so divisibility attributes, constexprs, dtypes, warps and
+stages are exactly what the runtime computes there. Registers and spills come from ``ptxas -v`` (or,
+for a Triton cache hit, from ``cuobjdump -res-usage``), shared memory from the compiled kernel's
+metadata::
 
     python -m kernels.aot                                  # sm_80 and sm_90a, every real preset
     python -m kernels.aot --subset --targets sm_90a        # CI: one preset, bf16, every kernel once
     python -m kernels.aot --jobs 16 --json results/aot-triton3.6.0.json --markdown results/aot-triton3.6.0.md
+    python -m kernels.aot --kernels attention,_rmsnorm_bwd_kernel   # only these kernels (modules or names)
     python -m kernels.aot --targets sm_90a --cache-dir .triton-aot   # fill a Triton cache to carry to a GPU
     python -m kernels.aot --relocate-cache .triton-aot      # after moving it: rewrite its absolute paths
 
 Exit status: 0 when every specialisation compiled within the target's shared memory without register
 spills, 1 when one did not, 2 for bad input. As a library::
 
-    with record_launches() as launches:
+    with record_launches(TARGETS["sm_80"]) as launches:   # the launch configs chosen on an A100
         rmsnorm(x_meta, w_meta, 1e-6).sum().backward()
     [launch.kernel for launch in launches]   # ['kernels.rmsnorm._rmsnorm_fwd_kernel', ...]
 """
@@ -270,10 +274,29 @@ def _recording_getitem(original: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def record_launches() -> Iterator[list[Launch]]:
+def assume_target(target: Target) -> Iterator[None]:
+    """Within the block, in this context only, the wrappers choose their launch configs for ``target``.
+
+    A kernel module whose configs depend on the GPU (``kernels.matmul``, ``kernels.attention``) picks
+    them from the device's compute capability, and for tensors on other devices (meta, CPU) from the
+    capability its ``assume_capability(capability)`` context manager sets; this enters that of every
+    kernel module that has one.
+    """
+    capability = divmod(target.capability, 10)
+    with contextlib.ExitStack() as stack:
+        for short in kernels.KERNEL_MODULES:
+            assume = getattr(importlib.import_module(f"kernels.{short}"), "assume_capability", None)
+            if assume is not None:
+                stack.enter_context(assume(capability))
+        yield
+
+
+@contextlib.contextmanager
+def record_launches(target: Target | None = None) -> Iterator[list[Launch]]:
     """Within the block, in this context, every Triton kernel launch ``kernel[grid](...)`` is appended to
     the list yielded instead of running, and the wrappers accept meta and CPU tensors
-    (``_common.recording_launches``).
+    (``_common.recording_launches``). With ``target``, the wrappers choose their launch configs as on
+    that GPU (:func:`assume_target`); without, as for tensors off CUDA (the kernels' defaults, Hopper's).
 
     ``__getitem__`` of the JIT function classes (compiled and interpreted) is replaced for the block and
     restored in ``finally``; the replacement launches as usual outside this context. Compiles
@@ -286,7 +309,7 @@ def record_launches() -> Iterator[list[Launch]]:
     try:
         for cls in classes:
             cls.__getitem__ = _recording_getitem(cls.__getitem__)
-        with _common.recording_launches():
+        with _common.recording_launches(), (assume_target(target) if target else contextlib.nullcontext()):
             yield launches
     finally:
         _SINK.reset(token)
@@ -339,9 +362,10 @@ SCENARIOS: dict[str, Callable[[QwenConfig, torch.dtype, str, Shape], None]] = {
 
 
 def record_presets(presets: Sequence[str], dtypes: Sequence[str], shape: Shape,
-                   twins: Sequence[str] = TWINS) -> list[Launch]:
-    """Every launch of every scenario for each preset x dtype x twin, labelled ``preset/dtype/twin/scenario``."""
-    with record_launches() as launches:
+                   twins: Sequence[str] = TWINS, *, target: Target | None = None) -> list[Launch]:
+    """Every launch of every scenario for each preset x dtype x twin, labelled ``preset/dtype/twin/scenario``,
+    with the launch configs the wrappers choose on ``target`` (see :func:`record_launches`)."""
+    with record_launches(target) as launches:
         for preset in presets:
             for dtype in dtypes:
                 for twin in twins:
@@ -608,26 +632,29 @@ class Entry:
 
 @dataclass
 class Plan:
-    """Recorded launches grouped into distinct calls, and per target the distinct specialisations."""
+    """Per target, the launches recorded for it grouped into distinct calls, and their distinct
+    specialisations."""
 
-    launches: list[Launch]
+    launches: dict[str, list[Launch]]  # target name -> the launches recorded with that target's configs
     specs: dict[tuple, Specialisation] = field(default_factory=dict)  # (call, target) -> specialisation
     jobs: list[tuple[Specialisation, Launch]] = field(default_factory=list)  # one per (target, spec_id)
 
 
-def plan(launches: list[Launch], targets: Sequence[Target]) -> Plan:
-    """Specialise each distinct call once per target; one compile job per distinct specialisation."""
-    first: dict[tuple, Launch] = {}
-    for launch in launches:
-        first.setdefault(launch.call, launch)
+def plan(launches: dict[str, list[Launch]], targets: Sequence[Target]) -> Plan:
+    """Specialise each distinct call recorded for a target once for that target; one compile job per
+    distinct specialisation. ``launches`` maps each target's name to the launches recorded for it
+    (``record_presets(..., target=target)``: the launch configs may depend on the GPU)."""
     p = Plan(launches)
-    seen = set()
     for target in targets:
+        first: dict[tuple, Launch] = {}
+        for launch in launches[target.name]:
+            first.setdefault(launch.call, launch)
+        seen = set()
         for call, launch in first.items():
             spec = specialise(resolve_kernel(launch.kernel), launch.args, launch.kwargs, target)
             p.specs[(call, target.name)] = spec
-            if (target.name, spec.spec_id) not in seen:
-                seen.add((target.name, spec.spec_id))
+            if spec.spec_id not in seen:
+                seen.add(spec.spec_id)
                 p.jobs.append((spec, launch))
     return p
 
@@ -645,8 +672,8 @@ def build_entries(p: Plan, results: dict[tuple, CompileResult], targets: Sequenc
     """One judged row per compiled specialisation, with the launches (call sites, presets) that need it."""
     by_target = {t.name: t for t in targets}
     needs: dict[tuple, list[Launch]] = {}
-    for launch in p.launches:
-        for t in targets:
+    for t in targets:
+        for launch in p.launches[t.name]:
             spec = p.specs[(launch.call, t.name)]
             needs.setdefault((t.name, spec.spec_id), []).append(launch)
     entries = []
@@ -696,8 +723,10 @@ def format_table(entries: list[Entry]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
-def counts(entries: list[Entry], launches: list[Launch], targets: Sequence[Target]) -> dict:
-    out = {"launches_recorded": len(launches), "distinct_calls": len({x.call for x in launches}),
+def counts(entries: list[Entry], launches: dict[str, list[Launch]], targets: Sequence[Target]) -> dict:
+    """Totals, and per target; launches and distinct calls are counted per target (recorded once each)."""
+    out = {"launches_recorded": sum(len(launches[t.name]) for t in targets),
+           "distinct_calls": sum(len({x.call for x in launches[t.name]}) for t in targets),
            "specialisations": len(entries), "failures": sum(1 for e in entries if not e.result.ok),
            "with_problems": sum(1 for e in entries if e.problems),
            "spilling": sum(1 for e in entries if e.result.spill_stores or e.result.spill_loads),
@@ -706,6 +735,8 @@ def counts(entries: list[Entry], launches: list[Launch], targets: Sequence[Targe
         mine = [e for e in entries if e.target == t.name]
         biggest = max(mine, key=lambda e: e.result.shared or 0, default=None)
         out["per_target"][t.name] = {
+            "launches_recorded": len(launches[t.name]),
+            "distinct_calls": len({x.call for x in launches[t.name]}),
             "specialisations": len(mine),
             "compile_s": sum(e.result.compile_s for e in mine),
             "max_shared": biggest.result.shared if biggest else None,
@@ -724,14 +755,17 @@ def _cell(text: str) -> str:
 def format_markdown(payload: dict) -> str:
     """A short summary: versions, settings, counts, then per kernel and target the worst case."""
     c = payload["counts"]
+    chosen = payload["settings"].get("kernels")
+    only = f"; only the kernels {', '.join(map(_short_kernel, chosen))}" if chosen else ""
     lines = [
         f"# Ahead-of-time compile table (triton {payload['versions']['triton']})", "",
         f"Regenerate: `{payload['command']}` (torch {payload['versions']['torch']}, ptxas "
         f"{payload['versions']['ptxas']}, commit {payload['commit'] or 'unknown'}).", "",
         f"Presets {', '.join(payload['settings']['presets'])}; dtypes {', '.join(payload['settings']['dtypes'])}; "
         f"deterministic and atomic twins; the causal LM (forward + backward, one layer) and padded attention at "
-        f"batch {payload['settings']['batch']} x seq {payload['settings']['seq']}.", "",
-        f"{c['launches_recorded']} launches recorded, {c['distinct_calls']} distinct calls, "
+        f"batch {payload['settings']['batch']} x seq {payload['settings']['seq']}{only}.", "",
+        f"{c['launches_recorded']} launches recorded (once per target, with the launch configs the wrappers choose "
+        f"there), {c['distinct_calls']} distinct calls, "
         f"{c['specialisations']} specialisations compiled in {payload['wall_s']:.0f} s with "
         f"{payload['settings']['jobs']} jobs ({c['cache_hits']} Triton cache hits): {c['failures']} failed, "
         f"{c['spilling']} spill, {c['with_problems']} with problems.", "",
@@ -878,6 +912,24 @@ def _csv(text: str, known: Sequence[str], what: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def select_kernels(text: str) -> tuple[str, ...]:
+    """``--kernels``: the full names (``kernels.module.name``) of the kernels each comma-separated item
+    names, as a module (``attention``), a kernel (``_attn_bwd_dq_kernel``) or both
+    (``attention._attn_bwd_dq_kernel``, with or without the ``kernels.`` prefix)."""
+    known = sorted(discover_kernels())
+    items = tuple(x.strip().removeprefix("kernels.") for x in text.split(",") if x.strip())
+    if not items:
+        raise _BadInput("--kernels: empty list; name a module (attention) or a kernel (_attn_bwd_dq_kernel)")
+    chosen: dict[str, None] = {}
+    for item in items:
+        hits = [k for k in known if item in (k.split(".")[1], k.split(".")[2], k.removeprefix("kernels."))]
+        if not hits:
+            raise _BadInput(f"--kernels: no kernel or module {item!r}; kernels: "
+                            f"{', '.join(_short_kernel(k) for k in known)}")
+        chosen.update(dict.fromkeys(hits))
+    return tuple(chosen)
+
+
 def _writable_file(path_text: str, flag: str) -> Path:
     path = Path(path_text)
     if path.is_dir():
@@ -914,6 +966,9 @@ def _parser() -> argparse.ArgumentParser:
                                      f"{','.join(DEFAULT_TARGETS)}; with --subset {','.join(SUBSET_TARGETS)})")
     p.add_argument("--presets", help=f"comma-separated qwen_layers presets (default: {','.join(REAL_PRESETS)})")
     p.add_argument("--dtypes", help=f"comma-separated, from {', '.join(DTYPES)} (default: all)")
+    p.add_argument("--kernels", metavar="NAME,...",
+                   help="compile only these kernels: a module (attention), a kernel (_attn_bwd_dq_kernel) or "
+                        "both (attention._attn_bwd_dq_kernel); the launches are recorded as usual (default: all)")
     p.add_argument("--subset", action="store_true",
                    help=f"CI: preset {','.join(SUBSET_PRESETS)}, {','.join(SUBSET_DTYPES)}, both twins, "
                         f"{','.join(SUBSET_TARGETS)} unless --targets says otherwise: every kernel compiled at least "
@@ -1008,6 +1063,7 @@ def _validate(args) -> dict:
         "dtypes": _csv(args.dtypes, list(DTYPES), "dtypes") if args.dtypes is not None
         else (SUBSET_DTYPES if args.subset else tuple(DTYPES)),
     }
+    cfg["kernels"] = select_kernels(args.kernels) if args.kernels is not None else None
     if args.jobs < 1:
         raise _BadInput(f"--jobs {args.jobs}: need at least 1")
     if args.batch < 1 or args.seq < 2:
@@ -1055,12 +1111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = [TARGETS[t] for t in cfg["targets"]]
     shape = Shape(args.batch, args.seq)
     t0 = time.perf_counter()
-    launches = record_presets(cfg["presets"], cfg["dtypes"], shape)
+    wanted = cfg["kernels"] or tuple(discover_kernels())
+    launches = {t.name: [x for x in record_presets(cfg["presets"], cfg["dtypes"], shape, target=t) if x.kernel in wanted]
+                for t in targets}
     p = plan(launches, targets)
     record_s = time.perf_counter() - t0
-    uncovered = sorted(set(discover_kernels()) - {x.kernel for x in launches})
-    progress(f"recorded {len(launches)} launches ({len({x.call for x in launches})} distinct calls) in "
-             f"{record_s:.1f} s; compiling {len(p.jobs)} specialisations for {', '.join(cfg['targets'])} with "
+    uncovered = sorted(set(wanted) - {x.kernel for per_target in launches.values() for x in per_target})
+    recorded = ", ".join(f"{len(xs)} for {name} ({len({x.call for x in xs})} distinct calls)"
+                         for name, xs in launches.items())
+    progress(f"recorded {recorded} in {record_s:.1f} s; compiling {len(p.jobs)} specialisations with "
              f"{args.jobs} job(s)")
     try:
         results = compile_all(p, args.jobs, cfg["cache_dir"], args.binary_only, progress)
@@ -1079,7 +1138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": [asdict(t) for t in targets],
         "settings": {"presets": list(cfg["presets"]), "dtypes": list(cfg["dtypes"]), "twins": list(TWINS),
                      "scenarios": list(SCENARIOS), "batch": shape.batch, "seq": shape.seq,
-                     "padded_lengths": shape.padded_lengths(), "subset": args.subset, "jobs": args.jobs,
+                     "padded_lengths": shape.padded_lengths(), "subset": args.subset,
+                     "kernels": list(cfg["kernels"]) if cfg["kernels"] else None, "jobs": args.jobs,
                      "cache_dir": cfg["cache_dir"], "binary_only": args.binary_only},
         "wall_s": wall, "record_s": record_s,
         "counts": counts(entries, launches, targets),

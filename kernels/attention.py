@@ -20,8 +20,9 @@ The atomic twin (``triton-atomic``) runs the same dK/dV kernel with ``ATOMIC_DQ`
 FlashAttention-2's default backward does, so on a GPU dQ depends on the order programs finish in.
 Everything else, forward included, is the same code.
 
-Block sizes, warps and stages are fixed per (head dim, dtype) in :data:`CONFIGS` (chosen for sm_90,
-no autotuning; :func:`config_for` returns the one a call uses, so results can record it). No program
+Block sizes, warps and stages are fixed per (head dim, dtype) and GPU generation (no autotuning):
+:data:`CONFIGS` from compute capability 9 on (chosen for sm_90), :data:`CONFIGS_SM80` below;
+:func:`config_for` returns the one a call uses, so results can record it. No program
 reads another sequence's data and nothing depends on the batch size, so a sequence's result is
 bitwise the same whatever batch it is in.
 
@@ -52,9 +53,12 @@ another there, so atomics are deterministic on CPU).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import weakref
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 
@@ -376,23 +380,34 @@ def _cfg(fwd, dkdv, dq) -> AttentionConfig:
     return AttentionConfig(*fwd, *dkdv, *dq)
 
 
-# (head_dim, dtype) -> config, for Hopper (sm_90, H200). Tuples are (block_m, block_n, num_warps,
-# num_stages). Chosen, not timed: no GPU was at hand, so every kernel variant (causal or not, padded
-# or not, atomic or not) was compiled offline for sm_90a with Triton 3.8 and the config kept when
-# ptxas reported at most ~50 bytes of register spills. 16-bit inputs run on wgmma; their forward keeps
-# the 128-row query tile of the Triton tutorial. float32 inputs use IEEE (FMA) dots, whose operands live
-# in registers, hence the small tiles. Under the CPU interpreter warps and stages are ignored; the block
-# sizes still apply.
+# (head_dim, dtype) -> config, for Hopper (sm_90, H200) and every GPU of compute capability 9 and above.
+# Tuples are (block_m, block_n, num_warps, num_stages). Chosen, not timed: no GPU was at hand. 16-bit
+# inputs run on wgmma; their forward keeps the 128-row query tile of the Triton tutorial. float32
+# inputs use IEEE (FMA) dots, whose operands live in registers, hence the small tiles. Under the CPU
+# interpreter warps and stages are ignored; the block sizes still apply.
 #
-# Shared memory per program (an sm_90 block may use up to 227 KiB; less leaves room for a second block
-# per SM). Counted by hand from the block sizes, every tile a program loads times num_stages, the 16-bit
-# head-dim-128 forward needs Q 128x128x2 B = 32 KiB plus 3 stages x (K + V, 2 x 64x128x2 B = 32 KiB)
-# = 128 KiB, and its dK/dV kernel K + V 2 x 64x128x2 B = 32 KiB plus 3 stages x (Q + dO, 2 x 16x128x2 B
-# = 8 KiB) = 56 KiB. What Triton 3.8 actually allocates (``triton.compile`` for sm_90a, metadata.shared)
-# is SHARED_KIB_SM90 below: 64 KiB for that forward (the same for num_stages 1 to 4: as compiled, its
-# key loop is not multi-buffered, so Q, K and V are held once each) and 56.25 KiB for that dK/dV (the
-# atomic and padded variants; 40.25 KiB for the deterministic one). The largest is 68 KiB, the float32
-# head-dim-128 dQ kernel. tests/test_kernel_attention.py compiles the kernels and checks these numbers.
+# No register spills: `python -m kernels.aot` compiles every variant the wrappers launch at Qwen shapes
+# (causal, padded or not, deterministic or atomic) for sm_80 and sm_90a and fails on any spill, with
+# Triton 3.6 and 3.8 (results/aot-triton*.md). ptxas trades a few bytes of spills for occupancy near its
+# register targets, differently per Triton version and architecture, so the float32 backward needed
+# these changes (in brackets the spill stores per thread before):
+#   dQ, head dims 64 and 128: 4 warps and 3 stages (were 4 warps 2 stages at 64, spilling 4 B on sm_80
+#     with Triton 3.6; 8 warps 2 stages at 128, spilling up to 20 B on sm_90a and 12 B on sm_80).
+#     The delta pre-pass runs with dq_warps: its row sum keeps its order (warps only split the rows).
+#   dK/dV, head dim 64: 8 warps (were 4: up to 16 B on sm_90a and 20 B on sm_80 with Triton 3.8);
+#     sm_80 also needs block_n 16 (CONFIGS_SM80).
+#   dK/dV, head dim 128: 16x16 tiles, 4 warps, 1 stage on sm_90 (were 32x16, 8 warps, 2 stages: up to
+#     12 B on sm_90a and 24 B on sm_80); 32x16, 8 warps, 1 stage on sm_80 (CONFIGS_SM80).
+# No single config for the dK/dV kernel was free of spills on both architectures with both Triton
+# versions (block sizes 16 to 64, 2 to 16 warps and 1 to 3 stages were tried, not every combination),
+# hence CONFIGS_SM80. On the GPU none of these changes should change the reduction order: warps and
+# stages only schedule, and each accumulating dot takes its accumulator (dv = tl.dot(p, do, dv) in
+# Triton's IR), so a float32 dK, dV or dQ element is one FMA chain over the queries or keys in order,
+# whatever the block sizes cut it into; a block that only adds masked-out zeros may be visited or not.
+# (Reasoned from the IR, not compared bit for bit on a GPU: none was at hand. Under the CPU interpreter,
+# whose dots are numpy products added to the accumulator, the block sizes do change the bits.) The
+# atomic twin's dQ partials are grouped by the dK/dV kernel's block_n, so its run-dependent sums are
+# grouped differently.
 _CFG16 = {
     16: _cfg((64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     64: _cfg((128, 64, 8, 3), (32, 64, 8, 3), (64, 64, 8, 3)),
@@ -400,33 +415,83 @@ _CFG16 = {
 }
 _CFG32 = {
     16: _cfg((64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
-    64: _cfg((32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
-    128: _cfg((32, 16, 8, 2), (32, 16, 8, 2), (32, 32, 8, 2)),
+    64: _cfg((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 3)),
+    128: _cfg((32, 16, 8, 2), (16, 16, 4, 1), (32, 32, 4, 3)),
 }
-# (head dim, bytes per element) -> KiB of shared memory of (forward, dK/dV, dQ) as Triton 3.8 compiles them
-# for sm_90a, the largest over the causal/full, padded/unpadded and deterministic/atomic variants (float16
-# and bfloat16 alike). A record of the configs above, not a limit anything enforces.
+# Compute capability 8.x and below (A100): Hopper's configs but for the float32 dK/dV kernel.
+_CFG32_SM80 = {
+    **_CFG32,
+    64: _cfg((32, 32, 4, 2), (16, 16, 8, 2), (32, 32, 4, 3)),
+    128: _cfg((32, 16, 8, 2), (32, 16, 8, 1), (32, 32, 4, 3)),
+}
+# Shared memory per program, sm_90a (an sm_90 block may use up to 227 KiB; less leaves room for a
+# second block per SM). Counted by hand from the block sizes, Q (and dO) once plus num_stages copies
+# of the tiles the loop loads, the 16-bit head-dim-128 forward needs Q 128x128x2 B = 32 KiB plus 3
+# stages x (K + V, 2 x 64x128x2 B = 32 KiB) = 128 KiB, its dK/dV kernel K + V 2 x 64x128x2 B = 32 KiB
+# plus 3 stages x (Q + dO, 2 x 16x128x2 B = 8 KiB) = 56 KiB, and its dQ kernel Q + dO 2 x 64x128x2 B =
+# 32 KiB plus 3 stages x (K + V, 2 x 16x128x2 B = 8 KiB) = 56 KiB. That is what Triton 3.6 and 3.8
+# allocate for the launches the wrappers make (16-byte aligned pointers, lengths that are multiples
+# of 16, warp size 32: the loop's loads are pipelined): 128, 56.25 and 56 KiB, and 80.25 KiB for the
+# atomic twin's dK/dV kernel (it also adds dQ). Compiled without the divisibility attributes, as an
+# earlier version of the test below did, the loads are not pipelined and about half is allocated.
+# float32 (FMA dots) allocates less than such a count. SHARED_KIB_SM90 below has every figure, the same
+# with Triton 3.6 and 3.8; the largest is 128 KiB, the 16-bit head-dim-128 forward.
+# tests/test_kernel_attention.py checks them by compiling, for sm_90a, the launches kernels.aot
+# records from the real wrappers.
+#
+# (head dim, bytes per element) -> KiB of shared memory of (forward, dK/dV, dQ) on sm_90a, the largest
+# over the padded/unpadded and deterministic/atomic variants of the causal launches (float16 and
+# bfloat16 alike), at Qwen's head dims. A record of the configs above, not a limit anything enforces.
 SHARED_KIB_SM90: dict[tuple[int, int], tuple[float, float, float]] = {
-    (16, 2): (6.0, 5.25, 4.0),
-    (64, 2): (32.0, 32.5, 32.0),
-    (128, 2): (64.0, 56.25, 40.0),
-    (16, 4): (28.0, 12.25, 12.0),
-    (64, 4): (28.125, 28.125, 36.0),
-    (128, 4): (34.125, 56.25, 68.0),
+    (64, 2): (64.0, 56.5, 64.0),
+    (128, 2): (128.0, 80.25, 56.0),
+    (64, 4): (28.125, 26.125, 52.0),
+    (128, 4): (34.125, 33.0, 100.0),
 }
 CONFIGS: dict[tuple[int, torch.dtype], AttentionConfig] = {
     **{(d, torch.float16): c for d, c in _CFG16.items()},
     **{(d, torch.bfloat16): c for d, c in _CFG16.items()},
     **{(d, torch.float32): c for d, c in _CFG32.items()},
 }
+CONFIGS_SM80: dict[tuple[int, torch.dtype], AttentionConfig] = {
+    **CONFIGS,
+    **{(d, torch.float32): c for d, c in _CFG32_SM80.items()},
+}
 HEAD_DIMS = tuple(sorted({d for d, _ in CONFIGS}))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def config_for(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
-    """The fixed launch config used for this head dim and dtype (ValueError if unsupported)."""
+# The compute capability a launch's config is chosen for: on CUDA the device's own; on other devices (the
+# CPU interpreter, kernels.aot recording launches on meta and CPU tensors) the one assume_capability()
+# set in this context, by default Hopper's.
+_ASSUMED_CAPABILITY: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar(
+    "kernels_attention_capability", default=(9, 0))
+
+
+@contextlib.contextmanager
+def assume_capability(capability: tuple[int, int]) -> Iterator[None]:
+    """Within the block, in this context only, launches on non-CUDA tensors use the configs of a GPU of
+    compute capability ``capability`` (major, minor); kernels.aot records each target's launches so.
+    CUDA tensors always use their own device's."""
+    token = _ASSUMED_CAPABILITY.set(tuple(capability))
     try:
-        return CONFIGS[(head_dim, dtype)]
+        yield
+    finally:
+        _ASSUMED_CAPABILITY.reset(token)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The (major, minor) compute capability a launch on ``device`` chooses its config for."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return _ASSUMED_CAPABILITY.get()
+
+
+def config_for(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> AttentionConfig:
+    """The fixed launch config for this head dim and dtype on a GPU of compute capability ``capability``
+    (:data:`CONFIGS` from 9.0 on, :data:`CONFIGS_SM80` below; ValueError if unsupported)."""
+    try:
+        return (CONFIGS_SM80 if capability[0] < 9 else CONFIGS)[(head_dim, dtype)]
     except KeyError:
         if dtype not in DTYPES:
             raise ValueError(
@@ -641,13 +706,13 @@ class FlashAttentionFunction(torch.autograd.Function):
 def flash_attention(q, k, v, *, scale, causal=True, attn_mask=None, atomic=False, config=None):
     """Attention through the Triton kernels; ``atomic`` picks the twin, ``config`` overrides the launch config.
 
-    ``config=None`` uses :func:`config_for` (the fixed, recorded choice). Passing another
+    ``config=None`` uses :func:`config_for` for the device (the fixed, recorded choice). Passing another
     :class:`AttentionConfig` changes the block sizes and hence the reduction order (tests use small
     blocks to exercise many tiles on short sequences).
     """
     _check_inputs(q, k, v, scale)
     b, _, s, d = q.shape
-    cfg = config_for(d, q.dtype) if config is None else config
+    cfg = config_for(d, q.dtype, device_capability(q.device)) if config is None else config
     if not isinstance(cfg, AttentionConfig):
         raise ValueError(f"attention (triton): config must be an AttentionConfig, got {type(cfg).__name__}")
     keep = kv_lo = kv_hi = None

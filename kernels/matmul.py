@@ -5,7 +5,8 @@
 are flattened into M rows.
 
 Deterministic kernel (backend ``triton``)
-    One fixed tile configuration per dtype (:data:`CONFIGS`, no autotuning), no split-K: each output
+    One fixed tile configuration per dtype and GPU generation (:func:`config_for`: :data:`CONFIGS`
+    from compute capability 9 on, :data:`CONFIGS_SM80` below; no autotuning), no split-K: each output
     tile is owned by one program, which walks K from 0 upwards in ``block_k`` steps into a float32
     accumulator and rounds once at the end (after adding the bias). Nothing in that order depends on
     M, so row i of ``x @ weight.T`` is bitwise the same whatever other rows share the batch (batch
@@ -28,14 +29,17 @@ Inputs that are not contiguous are copied to contiguous memory first (the leadin
 flattened with ``reshape``); the kernels themselves take strides, so transposed views of contiguous
 tensors (``weight.T``, ``dY.T``) are read in place.
 
-What the reduction order depends on: the dtype's :class:`TileConfig` only (block sizes, and for the
-twin ``split_k``); not the SM count, not M. ``num_warps``/``num_stages`` change scheduling, not the
-order of additions within an accumulator.
+What the reduction order depends on: the :class:`TileConfig` the dtype and the device's compute
+capability select (block sizes, and for the twin ``split_k``); not the SM count, not M.
+``num_warps``/``num_stages`` change scheduling, not the order of additions within an accumulator.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import torch
 
@@ -67,18 +71,75 @@ class TileConfig:
         return asdict(self)
 
 
-# Chosen for Hopper (H200, 228 KiB shared memory per SM). 16-bit: a 128x256x64 tile with 8 warps and
-# 3 stages uses 3 * (128*64 + 64*256) * 2 B = 144 KiB of shared memory and runs on the wgmma tensor
-# cores. float32: "ieee" so the result is a true float32 product like eager PyTorch's default
-# (torch.backends.cuda.matmul.allow_tf32 is False), computed with FMAs, so a smaller tile.
+# Chosen for Hopper (H200, 228 KiB shared memory per SM); used on every GPU of compute capability 9
+# and above. 16-bit: a 128x256x64 tile with 8 warps and 3 stages uses 3 * (128*64 + 64*256) * 2 B =
+# 144 KiB of shared memory and runs on the wgmma tensor cores. float32: "ieee" so the result is a true
+# float32 product like eager PyTorch's default (torch.backends.cuda.matmul.allow_tf32 is False),
+# computed with FMAs, so a smaller tile.
+#
+# float32: block_k 16 and 4 stages (was block_k 32, 3 stages). With block_k 32 Triton 3.8's ptxas
+# spilled on sm_80 at 255 registers, in the deterministic kernel (328 B and 64 B) and the split-K twin
+# (428 B): an FMA dot keeps its whole block_k slice of A and B in registers. With block_k 16 nothing
+# spills on sm_80 or sm_90a with Triton 3.6 or 3.8 (128-168 registers). On the GPU the reduction
+# order should be the same: the dot takes the accumulator (acc = tl.dot(a, b, acc)), so each output
+# element stays one FMA chain over K in index order whatever block_k cuts it into (reasoned, not
+# compared bit for bit on a GPU; under the CPU interpreter, whose dots are numpy products added to the
+# accumulator, block_k does change the bits). The split-K twin's part boundaries (whole block_k
+# steps) can move.
 CONFIGS: dict[torch.dtype, TileConfig] = {
     torch.bfloat16: TileConfig(128, 256, 64, 8, num_warps=8, num_stages=3, input_precision="tf32",
                                split_k=4, sum_block_m=64, sum_block_n=128),
     torch.float16: TileConfig(128, 256, 64, 8, num_warps=8, num_stages=3, input_precision="tf32",
                               split_k=4, sum_block_m=64, sum_block_n=128),
-    torch.float32: TileConfig(64, 64, 32, 8, num_warps=4, num_stages=3, input_precision="ieee",
+    torch.float32: TileConfig(64, 64, 16, 8, num_warps=4, num_stages=4, input_precision="ieee",
                               split_k=4, sum_block_m=32, sum_block_n=128),
 }
+
+# Compute capability 8.x and below (A100; A10, L4 and RTX 30xx/40xx too, whose 99 KiB of shared memory
+# the 64 KiB tile fits). 16-bit: 128x128 instead of Hopper's 128x256, the same block_k, warps and
+# stages. With 128x256, Triton 3.8's ptxas spilled about 1.2 KB per thread in the split-K twin on sm_80
+# (254 registers: before sm_90 there is no vector float atomic, so the epilogue adds the thread's 128
+# accumulators one by one, each at its own 64-bit address), and the deterministic kernel used 243 of
+# 255 registers (255 with Triton 3.6). With 128x128 both twins use at most 222 registers with either
+# Triton, no spills, and keep one tile. The reduction order is Hopper's tile's: block_n only splits
+# the output columns among programs.
+CONFIGS_SM80: dict[torch.dtype, TileConfig] = {
+    torch.bfloat16: TileConfig(128, 128, 64, 8, num_warps=8, num_stages=3, input_precision="tf32",
+                               split_k=4, sum_block_m=64, sum_block_n=128),
+    torch.float16: TileConfig(128, 128, 64, 8, num_warps=8, num_stages=3, input_precision="tf32",
+                              split_k=4, sum_block_m=64, sum_block_n=128),
+    torch.float32: CONFIGS[torch.float32],
+}
+
+# The compute capability a launch's tile is chosen for: on CUDA the device's own; on other devices (the
+# CPU interpreter, kernels.aot recording launches on meta tensors) the one assume_capability() set in
+# this context, by default Hopper's.
+_ASSUMED_CAPABILITY: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar(
+    "kernels_matmul_capability", default=(9, 0))
+
+
+@contextlib.contextmanager
+def assume_capability(capability: tuple[int, int]) -> Iterator[None]:
+    """Within the block, in this context only, launches on non-CUDA tensors use the tiles of a GPU of
+    compute capability ``capability`` (major, minor); kernels.aot records each target's launches so.
+    CUDA tensors always use their own device's."""
+    token = _ASSUMED_CAPABILITY.set(tuple(capability))
+    try:
+        yield
+    finally:
+        _ASSUMED_CAPABILITY.reset(token)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The (major, minor) compute capability a launch on ``device`` chooses its tile for."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return _ASSUMED_CAPABILITY.get()
+
+
+def config_for(dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> TileConfig:
+    """The pinned tile of ``dtype`` on a GPU of compute capability ``capability`` (KeyError: no tile)."""
+    return (CONFIGS_SM80 if capability[0] < 9 else CONFIGS)[dtype]
 
 # -------------------------------------------------------------------------------------------------
 # forward kernels (C = A @ B [+ bias]; the backward products reuse them with other strides)
@@ -253,9 +314,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
            out_dtype: torch.dtype | None = None, config: TileConfig | None = None) -> torch.Tensor:
     """``a @ b (+ bias)`` for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides, deterministic kernel.
 
-    ``config`` defaults to ``CONFIGS[a.dtype]``; tests pass small tiles to exercise many tiles.
+    ``config`` defaults to the device's tile (:func:`config_for`); tests pass small tiles to exercise many tiles.
     """
-    cfg = config or CONFIGS[a.dtype]
+    cfg = config or config_for(a.dtype, device_capability(a.device))
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty(M, N, dtype=out_dtype or a.dtype, device=a.device)
@@ -275,7 +336,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
 def matmul_atomic(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
                   out_dtype: torch.dtype | None = None, config: TileConfig | None = None) -> torch.Tensor:
     """``a @ b (+ bias)`` split ``config.split_k`` ways along K, parts added with atomics (twin)."""
-    cfg = config or CONFIGS[a.dtype]
+    cfg = config or config_for(a.dtype, device_capability(a.device))
     M, K = a.shape
     N = b.shape[1]
     out_dtype = out_dtype or a.dtype
@@ -299,7 +360,7 @@ def matmul_atomic(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = 
 
 def column_sum(g: torch.Tensor, out_dtype: torch.dtype, config: TileConfig | None = None) -> torch.Tensor:
     """Sum of the rows of 2-D ``g`` in a fixed order (the bias gradient), deterministic kernel."""
-    cfg = config or CONFIGS[g.dtype]
+    cfg = config or config_for(g.dtype, device_capability(g.device))
     M, N = g.shape
     out = torch.empty(N, dtype=out_dtype, device=g.device)
     if N == 0:
@@ -312,7 +373,7 @@ def column_sum(g: torch.Tensor, out_dtype: torch.dtype, config: TileConfig | Non
 
 def column_sum_atomic(g: torch.Tensor, out_dtype: torch.dtype, config: TileConfig | None = None) -> torch.Tensor:
     """Sum of the rows of ``g``, row ranges added with atomics (twin)."""
-    cfg = config or CONFIGS[g.dtype]
+    cfg = config or config_for(g.dtype, device_capability(g.device))
     M, N = g.shape
     out = torch.zeros(N, dtype=torch.float32, device=g.device)
     if N == 0:

@@ -8,6 +8,7 @@ only the compile goes to a child process without TRITON_INTERPRET.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import json
@@ -129,6 +130,70 @@ def test_recording_is_scoped():
         rmsnorm(torch.empty(4, 8, device="meta"), torch.empty(8, device="meta"), 1e-6)
 
 
+def _linear_tile(launches) -> tuple:
+    kw = _kwargs(next(x for x in launches if x.kernel.endswith("._matmul_kernel")))
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]
+
+
+def test_recording_for_a_target_uses_that_gpus_launch_configs():
+    """The wrappers choose some configs by compute capability (kernels.matmul, kernels.attention): recorded
+    for sm_80 they pick the sm_80 tables, for sm_90a (and with no target, as off CUDA) Hopper's; only for
+    the block, and in this context only."""
+    from kernels import attention as ka
+    from kernels import matmul as mm
+
+    def record(target, dtype=torch.bfloat16):
+        x = torch.empty(64, 896, dtype=dtype, device="meta", requires_grad=True)
+        w = torch.empty(128, 896, dtype=dtype, device="meta", requires_grad=True)
+        q, k, v = _qkv("meta", d=128, dtype=dtype)
+        with aot.record_launches(target) as launches:
+            mm.linear(x, w).sum().backward()
+            o = attention(q, k, v, scale=0.125)
+            o.backward(torch.empty_like(o))
+        return launches
+
+    def dkdv(launches) -> tuple:
+        kw = _kwargs(next(x for x in launches if x.kernel.endswith("_dkdv_kernel")))
+        return kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]
+
+    a100, h100, default = record(A100), record(H100), record(None)
+    sm80, sm90 = mm.config_for(torch.bfloat16, (8, 0)), mm.CONFIGS[torch.bfloat16]
+    assert _linear_tile(a100) == (sm80.block_m, sm80.block_n, sm80.block_k, sm80.num_warps, sm80.num_stages)
+    assert _linear_tile(h100) == _linear_tile(default) == (sm90.block_m, sm90.block_n, sm90.block_k,
+                                                           sm90.num_warps, sm90.num_stages)
+    assert sm80.block_n != sm90.block_n  # 16-bit: 128x128 on sm_80, 128x256 on Hopper
+    a100, h100 = record(A100, torch.float32), record(H100, torch.float32)
+    for launches, table in ((a100, ka.CONFIGS_SM80), (h100, ka.CONFIGS)):
+        c = table[(128, torch.float32)]
+        assert dkdv(launches) == (c.dkdv_block_m, c.dkdv_block_n, c.dkdv_warps, c.dkdv_stages)
+    assert dkdv(a100) != dkdv(h100)
+    for module in (mm, ka):  # scoped: nothing assumed after the blocks
+        assert module.device_capability(torch.device("meta")) == (9, 0)
+
+
+def test_assumed_capability_is_per_context_and_never_for_cuda_tensors():
+    from kernels import matmul as mm
+
+    with mm.assume_capability((8, 0)):
+        assert mm.device_capability(torch.device("cpu")) == (8, 0)
+        assert contextvars.copy_context().run(mm.device_capability, torch.device("cpu")) == (8, 0)
+        assert contextvars.Context().run(mm.device_capability, torch.device("cpu")) == (9, 0)  # another context
+        if torch.cuda.is_available():
+            assert mm.device_capability(torch.device("cuda")) == torch.cuda.get_device_capability()
+    assert mm.config_for(torch.float32, (8, 0)) is mm.config_for(torch.float32, (9, 0))  # float32: one tile
+    assert mm.config_for(torch.float16, (8, 6)) is mm.CONFIGS_SM80[torch.float16]
+    assert mm.config_for(torch.float16, (10, 0)) is mm.CONFIGS[torch.float16]
+
+
+def test_select_kernels_by_module_kernel_or_both():
+    assert aot.select_kernels("rmsnorm") == ("kernels.rmsnorm._dw_reduce_kernel", "kernels.rmsnorm._rmsnorm_bwd_kernel",
+                                             "kernels.rmsnorm._rmsnorm_fwd_kernel")
+    assert aot.select_kernels("_attn_bwd_dq_kernel, kernels.matmul._matmul_kernel,attention._attn_bwd_dq_kernel") == (
+        "kernels.attention._attn_bwd_dq_kernel", "kernels.matmul._matmul_kernel")
+    with pytest.raises(aot._BadInput, match="no kernel or module 'attn'; kernels: attention._attn_bwd_delta_kernel"):
+        aot.select_kernels("attn")
+
+
 # ------------------------------------------------------------------------------------------------
 # judging a compile
 # ------------------------------------------------------------------------------------------------
@@ -171,11 +236,11 @@ def test_a_fabricated_bad_result_makes_the_table_exit_nonzero():
     """build_entries judges every compile result; one bad row is a problem entry (main returns 1 then)."""
     launch = aot.Launch("kernels.matmul._matmul_kernel", (), (), (1,), "p/bf16/deterministic/model", "forward")
     spec = aot.Specialisation("kernels.matmul._matmul_kernel", "sm_80", "abc", {}, {}, (), (), 8, 3)
-    plan = aot.Plan([launch], {(launch.call, "sm_80"): spec}, [(spec, launch)])
+    plan = aot.Plan({"sm_80": [launch]}, {(launch.call, "sm_80"): spec}, [(spec, launch)])
     (entry,) = aot.build_entries(plan, {("sm_80", "abc"): _result(target="sm_80", spec_id="abc", shared=200000)},
                                  [A100])
     assert entry.problems and entry.presets == ["p"] and entry.call_sites == ["p/bf16/deterministic/model/forward"]
-    assert aot.counts([entry], [launch], [A100])["with_problems"] == 1
+    assert aot.counts([entry], {"sm_80": [launch]}, [A100])["with_problems"] == 1
 
 
 def test_ptxas_log_parsing():
@@ -252,6 +317,8 @@ def test_relocate_keeps_every_file_without_binary_only(tmp_path):
     (["--jobs", "0"], "--jobs 0: need at least 1"),
     (["--json", "/nonexistent-aot-dir/t.json"], "folder /nonexistent-aot-dir does not exist"),
     (["--binary-only"], "--binary-only needs --cache-dir"),
+    (["--kernels", "rms"], "--kernels: no kernel or module 'rms'"),
+    (["--kernels", ","], "--kernels: empty list"),
     (["--relocate-cache", "/nonexistent-aot-cache"], "no such folder"),
 ])
 def test_bad_input_exits_2_with_one_message(argv, message, capsys):
