@@ -31,6 +31,32 @@ def recording_launches() -> Iterator[None]:
         _RECORDING.reset(token)
 
 
+# The compute capability a launch's config is chosen for: on CUDA the device's own; on other devices (the
+# CPU interpreter, kernels.aot recording launches on meta and CPU tensors) the one assume_capability()
+# set in this context, by default Hopper's.
+_ASSUMED_CAPABILITY: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar(
+    "kernels_assumed_capability", default=(9, 0))
+
+
+@contextlib.contextmanager
+def assume_capability(capability: tuple[int, int]) -> Iterator[None]:
+    """Within the block, in this context only, launches on non-CUDA tensors use the configs of a GPU of
+    compute capability ``capability`` (major, minor); kernels.aot records each target's launches so.
+    CUDA tensors always use their own device's."""
+    token = _ASSUMED_CAPABILITY.set(tuple(capability))
+    try:
+        yield
+    finally:
+        _ASSUMED_CAPABILITY.reset(token)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The (major, minor) compute capability a launch on ``device`` chooses its config for."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return _ASSUMED_CAPABILITY.get()
+
+
 def triton_available(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else the reason."""
     try:

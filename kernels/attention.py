@@ -53,16 +53,13 @@ another there, so atomics are deterministic on CPU).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 
-from kernels._common import check_device, register_twins
+from kernels._common import assume_capability, check_device, device_capability, register_twins  # noqa: F401
 
 try:
     import triton
@@ -461,30 +458,8 @@ HEAD_DIMS = tuple(sorted({d for d, _ in CONFIGS}))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# The compute capability a launch's config is chosen for: on CUDA the device's own; on other devices (the
-# CPU interpreter, kernels.aot recording launches on meta and CPU tensors) the one assume_capability()
-# set in this context, by default Hopper's.
-_ASSUMED_CAPABILITY: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar(
-    "kernels_attention_capability", default=(9, 0))
-
-
-@contextlib.contextmanager
-def assume_capability(capability: tuple[int, int]) -> Iterator[None]:
-    """Within the block, in this context only, launches on non-CUDA tensors use the configs of a GPU of
-    compute capability ``capability`` (major, minor); kernels.aot records each target's launches so.
-    CUDA tensors always use their own device's."""
-    token = _ASSUMED_CAPABILITY.set(tuple(capability))
-    try:
-        yield
-    finally:
-        _ASSUMED_CAPABILITY.reset(token)
-
-
-def device_capability(device: torch.device) -> tuple[int, int]:
-    """The (major, minor) compute capability a launch on ``device`` chooses its config for."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
-    return _ASSUMED_CAPABILITY.get()
+# assume_capability / device_capability (kernels._common): the compute capability a launch's config is chosen
+# for, re-exported here for callers that enter it per module (kernels.aot).
 
 
 def config_for(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> AttentionConfig:

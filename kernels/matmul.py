@@ -36,14 +36,12 @@ capability select (block sizes, and for the twin ``split_k``); not the SM count,
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 
 from . import _common
+from ._common import assume_capability, device_capability  # noqa: F401  (re-exported: kernels.aot enters it per module)
 
 try:
     import triton
@@ -111,30 +109,8 @@ CONFIGS_SM80: dict[torch.dtype, TileConfig] = {
     torch.float32: CONFIGS[torch.float32],
 }
 
-# The compute capability a launch's tile is chosen for: on CUDA the device's own; on other devices (the
-# CPU interpreter, kernels.aot recording launches on meta tensors) the one assume_capability() set in
-# this context, by default Hopper's.
-_ASSUMED_CAPABILITY: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar(
-    "kernels_matmul_capability", default=(9, 0))
-
-
-@contextlib.contextmanager
-def assume_capability(capability: tuple[int, int]) -> Iterator[None]:
-    """Within the block, in this context only, launches on non-CUDA tensors use the tiles of a GPU of
-    compute capability ``capability`` (major, minor); kernels.aot records each target's launches so.
-    CUDA tensors always use their own device's."""
-    token = _ASSUMED_CAPABILITY.set(tuple(capability))
-    try:
-        yield
-    finally:
-        _ASSUMED_CAPABILITY.reset(token)
-
-
-def device_capability(device: torch.device) -> tuple[int, int]:
-    """The (major, minor) compute capability a launch on ``device`` chooses its tile for."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
-    return _ASSUMED_CAPABILITY.get()
+# assume_capability / device_capability (kernels._common): the compute capability a launch's tile is chosen
+# for, re-exported here for callers that enter it per module (kernels.aot).
 
 
 def config_for(dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> TileConfig:
