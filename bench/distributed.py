@@ -52,11 +52,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from bench.data import SFTBatch, batch_for_step
+from bench.dtypes import torch_name
 from bench.errors import InputError
 from bench.modes import apply_mode
 from bench.pinpoint import compare_runs, phase
 from bench.results import write_json_atomic
-from bench.sft import SFTError, _batches, build, make_optimizer, parse_model, sft_step, value_bits
+from bench.sft import _batches, build, make_optimizer, parse_model, sft_step, value_bits
 
 REDUCTIONS = ("standard", "invariant")
 PARALLEL = ("ddp", "fsdp")
@@ -594,7 +595,7 @@ def run_to_run(result: dict) -> bool:
                and r["param_fingerprints"] == reps[0]["param_fingerprints"] for r in reps[1:])
 
 
-def verdict(setup: Setup, ref_setup: Setup, reduce: str, cmp: dict, repeats: int, micro_same: bool) -> str:
+def verdict(setup: Setup, ref_setup: Setup, reduce: str, cmp: dict, micro_same: bool) -> str:
     if cmp["identical"]:
         return f"identical to {ref_setup.label()} (every step's loss and gradient norm, every parameter)"
     where = (f"from step {cmp['first_loss_step']}" if cmp["first_loss_step"] else "in the parameters only")
@@ -709,7 +710,6 @@ def _locate_threads(spec, job: Job, batch: SFTBatch, threads: tuple[int | None, 
 
 @dataclass
 class DPResult:
-    settings: dict
     setups: list[dict] = field(default_factory=list)   # per setup and reduction: summary, comparison, verdict
     cost: list[dict] = field(default_factory=list)     # invariant vs standard, same setup, same run
     status: str = "complete"
@@ -737,13 +737,13 @@ def _row(job: Job, res: dict, ref_job: Job, ref: dict) -> dict:
             "ranks": res["ranks"], "median_step_s": statistics.median(secs),
             "bytes_per_step_per_rank": bytes_per_step(job.reduce, job.setup.world, res["grad_bytes"]),
             "vs": ref_job.setup.label(), "comparison": cmp,
-            "verdict": verdict(job.setup, ref_job.setup, job.reduce, cmp, job.repeats, micro == ref_micro)}
+            "verdict": verdict(job.setup, ref_job.setup, job.reduce, cmp, micro == ref_micro)}
 
 
 def run_setups(jobs: list[Job], timeout_s: float, on_setup=None) -> DPResult:
     """Every job (setup x reduction), then each compared with the first job of its reduction. An
     interrupt or a failed rank ends the run with what finished (status interrupted / failed)."""
-    out = DPResult(settings={})
+    out = DPResult()
     results: dict[tuple, dict] = {}
     try:
         for job in jobs:
@@ -796,7 +796,7 @@ def scratch() -> tempfile.TemporaryDirectory:
 
 
 __all__ = ["Setup", "Job", "DPResult", "parse_vary", "check_setups", "make_jobs", "run_setups", "tree_sum",
-           "launched_by_torchrun", "check_port", "free_port", "RankFailed", "SFTError"]
+           "launched_by_torchrun", "check_port", "free_port", "RankFailed"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -845,7 +845,7 @@ def plan_jobs(plan: Any, dp: DPSettings, out: str) -> list[Job]:
                              f"{setups[0].world}; make them the same")
     if dp.master_port is not None:
         check_port(dp.master_port)
-    common = dict(model=s.model, attention=plan.attention[0], mode=plan.modes[0], dtype=str(plan.dtypes[0]).split(".")[-1],
+    common = dict(model=s.model, attention=plan.attention[0], mode=plan.modes[0], dtype=torch_name(plan.dtypes[0]),
                   device=plan.device.type, seed=s.seed, data_seed=s.data_seed, batch_size=s.batch_size,
                   seq_len=s.seq_len or 64, data=None if s.data == "synthetic" else s.data, n_batches=s.n_batches,
                   steps=s.steps, repeats=s.repeats, lr=plan.lrs[0], betas=tuple(s.betas), weight_decay=s.weight_decay,
@@ -863,7 +863,7 @@ def run_torchrun_rank(job: Job) -> DPResult | None:
     if rank != 0:
         return None
     res = _read_result(job)
-    out = DPResult(settings={})
+    out = DPResult()
     out.setups.append(_row(job, res, job, res))
     return out
 

@@ -10,11 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import distributed as dp
+from bench.cli import EXIT_SIGINT
 from bench.cli.common import UsageError, split_list
 from bench.results import to_json
 from bench.sft import Plan, fmt_exact, make_record, now, save
-
-EXIT_INTERRUPTED = 130
 
 
 def add_dp_args(p) -> None:
@@ -131,4 +130,4 @@ def cmd_sft_dp(args, plan: Plan, settings: dp.DPSettings, out_dir) -> int:
         console.print(f"result: {path}", highlight=False)
     if status == "failed":
         return 1
-    return EXIT_INTERRUPTED if status == "interrupted" else 0
+    return EXIT_SIGINT if status == "interrupted" else 0
