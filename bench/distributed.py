@@ -56,6 +56,7 @@ from bench.dtypes import torch_name
 from bench.errors import InputError
 from bench.modes import apply_mode
 from bench.pinpoint import compare_runs, phase
+from bench.plugins import import_modules
 from bench.results import write_json_atomic
 from bench.sft import _batches, build, make_optimizer, parse_model, sft_step, value_bits
 
@@ -229,6 +230,7 @@ class Job:
     last_step: int | None = None    # resume: stop (and save) before this step
     checkpoint: str | None = None   # resume: folder to save to (last_step) or load from (first_step)
     timeout_s: float = RANK_TIMEOUT_S
+    imports: tuple[str, ...] = ()   # modules the rank imports first: they register backends (bench.plugins)
 
 
 def _micro_batches(batch: SFTBatch, n: int) -> list[SFTBatch]:
@@ -362,6 +364,7 @@ def _die_with_parent() -> None:
 def rank_main(rank: int, job: Job) -> None:
     """One rank: join the group, train ``job.repeats`` times, and (rank 0) write the result."""
     _die_with_parent()
+    import_modules(job.imports)  # a fresh process: the parent's --import registrations are not in it
     world = job.setup.world
     # One intra-op thread per rank unless the setup says otherwise, as torchrun sets OMP_NUM_THREADS=1:
     # ranks that each take every core starve DDP's communication thread (steps 30x slower measured on
@@ -814,6 +817,7 @@ class DPSettings:
     vary: tuple[str, ...] = ()
     master_port: int | None = None
     timeout_s: float = RANK_TIMEOUT_S
+    imports: tuple[str, ...] = ()   # modules registering backends (--import): every rank imports them
 
     @property
     def requested(self) -> bool:
@@ -849,7 +853,7 @@ def plan_jobs(plan: Any, dp: DPSettings, out: str) -> list[Job]:
                   device=plan.device.type, seed=s.seed, data_seed=s.data_seed, batch_size=s.batch_size,
                   seq_len=s.seq_len or 64, data=None if s.data == "synthetic" else s.data, n_batches=s.n_batches,
                   steps=s.steps, repeats=s.repeats, lr=plan.lrs[0], betas=tuple(s.betas), weight_decay=s.weight_decay,
-                  clip=s.clip, timeout_s=dp.timeout_s)
+                  clip=s.clip, timeout_s=dp.timeout_s, imports=tuple(dp.imports))
     jobs = make_jobs(setups=setups, reduce=dp.reduce, parallel=dp.parallel, out=out, **common)
     if dp.master_port is not None:
         jobs[0] = replace(jobs[0], port=dp.master_port)

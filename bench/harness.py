@@ -207,7 +207,7 @@ def _requested_backends(requested: list[str], subjects: list[str],
             known = "; ".join(
                 f"{op}: {', '.join(n for n in registry.names(op) if registry.get(op, n).origin not in _HIDDEN_ORIGINS)}"
                 for op in primary_ops)
-            hint = " (planted negative controls need --plant)" if name.startswith("planted") else ""
+            hint = " (planted negative controls need --plant)" if name.startswith("planted") else registry.IMPORT_HINT
             raise InputError(f"unknown backend {name!r} for the selected subjects{hint}; registered: {known}")
         for op in ops:
             reason = registry.get(op, name).why_not(device)
@@ -295,12 +295,13 @@ def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None 
               backends: list[str] | None = None, dtypes: list[str] | None = None, modes: list[str] | None = None,
               repeats: int = DEFAULT_REPEATS, quick: bool = False, preset: str | None = None, seed: int = 0,
               route: list[str] = (), plant: bool = False, time_repeats: int | None = None,
-              warmup: int | None = None, out: str = "results") -> Plan:
+              warmup: int | None = None, out: str = "results", imports: list[str] = ()) -> Plan:
     """Check every setting against the registry and this machine; :class:`InputError` on bad input.
 
     ``None`` means the default: every subject, every available backend, every dtype and mode.
     ``route`` items are ``"op=backend"``. Planted backends must already be registered
-    (``with bench.planted.planted_registered():``) when ``plant`` is set.
+    (``with bench.planted.planted_registered():``) when ``plant`` is set, and the modules in ``imports``
+    imported (``bench.plugins.load``): they are only recorded here.
     """
     device = torch.device(device)
     profile = "quick" if quick else device.type
@@ -339,7 +340,7 @@ def make_plan(*, device: torch.device | str = "cpu", subjects: list[str] | None 
     settings = RunSettings(
         subjects=subjects, backends=requested, dtypes=dtypes, modes=modes, repeats=repeats,
         device=str(device), preset=preset, quick=quick, seed=seed, route=user_route,
-        plant=bool(plant), time_repeats=time_repeats, time_warmup=warmup, out=str(out),
+        plant=bool(plant), time_repeats=time_repeats, time_warmup=warmup, out=str(out), imports=list(imports),
     )
     full_route = {op: "eager" for op in registry.OPS} | user_route
     return Plan(settings, device, profile, PRESETS[preset], chosen, full_route, unsupported, skipped, mode_refused)

@@ -602,6 +602,7 @@ class RunSettings:
     time_repeats: int
     time_warmup: int
     out: str
+    imports: list[str] = field(default_factory=list)  # modules imported to register backends (--import)
 
 
 @dataclass

@@ -10,7 +10,18 @@ raises :class:`BackendUnavailable` with the reason it cannot run on the device y
 
 Built-in entries are loaded lazily the first time the table is read (no work at import time):
 ``qwen_layers.backends`` (PyTorch / flash-attn) and ``kernels`` (detbench's Triton kernels, when that
-package provides ``register_backends``).
+package provides ``register_backends``), then every installed entry point of the group
+``detbench.backends`` (:data:`ENTRY_POINT_GROUP`), so a package's kernels appear wherever the table is
+read - ``detbench list``, the harness, the model - with nothing to import by hand. An entry point names
+a module, whose import registers its backends, or a callable, called with the registry::
+
+    # a kernel package's pyproject.toml
+    [project.entry-points."detbench.backends"]
+    mykernels = "mykernels.detbench"                   # a module: importing it registers
+    more = "mykernels.detbench:register_backends"      # a callable: register_backends(registry)
+
+An entry point that fails to load raises :class:`PluginLoadError` naming it and the package that
+installed it, on that read and on every later one (nothing falls back to a table without it).
 
 Observing calls. Tools that need to see every call routed through the table (``detbench pinpoint``
 replays each one) do not patch it; they open :func:`observe`::
@@ -37,7 +48,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.metadata
 import threading
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -58,6 +71,13 @@ OPS: dict[str, str] = {
 # Providers of built-in entries, imported on first use of the table.
 _PROVIDERS = ("qwen_layers.backends", "kernels")
 
+# Installed packages register backends through entry points of this group (loaded after the providers).
+ENTRY_POINT_GROUP = "detbench.backends"
+
+# Said after every unknown backend name: a backend registered by the user's own module exists only once that
+# module is imported, which the command line does with --import (bench.plugins).
+IMPORT_HINT = " (a backend your own module registers exists once that module is imported: --import MODULE)"
+
 
 class BackendError(ValueError):
     """Base class for registry lookup errors."""
@@ -70,6 +90,11 @@ class UnknownBackend(BackendError, KeyError):
 
 class BackendUnavailable(BackendError, RuntimeError):
     """The named backend exists but cannot run here; the message says why."""
+
+
+class PluginLoadError(BackendError, RuntimeError):
+    """An installed ``detbench.backends`` entry point failed to load; the message names it, the package that
+    installed it and the fix."""
 
 
 Availability = Callable[[torch.device], "str | None"]
@@ -135,15 +160,21 @@ def check_name(name: object) -> None:
 class Registry:
     """Mapping (op, name) -> Backend. Use the module-level :data:`REGISTRY`."""
 
-    def __init__(self, providers: Iterable[str] = ()) -> None:
+    def __init__(self, providers: Iterable[str] = (), entry_points: str | None = None) -> None:
+        """``providers``: modules imported on first use (their ``register_backends(registry)`` is called);
+        ``entry_points``: an entry-point group whose entries are loaded after them (see the module docstring)."""
         self._table: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
         self._providers = tuple(providers)
+        self._entry_points = entry_points
         self._loaded = False
+        self._load_error: PluginLoadError | None = None
         self._lock = threading.RLock()
 
     # -- loading ------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
         if self._loaded:
+            if self._load_error is not None:
+                raise self._load_error
             return
         with self._lock:
             if self._loaded:
@@ -159,6 +190,28 @@ class Registry:
                 hook = getattr(mod, "register_backends", None)
                 if hook is not None:
                     hook(self)
+            if self._entry_points is not None:
+                self._load_entry_points(self._entry_points)
+
+    def _load_entry_points(self, group: str) -> None:
+        """Load every installed entry point of ``group``, in name order: a module is imported (its import
+        registers), a callable is called with this registry. The first failure is kept and raised."""
+        for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda ep: (ep.name, ep.value)):
+            try:
+                obj = ep.load()
+                if not isinstance(obj, types.ModuleType):
+                    if not callable(obj):
+                        raise TypeError(f"{ep.value} is a {type(obj).__name__}, neither a module nor a callable")
+                    obj(self)
+            except Exception as e:
+                dist = getattr(ep, "dist", None)
+                by = f", installed by {dist.name} {dist.version}" if dist is not None else ""
+                fix = f"pip uninstall {dist.name}" if dist is not None else "uninstall the package that declares it"
+                text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self._load_error = PluginLoadError(
+                    f"entry point {ep.name} = {ep.value} (group {group}{by}) failed to load: "
+                    f"{type(e).__name__}{': ' + text if text else ''}; fix that package or remove it ({fix})")
+                raise self._load_error from e
 
     # -- writing ------------------------------------------------------------------------------
     def register(
@@ -253,6 +306,7 @@ class Registry:
         except KeyError:
             raise UnknownBackend(
                 f"unknown backend {name!r} for op {op!r}; registered: {', '.join(self._table[op]) or '(none)'}"
+                f"{IMPORT_HINT}"
             ) from None
 
     def resolve(self, op: str, name: str, device: torch.device | str | None = None) -> Callable:
@@ -276,7 +330,7 @@ class Registry:
             raise UnknownBackend(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
 
 
-REGISTRY = Registry(_PROVIDERS)
+REGISTRY = Registry(_PROVIDERS, entry_points=ENTRY_POINT_GROUP)
 
 # Module-level shorthands.
 register = REGISTRY.register

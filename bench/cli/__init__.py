@@ -1,7 +1,9 @@
 """The ``detbench`` command line: one module per command, on top of the library.
 
 Each command module has ``add_parser(subparsers)``, which registers its subcommand with
-``set_defaults(func=...)``; ``func(args)`` parses the arguments, calls the library and prints. Bad input
+``set_defaults(func=...)``; ``func(args)`` parses the arguments, calls the library and prints. The commands
+that take backends (``IMPORT_COMMANDS``) get ``--import MODULE`` here, and the modules it and
+``$DETBENCH_IMPORT`` name are imported before ``func`` runs (``bench.plugins``). Bad input
 anywhere (:class:`bench.errors.InputError`, of which :class:`UsageError` is the CLI's own kind) is
 printed as one line and exits with status 2.
 """
@@ -15,7 +17,15 @@ import signal
 import sys
 from typing import Iterator
 
-from bench.cli.common import UsageError, check_kernels_package, parse_device, pause_point
+from bench.cli.common import (
+    IMPORT_COMMANDS,
+    UsageError,
+    add_import_option,
+    check_kernels_package,
+    load_imports,
+    parse_device,
+    pause_point,
+)
 from bench.errors import InputError, SaveError, Terminated
 
 __all__ = ["main", "build_parser", "UsageError", "parse_device"]
@@ -38,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     for modname in COMMAND_MODULES:
         pause_point(f"import-{modname}")
         importlib.import_module(modname).add_parser(sub)
+    for name in IMPORT_COMMANDS:  # every command that takes backends can import the module registering them
+        add_import_option(sub.choices[name])
     return p
 
 
@@ -88,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)  # imports the command modules, and torch with them
             name = f"detbench {args.command}"
             check_kernels_package()
+            if hasattr(args, "imports"):  # before the command checks any backend name
+                load_imports(args)
             status = args.func(args)
     except InputError as e:
         print(f"detbench: error: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""What every command shares: the usage error, the kernels-package check, device and list options, and the
-test hook :func:`pause_point`.
+"""What every command shares: the usage error, the kernels-package check, device and list options, the
+``--import`` option of the commands that take backends, and the test hook :func:`pause_point`.
 
 Nothing here imports torch at import time (``parse_device`` does, when called): ``bench.cli`` imports this
 module before ``main()`` is running, and an interrupt that arrives during ``import torch`` must land inside
@@ -67,6 +67,35 @@ def split_list(values: list[str] | None, option: str) -> list[str] | None:
     if not out:
         raise UsageError(f"{option} was given an empty list; name at least one item or leave {option} out")
     return out
+
+
+# The commands whose arguments name backends (or list them): each takes --import MODULE (bench.plugins).
+IMPORT_COMMANDS = ("list", "run", "sft", "pinpoint", "kernel-bench")
+
+
+def add_import_option(p) -> None:
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import MODULE first, so that the backends it registers can be named (repeatable or "
+                        "comma-separated; also $DETBENCH_IMPORT, names separated by commas); the current "
+                        "directory is searched first. Installed packages' detbench.backends entry points load "
+                        "without it")
+
+
+def load_imports(args) -> list[str]:
+    """Import what ``--import`` and ``$DETBENCH_IMPORT`` name, after loading the registry's entry points
+    (``bench.plugins.load``): before any backend name is checked. Returns the modules imported."""
+    from bench import plugins  # in here: it imports torch (see the module docstring)
+
+    return plugins.load(plugins.requested(args.imports))
+
+
+def recorded_argv(args) -> list[str]:
+    """The command line to record in a result: ``sys.argv``, plus an explicit ``--import`` for each module
+    that came from ``$DETBENCH_IMPORT``, so that the recorded command re-runs as written."""
+    from bench import plugins  # in here: it imports torch (see the module docstring)
+
+    given = plugins.requested(getattr(args, "imports", None), environ={})
+    return list(sys.argv) + plugins.import_options([m for m in plugins.from_environment() if m not in given])
 
 
 def one_value(value: str, option: str, command: str) -> str:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
-from bench.cli.common import UsageError, one_value, parse_device
+from bench.cli.common import UsageError, one_value, parse_device, recorded_argv
 from bench.cli.sft import add_common_model_args, plan_from_args
 from bench.data import batch_for_step, on_device
 from bench.dtypes import parse_dtype, torch_name
@@ -212,7 +211,7 @@ def _pinpoint(args, device, out_dir) -> int:
             if not args.json:
                 console.print(compare_tables(reports["compare"]))
     payload = {"schema": "detbench.pinpoint/1", "subject": desc, "mode": mode, "device": str(device),
-               "command": list(sys.argv), **{k: r.to_dict() for k, r in reports.items()}}
+               "command": recorded_argv(args), **{k: r.to_dict() for k, r in reports.items()}}
     if out_dir is not None:
         env = capture_environment(device, seeds={"model": args.seed, "data": args.data_seed})
         payload["environment"] = env

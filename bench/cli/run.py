@@ -13,6 +13,7 @@ from bench.errors import SaveError
 from bench.harness import DEFAULT_PRESET, DEFAULT_REPEATS, QUICK_PRESET, Plan, execute, make_plan, new_result, save
 from bench.modes import MODES, run_environment
 from bench.planted import planted_registered
+from bench.plugins import import_options, requested
 from bench.results import RunSettings, check_out_dir
 from bench.subjects import SUBJECTS
 
@@ -24,7 +25,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         backends=split_list(args.backends, "--backends"), dtypes=split_list(args.dtypes, "--dtypes"),
         modes=split_list(args.modes, "--modes"), repeats=args.repeats, quick=bool(args.quick), preset=args.preset,
         seed=args.seed, route=split_list(args.route, "--route") or [], plant=bool(args.plant),
-        time_repeats=args.time_repeats, warmup=args.warmup, out=args.out,
+        time_repeats=args.time_repeats, warmup=args.warmup, out=args.out, imports=requested(args.imports),
     )
 
 
@@ -36,6 +37,7 @@ def equivalent_command(s: RunSettings) -> list[str]:
            "--warmup", str(s.time_warmup), "--out", s.out]
     if s.backends is not None:
         cmd[2:2] = ["--backends", ",".join(s.backends)]
+    cmd[2:2] = import_options(s.imports)  # $DETBENCH_IMPORT's modules too: the command re-runs as written
     if s.quick:
         cmd.append("--quick")
     if s.plant:

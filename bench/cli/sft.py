@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.cli.common import UsageError, parse_device, pause_point
+from bench.cli.common import UsageError, parse_device, pause_point, recorded_argv
 from bench.cli.sft_dp import add_dp_args, cmd_sft_dp, dp_settings
 from bench.results import check_out_dir, to_json
 from bench.sft import ConfigResult, Plan, fmt_exact, make_plan, parse_list, run, save
@@ -167,7 +167,7 @@ def cmd_sft(args) -> int:
                 progress.console.print(step_table(res))
             pause_point(f"after-config-{len(finished)}")
 
-        result = run(plan, command=sys.argv, on_step=lambda: progress.advance(task), on_config=on_config)
+        result = run(plan, command=recorded_argv(args), on_step=lambda: progress.advance(task), on_config=on_config)
     interrupted = result.status == "interrupted"
     if interrupted and not result.configs:
         raise KeyboardInterrupt  # nothing finished: bench.cli says so, and nothing is written

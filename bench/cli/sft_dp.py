@@ -11,7 +11,8 @@ from rich.table import Table
 
 from bench import distributed as dp
 from bench.cli import EXIT_SIGINT
-from bench.cli.common import UsageError, split_list
+from bench.cli.common import UsageError, recorded_argv, split_list
+from bench.plugins import requested
 from bench.results import to_json
 from bench.sft import Plan, fmt_exact, make_record, now, save
 
@@ -40,7 +41,8 @@ def dp_settings(args) -> dp.DPSettings:
         raise UsageError("--rank-timeout must be a positive number of seconds")
     return dp.DPSettings(world=args.world_size, accum=args.accum, micro_batch=args.micro_batch,
                          parallel=args.parallel, reduce=tuple(split_list([args.reduce], "--reduce")), vary=tuple(args.vary),
-                         master_port=args.master_port, timeout_s=args.rank_timeout)
+                         master_port=args.master_port, timeout_s=args.rank_timeout,
+                         imports=tuple(requested(args.imports)))
 
 
 def _bits_cell(row: dict) -> str:
@@ -113,7 +115,7 @@ def cmd_sft_dp(args, plan: Plan, settings: dp.DPSettings, out_dir) -> int:
             return 1
     if status == "interrupted" and not result.setups:
         raise KeyboardInterrupt  # nothing finished: bench.cli says so, and nothing is written
-    record = make_record(plan, command=sys.argv, started=started, status=status, configs=[],
+    record = make_record(plan, command=recorded_argv(args), started=started, status=status, configs=[],
                          distributed=dp.record(result, settings, jobs))
     if args.json:
         json.dump(to_json(record), sys.stdout, indent=1)
