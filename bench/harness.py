@@ -12,9 +12,11 @@ The matrix is subject x backend x dtype x mode. For each subject the harness
    * run to run: N repeats (fresh copies each), every output and gradient compared with repeat 0;
    * batch invariance: the first 1, 3 (and 127 for token rows) rows run alone vs the full batch;
    * accuracy: repeat 0 against the float64 reference;
-   * speed: forward, backward and both (``bench.timing``);
 
-4. compares the cells of one dtype with each other (backend vs backend in a mode, and each backend's
+4. times forward, backward and both of every cell of the dtype that ran ok in one interleaved loop
+   (``bench.timing``): round by round, every backend under every mode, so each ratio the reports show
+   compares samples of the same rounds; the loop records the machine's load while it ran;
+5. compares the cells of one dtype with each other (backend vs backend in a mode, and each backend's
    torch-det/hf-full result vs its default one).
 
 A backend that raises inside a determinism mode is recorded as *refused* with its reason, any other
@@ -47,6 +49,7 @@ refused, and each subject's record lists the routes applied to it.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -80,7 +83,7 @@ from bench.results import (
     write_text_atomic,
 )
 from bench.subjects import DTYPES, SUBJECTS, build_case, check_seed, dtype_name, probe, reference_route
-from bench.timing import time_instance
+from bench.timing import PHASES, interleave, phase_arms
 from qwen_layers import registry
 from qwen_layers.config import PRESETS
 
@@ -456,12 +459,38 @@ def _accuracy(key: dict, first: dict, reference: dict, eager_acc: dict, records:
             nan=nan, inf=inf))
 
 
-def _timing(key: dict, case, inst, dtype: str, s: RunSettings, records: list[TimingRecord]) -> None:
+def _time_cells(plan: Plan, case, subject: str, dtype: str, out: RunResult) -> None:
+    """Time every cell of ``subject`` and ``dtype`` that ran ok, in one interleaved loop (``bench.timing``):
+    each round times forward, backward and both of every backend under every mode, so the ratios the
+    reports show (a mode over ``default``, a deterministic kernel over its twin) and the parts of one cell
+    compare samples of the same rounds. A cell whose timing raises becomes an error cell."""
+    s = plan.settings
+    cells = [c for c in out.cells if c.subject == subject and c.dtype == dtype and c.status == "ok"]
+    if not cells:
+        return
+    op = SUBJECTS[subject].primary_op
+    arms = []
+    for backend in _dedupe(c.backend for c in cells):
+        with apply_mode("default"):
+            inst = case.instantiate(DTYPES[dtype], plan.device, {**plan.route, op: backend})
+        for c in cells:
+            if c.backend == backend:
+                arms += phase_arms(inst, (backend, c.mode), functools.partial(apply_mode, c.mode))
+    loop = interleave(arms, plan.device, repeats=s.time_repeats, warmup=s.time_warmup)
     work = case.work(case.rows, torch.tensor([], dtype=DTYPES[dtype]).element_size())
-    for phase, tm in time_instance(inst, s.time_repeats, s.time_warmup).items():
-        flops = {"fwd": work.flops_fwd, "bwd": work.flops_bwd}.get(phase, work.flops_fwd + work.flops_bwd)
-        nbytes = {"fwd": work.bytes_fwd, "bwd": work.bytes_bwd}.get(phase, work.bytes_fwd + work.bytes_bwd)
-        records.append(TimingRecord(**key, phase=phase, **asdict(tm), flops=flops, bytes=nbytes))
+    flops = {"fwd": work.flops_fwd, "bwd": work.flops_bwd, "fwd+bwd": work.flops_fwd + work.flops_bwd}
+    nbytes = {"fwd": work.bytes_fwd, "bwd": work.bytes_bwd, "fwd+bwd": work.bytes_fwd + work.bytes_bwd}
+    for c in cells:
+        failed = [loop.failed[((c.backend, c.mode), ph)] for ph in PHASES if ((c.backend, c.mode), ph) in loop.failed]
+        if failed:
+            c.status, c.reason = "error", f"during timing: {_first_line(failed[0])}"
+            c.verdict = f"error {c.reason} (run to run: {c.verdict})"
+            continue
+        for phase in PHASES:
+            tm = loop.timings[((c.backend, c.mode), phase)]
+            out.timings.append(TimingRecord(subject=subject, backend=c.backend, dtype=dtype, mode=c.mode, phase=phase,
+                                            **asdict(tm), flops=flops[phase], bytes=nbytes[phase],
+                                            loop=f"{subject}/{dtype}"))
 
 
 def _cell_verdict(status: str, why: str | None, tracker: checks.RepeatTracker, n: int,
@@ -496,7 +525,7 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     route = {**plan.route, op: backend}
     t0 = time.perf_counter()
     stage = "setup"
-    recs_rep, recs_batch, recs_acc, recs_time = [], [], [], []
+    recs_rep, recs_batch, recs_acc = [], [], []
     tracker = checks.RepeatTracker()
     batch_ok = None
     cuda_init = False
@@ -519,8 +548,6 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
             batch_ok = _batch_invariance(key, case, inst, first, s.seed, recs_batch)
             stage = "accuracy"
             _accuracy(key, first, reference, eager_acc, recs_acc)
-            stage = "timing"
-            _timing(key, case, inst, dtype, s, recs_time)
             del inst
         status, why = "ok", None
     except KeyboardInterrupt:
@@ -541,13 +568,12 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     out.cells.append(CellRecord(
         **key, status=status, reason=why, repeats=ran, deterministic=deterministic,
         missable_fraction=checks.missable_fraction(ran) if deterministic else None,
-        batch_invariant=batch_ok if stage in ("accuracy", "timing") else None,
+        batch_invariant=batch_ok if stage == "accuracy" else None,
         verdict=verdict, nonfinite=nonfinite, cuda_initialised_at_mode_entry=cuda_init, seconds=elapsed,
         fill_uninitialized_memory=fill))
     out.repeats.extend(recs_rep)
     out.batch.extend(recs_batch)
     out.accuracy.extend(recs_acc)
-    out.timings.extend(recs_time)
     return first if status == "ok" else None
 
 
@@ -656,8 +682,6 @@ def execute(plan: Plan, result: RunResult, progress=None,
                     except Exception as e:  # eager itself failing: say so in every accuracy record (NaN)
                         result.skipped.append(f"{subject} {dtype}: eager baseline failed: {_first_line(e)}")
                     firsts: dict[tuple[str, str], dict] = {}
-                    # Each backend's modes run back to back, so machine drift between them stays small
-                    # and the torch-det / default time ratio compares neighbouring measurements.
                     for backend in plan.backends[subject]:
                         for mode in s.modes:
                             done += 1
@@ -674,6 +698,11 @@ def execute(plan: Plan, result: RunResult, progress=None,
                                 progress.update(task, advance=1)
                             if on_cell is not None:
                                 on_cell(recorded)
+                    # Timed after the checks, every cell of this subject and dtype in one interleaved loop.
+                    where = f"{subject} / {dtype}: timing its cells (after cell {done} of {plan.n_cells})"
+                    if progress is not None:
+                        progress.update(task, description=f"{subject} {dtype}: timing, interleaved")
+                    _time_cells(plan, case, subject, dtype, result)
                     result.cross.extend(cross_records(subject, dtype, firsts))
                     del firsts
                 del reference, case

@@ -6,7 +6,11 @@ so what a run shows and what ``report`` re-renders from the file are the same), 
 :class:`Index`, :func:`cost_rows` and :func:`agreement_lines` from here.
 
 * :func:`render_markdown` - the same as Markdown (written next to each result by ``detbench run``).
-* :func:`render_plots` - PNGs of the cost of determinism and of error vs speed (needs matplotlib).
+* the PNGs are ``bench.plots`` (verdict map, cost of determinism, error vs speed; needs matplotlib).
+
+A time or a ratio that cannot be read as a measurement carries ``~`` (:func:`bench.timing.noise`): a
+wide interval, too few rounds, a loaded machine, a cell whose fwd+bwd is faster than one of its parts,
+a ratio whose interval includes 1x, or (files before ``detbench.run/2``) a ratio of two separate loops.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
+from bench import timing
 from bench.checks import bound_sentence
 from bench.results import RunResult
 
@@ -100,6 +105,21 @@ class CellView:
     worse_than_eager: bool
     both_s: float | None
     rel_l2: float | None
+    time_noise: dict[str, list[str]]  # phase -> why its time is marked ~ (empty lists: not marked)
+
+    @property
+    def times_noisy(self) -> bool:
+        return any(self.time_noise.values())
+
+
+class RatioCell(NamedTuple):
+    """A time ratio as the tables show it: median, interval, and every reason it is marked ``~``."""
+
+    mid: float
+    lo: float
+    hi: float
+    noise: tuple[str, ...]
+    paired: bool                   # per-round ratios of one interleaved loop (False: two separate loops)
 
 
 class Index:
@@ -120,17 +140,55 @@ class Index:
         for r in result.timings:
             self.timings[key(r) + (r.phase,)] = r
         self.subjects = {s.subject: s for s in result.subjects}
+        env = result.environment
+        self.cpus = env.cpu_affinity or env.cpu_count
+        self.device_type = env.device_type
+
 
     def time(self, subject, backend, dtype, mode, phase="fwd+bwd") -> float | None:
         t = self.timings.get((subject, backend, dtype, mode, phase))
         return t.median_s if t else None
 
-    def ratio(self, a: tuple, b: tuple, phase="fwd+bwd") -> tuple[float, float, float] | None:
-        """time(a) / time(b) of two cells' medians, with the range the quartiles allow (q1a/q3b, q3a/q1b)."""
+    def _phases(self, k: tuple) -> dict:
+        return {ph: self.timings[k + (ph,)] for ph in timing.PHASES if k + (ph,) in self.timings}
+
+    def inconsistency(self, k: tuple) -> str | None:
+        """Why the phases of cell ``k`` contradict each other (fwd+bwd faster than a part), or None."""
+        return timing.inconsistency(self._phases(k))
+
+    def time_noise(self, k: tuple) -> dict[str, list[str]]:
+        """Phase -> why the time of cell ``k`` in that phase is marked ``~`` (its own spread and the load of
+        its loop; every phase when the cell's parts contradict each other)."""
+        out = {ph: timing.noise(t, self.cpus, self.device_type) for ph, t in self._phases(k).items()}
+        bad = self.inconsistency(k)
+        if bad:
+            for reasons in out.values():
+                reasons.insert(0, bad)
+        return out
+
+    def ratio(self, a: tuple, b: tuple, phase="fwd+bwd") -> RatioCell | None:
+        """time(a) / time(b): per-round ratios when both were timed in one loop (their median and quartiles),
+        else the medians' ratio with the range the quartiles allow (q1a/q3b, q3a/q1b); with its ``~`` reasons."""
         ta, tb = self.timings.get(a + (phase,)), self.timings.get(b + (phase,))
-        if ta is None or tb is None or tb.median_s <= 0 or tb.q1_s <= 0 or tb.q3_s <= 0:
+        if ta is None or tb is None:
             return None
-        return ta.median_s / tb.median_s, ta.q1_s / tb.q3_s, ta.q3_s / tb.q1_s
+        paired = bool(ta.loop) and ta.loop == tb.loop and ta.samples_s and len(ta.samples_s) == len(tb.samples_s)
+        r = timing.paired_ratio(ta.samples_s, tb.samples_s) if paired else timing.crosswise_ratio(ta, tb)
+        if r is None:
+            return None
+        noise = []
+        if r.lo <= 1.0 <= r.hi:
+            noise.append("includes 1×")
+        noise += [x for x in [timing.spread(r.mid, r.lo, r.hi, r.rounds)] if x]
+        if not paired:
+            noise.append("separate loops (the two times were not interleaved: a result from before detbench.run/2)")
+        for t in (ta, tb):
+            noise += timing.load_reasons(t.load1, t.cpu_share, t.threads, self.cpus, self.device_type)
+        for k in (a, b):
+            bad = self.inconsistency(k)
+            if bad:
+                noise.append(f"{bad[:-1]} in {k[1]} {k[3]})")
+        return RatioCell(r.mid, r.lo, r.hi, tuple(dict.fromkeys(noise)), paired)
 
     def view(self, cell, compact: bool = False) -> CellView:
         k = (cell.subject, cell.backend, cell.dtype, cell.mode)
@@ -182,7 +240,8 @@ class Index:
         worse = bool(acc) and rel is not None and eager is not None and (
             math.isnan(rel) or rel > 2 * eager + 1e-12)
         # time
-        t = {ph: self.time(*k, ph) for ph in ("fwd", "bwd", "fwd+bwd")}
+        t = {ph: self.time(*k, ph) for ph in timing.PHASES}
+        noise = self.time_noise(k)
         info = self.subjects.get(cell.subject)
         rate = "-"
         tr = self.timings.get(k + ("fwd+bwd",))
@@ -193,17 +252,23 @@ class Index:
             subject=cell.subject, backend=cell.backend, dtype=cell.dtype, mode=cell.mode, status=cell.status,
             run_to_run=r2r, batch=bt, err=fmt_err(rel), eager_err=fmt_err(eager),
             ulp="-" if ulp is None else f"{ulp:.3g}" + (f" ({eager_ulp:.3g})" if eager_ulp is not None else ""),
-            fwd=fmt_time(t["fwd"]), bwd=fmt_time(t["bwd"]), both=fmt_time(t["fwd+bwd"]), rate=rate,
+            fwd=_marked(fmt_time(t["fwd"]), noise.get("fwd")), bwd=_marked(fmt_time(t["bwd"]), noise.get("bwd")),
+            both=_marked(fmt_time(t["fwd+bwd"]), noise.get("fwd+bwd")), rate=rate,
             nondeterministic=nondet, batch_variant=any(not b.equal for b in batch), worse_than_eager=worse,
-            both_s=t["fwd+bwd"], rel_l2=rel,
+            both_s=t["fwd+bwd"], rel_l2=rel, time_noise=noise,
         )
+
+
+def _marked(text: str, reasons: list[str] | None) -> str:
+    return f"{text} ~" if reasons and text != "-" else text
+
 
 
 def cost_rows(ix: Index) -> list[dict]:
     """Time ratios measured in the same run: each mode / default, and deterministic kernel / its twin.
 
-    Each ratio is ``(median ratio, low, high)`` where low/high divide the quartiles crosswise: when
-    the range straddles 1 the difference is within the timing noise of this run.
+    Each ratio is a :class:`RatioCell` (:meth:`Index.ratio`): from a loop that timed both cells round by
+    round, the median of the per-round ratios and their quartiles; ``noise`` says why it is marked ``~``.
     """
     res = ix.result
     modes = [m for m in res.settings.modes if m != "default"]
@@ -234,14 +299,57 @@ def cost_rows(ix: Index) -> list[dict]:
     return rows
 
 
-def fmt_ratio(r) -> str:
+def fmt_ratio(r: RatioCell | str | None) -> str:
     if isinstance(r, str):
         return r
     if r is None:
         return "-"
-    mid, lo, hi = r
-    text = f"{mid:.2f}× [{lo:.2f}–{hi:.2f}]"
-    return text + " ~" if lo <= 1.0 <= hi else text
+    text = f"{_x(r.mid)}× [{_x(r.lo)}–{_x(r.hi)}]"
+    return text + " ~" if r.noise else text
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}" if abs(v) >= 0.1 else f"{v:.2g}"
+
+
+def ratio_notes(row: dict, modes: list[str]) -> list[str]:
+    """The kinds of reason behind the ``~`` marks of one cost row ("includes 1×", "wide interval", "loaded"...)."""
+    notes = [timing.kind(n) for r in [row[m] for m in modes] + [row["twin_ratio"]] if isinstance(r, RatioCell)
+             for n in r.noise]
+    return list(dict.fromkeys(notes))
+
+
+COST_LEGEND = (f"`~`: not to be read as a measured difference: the interval includes 1×, its quartile range is "
+               f"over {timing.SPREAD_LIMIT:.0%} of the ratio, fewer than {timing.MIN_ROUNDS} rounds were timed, "
+               f"the machine was loaded (1-minute load average over {timing.LOAD_LIMIT:g} per CPU, or on the CPU "
+               f"the process got under {timing.SHARE_LIMIT:g} CPU seconds per second), a cell's fwd+bwd was "
+               f"faster than one of its parts, or the two times come from separate loops (older results)")
+
+
+def load_line(res: RunResult) -> str | None:
+    """How loaded the machine was while the cells were timed (None: nothing was timed)."""
+    if not res.timings:
+        return None
+    env = res.environment
+    cpus = env.cpu_affinity or env.cpu_count
+    loops: dict = {}
+    for t in res.timings:
+        loops.setdefault(t.loop or (t.subject, t.backend, t.dtype, t.mode), t)
+    recorded = [t for t in loops.values() if t.load1 is not None or t.cpu_share is not None]
+    if not recorded:
+        return ("timing: load not recorded (this result predates it); its ratios compare separately timed "
+                "cells and are marked ~")
+    loads = [t.load1 for t in recorded if t.load1 is not None]
+    shares = [t.cpu_share for t in recorded if t.cpu_share is not None]
+    busy = [t for t in recorded if timing.load_reasons(t.load1, t.cpu_share, t.threads, cpus, env.device_type)]
+    parts = [f"timing: {len(loops)} interleaved loop{'s' if len(loops) != 1 else ''}"]
+    if loads:
+        parts.append(f"1-minute load average {min(loads):.1f}–{max(loads):.1f} on {cpus} CPUs")
+    if shares:
+        parts.append(f"CPU share {min(shares):.2f}–{max(shares):.2f} of {recorded[0].threads} threads")
+    verdict = (f"loaded during {len(busy)} of {len(recorded)} loops: their times and ratios are marked ~" if busy
+               else "not loaded")
+    return "; ".join(parts) + f"; {verdict}"
 
 
 def agreement_lines(res: RunResult) -> list[str]:
@@ -315,6 +423,9 @@ def header_lines(res: RunResult) -> list[str]:
         f"status: {res.status}" + (f" - {res.stopped_at}" if res.stopped_at else "") + f"; {_counts(res)}",
         bound_sentence(s.repeats) + ".",
     ]
+    load = load_line(res)
+    if load:
+        lines.append(load)
     return lines
 
 
@@ -336,7 +447,10 @@ def render_markdown(res: RunResult, json_name: str | None = None) -> str:
     out += [f"- command: `{' '.join(res.command)}`", ""]
     out += ["Cells in **bold** are not bitwise reproducible run to run; *batch* shows whether rows computed in "
             "smaller batches match the full batch bit for bit. Errors are relative L2 against a float64 "
-            "reference (worst tensor), next to eager PyTorch's in the same dtype.", ""]
+            "reference (worst tensor), next to eager PyTorch's in the same dtype. Times are medians of rounds "
+            "that alternate every cell of a subject and dtype; `~` marks a time whose quartile range is over "
+            f"{timing.SPREAD_LIMIT:.0%} of it, taken on a loaded machine, or from a cell whose fwd+bwd was "
+            "faster than one of its parts.", ""]
     for info in res.subjects:
         cells = [c for c in res.cells if c.subject == info.subject]
         if not cells:
@@ -353,20 +467,27 @@ def render_markdown(res: RunResult, json_name: str | None = None) -> str:
             batch = f"**{_md_escape(v.batch)}**" if v.batch_variant else _md_escape(v.batch)
             out.append(f"| {v.backend} | {v.dtype} | {v.mode} | {r2r} | {batch} | {v.err} | {v.eager_err} | {v.ulp} "
                        f"| {v.fwd} | {v.bwd} | {v.both} | {v.rate} |")
+        bad = [f"{c.backend} {c.dtype} {c.mode}: {why}" for c in cells
+               if (why := ix.inconsistency((c.subject, c.backend, c.dtype, c.mode)))]
+        if bad:
+            out += ["", "Phases that contradict each other (all three times marked ~): " + "; ".join(bad) + "."]
         out.append("")
     rows = cost_rows(ix)
     modes = [m for m in res.settings.modes if m != "default"]
     if rows:
         out += ["## Cost of determinism", "",
-                "Median fwd+bwd time under each mode divided by the same backend's time under `default`, and a "
-                "deterministic kernel's time divided by its nondeterministic twin's (both measured in this run). "
-                "In brackets the range the quartiles allow; `~` marks ratios within this run's timing noise.", ""]
-        head = ["subject", "backend", "dtype", "default"] + [f"{m} / default" for m in modes] + ["det / twin"]
+                "Fwd+bwd time under each mode divided by the same backend's time under `default`, and a "
+                "deterministic kernel's time divided by its nondeterministic twin's, both timed in one loop that "
+                "alternates the cells round by round: the median of the per-round ratios, in brackets their "
+                f"quartiles. {COST_LEGEND}; the last column says which (the load is in the header above, "
+                "contradicting phases under each subject's table).", ""]
+        head = ["subject", "backend", "dtype", "default"] + [f"{m} / default" for m in modes] + ["det / twin", "~"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["subject"], r["backend"], r["dtype"], fmt_time(r["default_s"])]
             cells += [fmt_ratio(r[m]) for m in modes]
             cells.append(f"{fmt_ratio(r['twin_ratio'])} vs {r['twin']}" if r["twin_ratio"] else "-")
+            cells.append(_md_escape("; ".join(ratio_notes(r, modes))) or "-")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     lines = agreement_lines(res)
@@ -375,115 +496,3 @@ def render_markdown(res: RunResult, json_name: str | None = None) -> str:
     if res.skipped:
         out += ["## Not run", "", *[f"- {_md_escape(x)}" for x in res.skipped], ""]
     return "\n".join(out)
-
-
-# ------------------------------------------------------------------------------------------------
-# plots
-# ------------------------------------------------------------------------------------------------
-
-
-def matplotlib_missing() -> str | None:
-    try:
-        import matplotlib  # noqa: F401  (in here: matplotlib is optional)
-    except ImportError:
-        return "matplotlib is not installed: pip install 'detbench[plot]'"
-    return None
-
-
-def render_plots(res: RunResult, out_dir: str | Path, stem: str) -> list[Path]:
-    """Write ``<stem>-cost.png`` and ``<stem>-error-vs-speed.png`` into ``out_dir``; returns the paths."""
-    import matplotlib  # in here: matplotlib is optional (detbench[plot])
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ix = Index(res)
-    paths = []
-    for name, draw in (("cost", _plot_cost), ("error-vs-speed", _plot_error_vs_speed)):
-        fig = draw(plt, res, ix)
-        if fig is None:
-            continue
-        fig.tight_layout()
-        p = out_dir / f"{stem}-{name}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
-def _plot_cost(plt, res: RunResult, ix: Index):
-    """Horizontal bars: each mode's (and each det kernel's twin) time ratio, with quartile whiskers."""
-    from matplotlib.ticker import FuncFormatter  # in here: matplotlib is optional
-
-    rows = cost_rows(ix)
-    modes = [m for m in res.settings.modes if m != "default"]
-    bars = []
-    for r in rows:
-        series = {m: r[m] for m in modes if isinstance(r[m], tuple)}
-        if r["twin_ratio"]:
-            series["det / twin"] = r["twin_ratio"]
-        if series:
-            bars.append((f"{r['subject']} {r['backend']} {r['dtype']}", series))
-    if not bars:
-        return None
-    labels = [m for m in modes] + (["det / twin"] if any("det / twin" in b[1] for b in bars) else [])
-    fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) * max(1, len(labels)) / 2 + 1.8))
-    h = 0.8 / max(1, len(labels))
-    for i, label in enumerate(labels):
-        ys, mids, err = [], [], [[], []]
-        for y, (_, series) in enumerate(bars):
-            if label in series:
-                mid, lo, hi = series[label]
-                ys.append(y + i * h)
-                mids.append(mid)
-                err[0].append(max(mid - lo, 0.0))
-                err[1].append(max(hi - mid, 0.0))
-        ax.barh(ys, [m - 1.0 for m in mids], left=1.0, height=h, xerr=err, capsize=2,
-                label=f"{label} / default" if label != "det / twin" else label,
-                error_kw={"elinewidth": 0.7})
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
-    ax.set_yticks([y + h * (len(labels) - 1) / 2 for y in range(len(bars))])
-    ax.set_yticklabels([b[0] for b in bars], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("time ratio, fwd+bwd median (log scale; whiskers: quartile range); > 1: determinism costs time")
-    ax.set_title(f"cost of determinism - {res.environment.device_name}", fontsize=9)
-    ax.legend(fontsize=7)
-    return fig
-
-
-def _plot_error_vs_speed(plt, res: RunResult, ix: Index):
-    """One scatter per subject: fwd+bwd time against error vs fp64, default mode, nondeterministic in red."""
-    from matplotlib.ticker import NullFormatter  # in here: matplotlib is optional
-
-    points = defaultdict(list)
-    for c in res.cells:
-        v = ix.view(c)
-        if v.both_s and v.rel_l2 is not None and math.isfinite(v.rel_l2) and v.rel_l2 > 0 and c.mode == "default":
-            points[c.subject].append((v.both_s, v.rel_l2, c.backend, c.dtype, v.nondeterministic))
-    subjects = [s.subject for s in res.subjects if points[s.subject]]
-    if not subjects:
-        return None
-    ncol = min(3, len(subjects))
-    nrow = -(-len(subjects) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
-    markers = {"fp32": "o", "bf16": "s", "fp16": "^"}
-    for ax, subject in zip(axes.flat, subjects):
-        for t, err, backend, dtype, nondet in points[subject]:
-            ax.scatter(t * 1e3, err, marker=markers.get(dtype, "x"), color="red" if nondet else "tab:blue", s=22)
-            ax.annotate(f"{backend} {dtype}", (t * 1e3, err), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(subject, fontsize=9)
-        ax.set_xlabel("fwd+bwd median (ms)", fontsize=7)
-        ax.set_ylabel("rel L2 error vs fp64", fontsize=7)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(subjects):]:
-        ax.set_visible(False)
-    fig.suptitle("error vs speed, default mode (red: not bitwise reproducible)", fontsize=9)
-    return fig

@@ -428,7 +428,9 @@ def capture_environment(device: torch.device | str, seeds: dict[str, int] | None
 # the records of `detbench run`
 # ------------------------------------------------------------------------------------------------
 
-RUN_SCHEMA = "detbench.run/1"
+RUN_SCHEMA = "detbench.run/2"
+# Every run schema load_run reads; /1 lacks the timing loop, its samples and its load (TimingRecord).
+RUN_SCHEMAS = ("detbench.run/1", RUN_SCHEMA)
 
 
 @dataclass
@@ -582,6 +584,12 @@ class TimingRecord:
     clock: str                     # "cuda-events" | "perf_counter"
     flops: int                     # counted work of this phase
     bytes: int
+    # Added in detbench.run/2 (absent, so these defaults, in /1 files):
+    samples_s: list[float] = field(default_factory=list)  # every timed call, round by round
+    loop: str | None = None        # records with the same loop were timed round-robin: sample i in round i
+    load1: float | None = None     # highest 1-minute load average read during the loop (None: not recorded)
+    cpu_share: float | None = None  # process CPU seconds / wall seconds of the loop / threads
+    threads: int | None = None     # torch's intra-op threads during the loop
 
 
 @dataclass
@@ -673,4 +681,4 @@ def _kind_words(kinds: dict[str, type]) -> str:
 
 def load_run(path: str | os.PathLike) -> RunResult:
     """Read a ``detbench run`` result file back into typed records."""
-    return load_result(path, {RUN_SCHEMA: RunResult})
+    return load_result(path, dict.fromkeys(RUN_SCHEMAS, RunResult))

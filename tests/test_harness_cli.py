@@ -159,7 +159,7 @@ def test_plots_when_matplotlib_is_installed(tmp_path, small_shapes, capsys):
     (path,) = tmp_path.glob("*.json")
     assert main(["report", str(path), "--no-table", "--plots", str(tmp_path / "plots")]) == 0
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert pngs == [f"{path.stem}-cost.png", f"{path.stem}-error-vs-speed.png"]
+    assert pngs == [f"{path.stem}-{name}.png" for name in ("cost", "error-vs-speed", "verdicts")]
 
 
 @pytest.mark.parametrize("seed", [str(2 ** 70), str(-2 ** 63 - 1), str(2 ** 64 - 1)], ids=["2**70", "below-int64", "2**64-1"])

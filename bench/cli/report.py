@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 from pathlib import Path
 
 from rich import box
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench.cli.common import UsageError
+from bench.plots import matplotlib_missing, render_plots
 from bench.report import (
     Index,
     agreement_lines,
@@ -20,9 +22,8 @@ from bench.report import (
     fmt_time,
     fmt_times,
     header_lines,
-    matplotlib_missing,
+    ratio_notes,
     render_markdown,
-    render_plots,
 )
 from bench.results import RunResult, load_run, write_text_atomic
 
@@ -90,6 +91,8 @@ def _subject_table(ix: Index, info, cells) -> Table:
         err = f"[yellow]{v.err}[/]" if v.worse_than_eager else v.err
         times = fmt_times(ix.time(c.subject, c.backend, c.dtype, c.mode, "fwd"),
                           ix.time(c.subject, c.backend, c.dtype, c.mode, "bwd"), v.both_s)
+        if v.times_noisy:
+            times += " ~"
         table.add_row(v.backend, v.dtype, v.mode, escape(v.run_to_run), batch, f"{err} ({v.eager_err})",
                       v.ulp, times, v.rate, style=style)
     return table
@@ -100,9 +103,9 @@ def _cost_table(res: RunResult, ix: Index) -> Table | None:
     rows = cost_rows(ix)
     modes = [m for m in res.settings.modes if m != "default"]
     if rows and (modes or any(r["twin_ratio"] for r in rows)):
-        table = Table(title=escape("cost of determinism: fwd+bwd median ratios in this run, [quartile range], "
-                                   "~ = within noise"), title_justify="left", header_style="bold",
-                      box=box.SIMPLE_HEAD)
+        table = Table(title=escape("cost of determinism: fwd+bwd time ratios, interleaved in one loop: median of "
+                                   "the per-round ratios [quartiles]; ~ = not a measured difference (see below)"),
+                      title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
         for col in ["subject", "backend", "dtype", "default"] + [f"{m} / default" for m in modes] + ["det / twin"]:
             table.add_column(col, justify="left" if col in ("subject", "backend", "dtype") else "right")
         for r in rows:
@@ -110,6 +113,13 @@ def _cost_table(res: RunResult, ix: Index) -> Table | None:
             cells += [fmt_ratio(r[m]) for m in modes]
             cells.append(f"{fmt_ratio(r['twin_ratio'])} vs {r['twin']}" if r["twin_ratio"] else "-")
             table.add_row(*cells)
+        notes = [ratio_notes(r, modes) for r in rows]
+        kinds = Counter(k for n in notes for k in n)
+        if kinds:
+            why = ", ".join(f"{k} ({n})" for k, n in kinds.most_common())
+            table.caption = escape(f"~ in {sum(1 for n in notes if n)} of {len(rows)} rows: {why} (rows per reason; "
+                                   f"detbench report FILE --markdown - lists each row's)")
+        table.caption_justify = "left"
         return table
     return None
 
@@ -151,6 +161,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--markdown", metavar="PATH", nargs="?", const="-",
                    help="write the Markdown summary to PATH (or stdout with no PATH or -)")
     p.add_argument("--plots", metavar="DIR",
-                   help="write PNG plots (cost of determinism, error vs speed) into DIR; needs matplotlib")
+                   help="write PNG plots into DIR, named after FILE: the verdict map, the cost of determinism, "
+                        "error vs speed; needs matplotlib")
     p.add_argument("--no-table", action="store_true", help="do not print the tables")
     p.set_defaults(func=cmd_report)
