@@ -15,8 +15,9 @@ named here. Per section (an op at a fixed shape), every backend registered for t
 * the **reference**: the one backend every op registers (``eager``, also the default of a per-op
   choice in ``qwen_layers.registry.check_choice``), see :func:`reference_backend`.
 
-Measured in one run, so every ratio compares timings taken on the same machine minutes apart
-(:data:`RATIO_SPECS`; one ratio per subject):
+Measured in one run, every backend of a section in one interleaved loop (round by round, so a burst
+of load slows both sides of a ratio alike); each ratio is the median of its per-round ratios, with
+their quartiles (:data:`RATIO_SPECS`; one ratio per subject):
 
 =====================================  ================================================  ========
 measurement                            ratio                                             target
@@ -36,17 +37,21 @@ code runs, it measures nothing, and its ratios carry no verdict.
 A backend that cannot run on the device is reported as skipped with the registry's reason, and a
 ratio missing a side says which (or, for the fastest baseline, that no baseline ran).
 
-Timing: :func:`bench.timing.measure`, the timer ``detbench run`` uses too: warm-up calls, then on
+Timing: :func:`bench.timing.interleave`, the timer ``detbench run`` uses too: warm-up rounds, then on
 CUDA events around each call after the L2 cache has been flushed (as ``triton.testing.do_bench``
-does, so inputs need no rotation), on the CPU ``time.perf_counter_ns``; the median of the repeats
-(:data:`CUDA_TIMER`, :data:`CPU_TIMER`; seconds inside, milliseconds in the JSON). Inputs are seeded
-normal draws (never zeros). Forward passes are timed as in training (inputs require grad); a
-backward is timed with ``torch.autograd.grad(..., retain_graph=True)`` on one recorded forward, with
-a fixed upstream gradient. FLOPs and bytes are the algorithmic counts (causal attention counts half
-the score matrix; the backward counts 2.5x the forward; bytes are what must be read and written once).
+does, so inputs need no rotation), on the CPU ``time.perf_counter_ns``; every forward and backward of
+a section's backends (and the device copy) once per round; the median of the repeats
+(:data:`CUDA_TIMER`, :data:`CPU_TIMER`; seconds inside, milliseconds in the JSON). A ratio whose
+interval is wide or that was measured on a loaded machine carries its reasons (``Ratio.noise``;
+``~`` in the table). Inputs are seeded normal draws (never zeros). Forward passes are timed as in
+training (inputs require grad); a backward is timed with ``torch.autograd.grad(..., retain_graph=True)``
+on one recorded forward (made before the loop, untimed), with a fixed upstream gradient. FLOPs and
+bytes are the algorithmic counts (causal attention counts half the score matrix; the backward counts
+2.5x the forward; bytes are what must be read and written once).
 
 API (for scripts): :func:`run_kernel_bench` -> :class:`KernelBenchResult`; :func:`check_json_path`
-(before measuring: refuses a destination that cannot be written); :func:`write_json`; :func:`lineup`; the table is printed by ``bench.cli.kernel_bench.print_table``.
+(before measuring: refuses a destination that cannot be written); :func:`write_json`; :func:`lineup`;
+the table is printed by ``bench.cli.kernel_bench.print_table``.
 CLI: ``detbench kernel-bench [--tiny] [--device D] [--only SECTIONS] [--json PATH]``.
 """
 
@@ -59,9 +64,10 @@ from pathlib import Path
 
 import torch
 
+from bench import timing
 from bench.errors import InputError
 from bench.results import capture_environment, write_json_atomic
-from bench.timing import Timer
+from bench.timing import Arm, Timer
 from qwen_layers.registry import REGISTRY, BackendError, Registry
 
 SECTIONS = ("attention", "matmul", "rmsnorm")
@@ -147,7 +153,8 @@ def shapes_for(tiny: bool) -> Shapes:
 class KernelTiming:
     """One backend's timed calls in one phase: the JSON record (fields are the JSON keys; unrounded).
 
-    ``median_ms`` and ``samples`` are copied from the :class:`bench.timing.Timing` that measured it.
+    ``median_ms`` and ``samples`` (and the rest, added with interleaving) are copied from the
+    :class:`bench.timing.Timing` that measured it.
     """
 
     section: str  # attention | matmul | rmsnorm
@@ -163,6 +170,12 @@ class KernelTiming:
     tflops: float | None = None
     gbytes_per_s: float | None = None
     deterministic_claim: bool | None = None  # the registry entry's claim (not measured here)
+    q1_ms: float | None = None
+    q3_ms: float | None = None
+    samples_ms: list[float] = field(default_factory=list)  # each timed call, round by round (one loop per section)
+    load1: float | None = None  # highest 1-minute load average during the section's loop
+    cpu_share: float | None = None  # process CPU seconds / wall seconds of the loop / threads
+    threads: int | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -181,6 +194,9 @@ class Ratio:
     target: str | None  # e.g. ">= 0.9"; None for a context-only ratio
     met: bool | None  # None when there is no value or the run cannot judge (tiny shapes, CPU)
     note: str | None = None
+    low: float | None = None  # quartiles of the per-round ratios (both sides timed in one loop)
+    high: float | None = None
+    noise: list[str] = field(default_factory=list)  # why the value is not to be trusted (wide, loaded); [] none
 
 
 @dataclass
@@ -228,37 +244,57 @@ def _seeded(shape, seed: int, dtype: torch.dtype, device: torch.device, scale: f
     return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
 
 
-def _measure(section, op, name, phase, fn, device, timer, flops=None, nbytes=None, claim=None) -> KernelTiming:
-    try:
-        timing = timer.measure(fn, device)
-    except Exception as e:  # a backend that fails is a result, not a crash of the whole run
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return KernelTiming(section, op, name, phase, "error", f"{type(e).__name__}: {msg}"[:300],
-                      deterministic_claim=claim)
-    secs = timing.median_s  # the JSON keeps milliseconds (its schema); the rates come from seconds
-    return KernelTiming(section, op, name, phase, "ok", None, secs * 1e3, timing.repeats, flops, nbytes,
-                        flops / secs / 1e12 if flops and secs > 0 else None,
-                        nbytes / secs / 1e9 if nbytes and secs > 0 else None, claim)
+def _failed(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:300]
 
 
-def _fwd_bwd_timings(section, op, name, device, timer, make_inputs, call, fwd_counts, bwd_counts, seed):
-    """Time the forward (inputs requiring grad) and the backward of one backend."""
+def _timed(entries: list, device: torch.device, timer: Timer) -> list[KernelTiming]:
+    """``entries`` in order: a finished KernelTiming (skipped, error), or (KernelTiming to fill, fn) timed with
+    every other such fn of the list in one interleaved loop. A fn that raises becomes an error record."""
+    arms = [Arm(i, e[1]) for i, e in enumerate(entries) if isinstance(e, tuple)]
+    loop = timer.interleave(arms, device)
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, tuple):
+            out.append(e)
+            continue
+        rec = e[0]
+        if i in loop.failed:  # a backend that fails is a result, not a crash of the whole run
+            out.append(KernelTiming(rec.section, rec.op, rec.backend, rec.phase, "error", _failed(loop.failed[i]),
+                                    deterministic_claim=rec.deterministic_claim))
+            continue
+        t = loop.timings[i]
+        secs = t.median_s  # the JSON keeps milliseconds (its schema); the rates come from seconds
+        rec.median_ms, rec.samples, rec.q1_ms, rec.q3_ms = secs * 1e3, t.repeats, t.q1_s * 1e3, t.q3_s * 1e3
+        rec.samples_ms = [x * 1e3 for x in t.samples_s]
+        rec.load1, rec.cpu_share, rec.threads = t.load1, t.cpu_share, t.threads
+        rec.tflops = rec.flops / secs / 1e12 if rec.flops and secs > 0 else None
+        rec.gbytes_per_s = rec.bytes / secs / 1e9 if rec.bytes and secs > 0 else None
+        out.append(rec)
+    return out
+
+
+def _pending(section, op, name, phase, fn, flops=None, nbytes=None, claim=None) -> tuple:
+    return KernelTiming(section, op, name, phase, "ok", flops=flops, bytes=nbytes, deterministic_claim=claim), fn
+
+
+def _fwd_bwd_entries(section, op, name, device, make_inputs, call, fwd_counts, bwd_counts, seed) -> list:
+    """The forward (inputs requiring grad) and the backward of one backend, as :func:`_timed` entries; one
+    untimed forward records the graph the backward is timed on."""
     fn, claim, reason = _resolve(op, name, device)
     if fn is None:
         return [KernelTiming(section, op, name, phase, "skipped", reason) for phase in ("forward", "backward")]
     inputs = [t.requires_grad_(True) for t in make_inputs()]
-    out = []
-    fwd = _measure(section, op, name, "forward", lambda: call(fn, inputs), device, timer, *fwd_counts, claim)
-    out.append(fwd)
-    if fwd.status != "ok":
-        out.append(KernelTiming(section, op, name, "backward", "skipped", "forward failed", deterministic_claim=claim))
-        return out
-    y = call(fn, inputs)
+    try:
+        y = call(fn, inputs)
+    except Exception as e:  # a backend that fails is a result, not a crash of the whole run
+        return [KernelTiming(section, op, name, "forward", "error", _failed(e), deterministic_claim=claim),
+                KernelTiming(section, op, name, "backward", "skipped", "forward failed", deterministic_claim=claim)]
     grad = _seeded(y.shape, seed + 99, y.dtype, device)
-    out.append(_measure(section, op, name, "backward",
-                        lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True),
-                        device, timer, *bwd_counts, claim))
-    return out  # the graph of y is freed with this frame
+    return [_pending(section, op, name, "forward", lambda: call(fn, inputs), *fwd_counts, claim),
+            _pending(section, op, name, "backward", lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True),
+                     *bwd_counts, claim)]
 
 
 def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: int = 0,
@@ -283,11 +319,13 @@ def bench_attention(device: torch.device, shapes: Shapes, timer: Timer, seed: in
         q, k, v = inputs
         return fn(q, k, v, scale=scale, causal=a["causal"])
 
-    out = []
+    entries = []
     for name in (lineup("attention").backends if backends is None else backends):
-        out += _fwd_bwd_timings("attention", "attention", name, device, timer, make, call,
-                                (fwd_flops, fwd_bytes), (bwd_flops, bwd_bytes), seed)
-        _release(device)
+        entries += _fwd_bwd_entries("attention", "attention", name, device, make, call,
+                                    (fwd_flops, fwd_bytes), (bwd_flops, bwd_bytes), seed)
+    out = _timed(entries, device, timer)
+    del entries  # every backend's inputs and recorded graph
+    _release(device)
     return out
 
 
@@ -302,16 +340,16 @@ def bench_matmul(device: torch.device, shapes: Shapes, timer: Timer, seed: int =
     flops, nbytes = 2 * M * N * K, (M * K + N * K + M * N) * e
     x = _seeded((M, K), seed, dtype, device)
     w = _seeded((N, K), seed + 1, dtype, device, scale=K ** -0.5)
-    out = []
+    entries = []
     for name in (lineup("matmul").backends if backends is None else backends):
         fn, claim, reason = _resolve("linear", name, device)
         if fn is None:
-            out.append(KernelTiming("matmul", "linear", name, "forward", "skipped", reason))
+            entries.append(KernelTiming("matmul", "linear", name, "forward", "skipped", reason))
             continue
-        with torch.no_grad():  # one product: no autograd bookkeeping in the comparison with cuBLAS
-            out.append(_measure("matmul", "linear", name, "forward", lambda: fn(x, w), device, timer,
-                                flops, nbytes, claim))
-        _release(device)
+        entries.append(_pending("matmul", "linear", name, "forward", lambda fn=fn: fn(x, w), flops, nbytes, claim))
+    with torch.no_grad():  # one product: no autograd bookkeeping in the comparison with cuBLAS
+        out = _timed(entries, device, timer)
+    _release(device)
     return out
 
 
@@ -332,14 +370,15 @@ def bench_rmsnorm(device: torch.device, shapes: Shapes, timer: Timer, seed: int 
     def call(fn, inputs):
         return fn(inputs[0], inputs[1], eps)
 
-    out = []
+    entries = []
     for name in (lineup("rmsnorm").backends if backends is None else backends):
-        out += _fwd_bwd_timings("rmsnorm", "rmsnorm", name, device, timer, make, call,
-                                (None, fwd_bytes), (None, bwd_bytes), seed)
-        _release(device)
+        entries += _fwd_bwd_entries("rmsnorm", "rmsnorm", name, device, make, call,
+                                    (None, fwd_bytes), (None, bwd_bytes), seed)
     x = _seeded((R, H), seed, dtype, device)
-    out.append(_measure("rmsnorm", "", COPY, "copy", lambda: torch.empty_like(x).copy_(x), device, timer,
-                        None, 2 * R * H * e))
+    entries.append(_pending("rmsnorm", "", COPY, "copy", lambda: torch.empty_like(x).copy_(x), None, 2 * R * H * e))
+    out = _timed(entries, device, timer)
+    del entries
+    _release(device)
     return out
 
 
@@ -372,19 +411,33 @@ RATIO_SPECS: tuple[tuple, ...] = (
 )
 
 
-def _lookup(timings: dict, key: tuple[str, str, str]) -> tuple[float | None, float | None, str | None]:
-    """(ms, bytes, why-missing) of a timing key; ``forward+backward`` sums both phases."""
+def _records(timings: dict, key: tuple[str, str, str]) -> tuple[list[KernelTiming], str | None]:
+    """The records of a timing key (``forward+backward``: both phases), or why one is missing."""
     phases = ("forward", "backward") if key[2] == "forward+backward" else (key[2],)
-    ms = nbytes = 0.0
+    out = []
     for phase in phases:
         t = timings.get((key[0], key[1], phase))
         if t is None:
-            return None, None, f"{key[0]}/{key[1]}/{phase} was not measured in this run"
+            return [], f"{key[0]}/{key[1]}/{phase} was not measured in this run"
         if t.status != "ok":
-            return None, None, f"{key[0]}/{key[1]}/{phase} {t.status}: {t.reason}"
-        ms += t.median_ms
-        nbytes += t.bytes or 0.0
-    return ms, nbytes, None
+            return [], f"{key[0]}/{key[1]}/{phase} {t.status}: {t.reason}"
+        out.append(t)
+    return out, None
+
+
+def _lookup(timings: dict, key: tuple[str, str, str]) -> tuple[float | None, float | None, str | None]:
+    """(ms, bytes, why-missing) of a timing key; ``forward+backward`` sums both phases."""
+    recs, why = _records(timings, key)
+    if why:
+        return None, None, why
+    return sum(t.median_ms for t in recs), sum(t.bytes or 0.0 for t in recs), None
+
+
+def _rounds(recs: list[KernelTiming]) -> list[float]:
+    """Per-round ms of a key (phases summed round by round); [] when the records hold no samples."""
+    if not recs or any(len(t.samples_ms) != len(recs[0].samples_ms) for t in recs):
+        return []
+    return [sum(x) for x in zip(*(t.samples_ms for t in recs))]
 
 
 def fastest_baseline(timings: dict, lu: Lineup, phase: str) -> str | None:
@@ -403,7 +456,7 @@ def _label(section: str, phase: str, kind: str) -> str:
 
 
 def _ratio(by_key: dict, lu: Lineup, num_name: str, phase: str, kind: str, against: str,
-           op: str | None, target: float | None, judge: bool) -> Ratio:
+           op: str | None, target: float | None, judge: bool, cpus: int | None, device_type: str) -> Ratio:
     section = lu.section
     target_text = f"{op} {target}" if op else None
     num = (section, num_name, phase)
@@ -425,7 +478,22 @@ def _ratio(by_key: dict, lu: Lineup, num_name: str, phase: str, kind: str, again
     if why_n or why_d:
         return Ratio(name, "/".join(num), "/".join(den), kind, None, target_text, None,
                      "; ".join(w for w in (why_n, why_d) if w))
-    if kind == "speed":
+    # speed: the denominator's time over ours; time: ours over its; bandwidth: bytes per second, ours over its.
+    scale = {"speed": 1.0, "time": 1.0}.get(kind, n_bytes / d_bytes if d_bytes else 0.0)
+    num_recs, _ = _records(by_key, num)
+    den_recs, _ = _records(by_key, den)
+    n_rounds, d_rounds = _rounds(num_recs), _rounds(den_recs)
+    low = high = None
+    noise: list[str] = []
+    if n_rounds and len(n_rounds) == len(d_rounds):  # one loop: per-round ratios
+        r = (timing.paired_ratio(d_rounds, n_rounds) if kind == "speed"
+             else timing.paired_ratio(n_rounds, d_rounds) if kind == "time"
+             else timing.paired_ratio(d_rounds, n_rounds))
+        value, low, high = r.mid * scale, r.lo * scale, r.hi * scale
+        noise += [x for x in [timing.spread(r.mid, r.lo, r.hi, r.rounds)] if x]
+        for t in (num_recs[0], den_recs[0]):
+            noise += timing.load_reasons(t.load1, t.cpu_share, t.threads, cpus, device_type)
+    elif kind == "speed":
         value = d_ms / n_ms
     elif kind == "time":
         value = n_ms / d_ms
@@ -434,16 +502,21 @@ def _ratio(by_key: dict, lu: Lineup, num_name: str, phase: str, kind: str, again
     met, note = None, None
     if op and judge:
         met = value >= target if op == ">=" else value <= target
+        if noise:
+            note = "judged on a value marked ~: " + "; ".join(dict.fromkeys(noise))
     elif op:
         note = "not judged: tiny shapes / not a GPU; the target applies to the full shapes on CUDA"
-    return Ratio(name, "/".join(num), "/".join(den), kind, value, target_text, met, note)
+    return Ratio(name, "/".join(num), "/".join(den), kind, value, target_text, met, note, low, high,
+                 list(dict.fromkeys(noise)))
 
 
-def compute_ratios(timings: list[KernelTiming], judge: bool,
-                   lineups: dict[str, Lineup] | None = None) -> list[Ratio]:
+def compute_ratios(timings: list[KernelTiming], judge: bool, lineups: dict[str, Lineup] | None = None,
+                   cpus: int | None = None, device_type: str = "cpu") -> list[Ratio]:
     """Every ratio of :data:`RATIO_SPECS` whose section ran; ``judge=False`` leaves ``met`` None.
 
-    ``lineups`` (section -> :class:`Lineup`) defaults to :func:`lineup` of the registry.
+    ``lineups`` (section -> :class:`Lineup`) defaults to :func:`lineup` of the registry. Two sides timed in
+    one loop give the median of the per-round ratios and their quartiles; ``cpus`` and ``device_type`` judge
+    the load the loop recorded (``Ratio.noise``).
     """
     by_key = {t.key: t for t in timings}
     sections = {t.section for t in timings}
@@ -456,7 +529,8 @@ def compute_ratios(timings: list[KernelTiming], judge: bool,
         for who, num_name in [(SUBJECT, n) for n in lu.subjects] + [(REFERENCE, lu.reference)]:
             for _, spec_who, phase, kind, against, op, target in specs:
                 if spec_who == who:
-                    out.append(_ratio(by_key, lu, num_name, phase, kind, against, op, target, judge))
+                    out.append(_ratio(by_key, lu, num_name, phase, kind, against, op, target, judge, cpus,
+                                      device_type))
     return out
 
 
@@ -490,7 +564,8 @@ def run_kernel_bench(device: torch.device | str | None = None, *, tiny: bool | N
     for section in SECTIONS:
         if section in sections:
             result.timings += benches[section](device, shapes, timer, seed, lineups[section].backends)
-    result.ratios = compute_ratios(result.timings, judge=not tiny and device.type == "cuda", lineups=lineups)
+    result.ratios = compute_ratios(result.timings, judge=not tiny and device.type == "cuda", lineups=lineups,
+                                   cpus=env.get("cpu_affinity") or env.get("cpu_count"), device_type=device.type)
     return result
 
 

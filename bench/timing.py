@@ -251,7 +251,8 @@ def measure(fn: Callable[..., Any], device: torch.device | str, *, repeats: int,
 
 @dataclass(frozen=True)
 class Timer:
-    """The repeat counts of :func:`measure`, for callers that time many things alike (kernel-bench)."""
+    """The repeat counts of :func:`measure` and :func:`interleave`, for callers that time many things alike
+    (kernel-bench)."""
 
     repeats: int
     warmup: int
@@ -259,6 +260,9 @@ class Timer:
     def measure(self, fn: Callable[..., Any], device: torch.device | str,
                 setup: Callable[[], Any] | None = None) -> Timing:
         return measure(fn, device, repeats=self.repeats, warmup=self.warmup, setup=setup)
+
+    def interleave(self, arms: Sequence[Arm], device: torch.device | str) -> Loop:
+        return interleave(arms, device, repeats=self.repeats, warmup=self.warmup)
 
     def describe(self, device: torch.device | str) -> str:
         return describe(device, self.repeats, self.warmup)

@@ -52,8 +52,8 @@ def test_measure_counts_calls_and_keeps_seconds():
 
 def test_kernel_timing_is_in_milliseconds():
     """The JSON keeps milliseconds (its schema) while bench.timing measures seconds."""
-    rec = ks._measure("matmul", "linear", "sleep", "forward", lambda: time.sleep(0.005), "cpu",
-                      Timer(repeats=3, warmup=1), flops=1e9, nbytes=1e6)
+    (rec,) = ks._timed([ks._pending("matmul", "linear", "sleep", "forward", lambda: time.sleep(0.005), 1e9, 1e6)],
+                       "cpu", Timer(repeats=3, warmup=1))
     assert rec.status == "ok" and rec.samples == 3
     assert 5.0 <= rec.median_ms < 100.0, rec
     assert rec.tflops == pytest.approx(1e9 / (rec.median_ms / 1e3) / 1e12)

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from bench import harness, subjects, timing
+from bench import kernel_speed as ks
 from bench.cli import build_parser
 from bench.cli.run import plan_from_args
 from bench.report import Index, cost_rows, fmt_ratio, header_lines, render_markdown
 from bench.results import load_run
+from qwen_layers.registry import REGISTRY
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results" / "run-20261129-132551-cpu-715190.json"
 PHASE_OF = {"forward": "fwd", "backward": "bwd", "both": "fwd+bwd"}  # bench.timing.phase_arms' functions
@@ -188,3 +190,36 @@ def test_a_result_without_load_fields_still_loads_and_renders():
     assert not row["torch-det"].paired and any(n.startswith("separate loops") for n in row["torch-det"].noise)
     text = render_markdown(res)
     assert "load not recorded" in text and "separate loops" in text
+
+
+def test_kernel_bench_times_a_section_round_by_round_and_pairs_its_ratios(monkeypatch):
+    """Two matmul backends timed A, B, A, B; every round twice as slow as the one before: each backend's own
+    spread is wide, the det kernel over its twin is 1.1 in every round, an interval of width 0, unmarked."""
+    order = []
+
+    def backend(name):
+        def fn(x, w, bias=None):
+            order.append(name)
+            return x
+        return fn
+
+    def clock(fn, state):
+        fn()
+        name = order[-1]
+        return 1e-3 * 2 ** (order.count(name) - 1) * (1.1 if name == "mine" else 1.0)
+
+    probe = fake_probe()
+    monkeypatch.setattr(timing, "call_timer", lambda device: clock)
+    monkeypatch.setattr(timing, "Probe", lambda: probe)
+    with REGISTRY.scoped():
+        REGISTRY.register("linear", "mine", backend("mine"), deterministic=True, twin="mine-atomic")
+        REGISTRY.register("linear", "mine-atomic", backend("mine-atomic"), deterministic=False, twin="mine")
+        out = ks.bench_matmul(torch.device("cpu"), ks.shapes_for(True), timing.Timer(repeats=4, warmup=1),
+                              backends=("mine", "mine-atomic"))
+        lu = ks.lineup("matmul")
+    assert order == ["mine", "mine-atomic"] * 5
+    mine = {t.backend: t for t in out}["mine"]
+    assert timing.spread(mine.median_ms, mine.q1_ms, mine.q3_ms, mine.samples).startswith("wide interval")
+    (twin,) = [r for r in ks.compute_ratios(out, judge=False, lineups={"matmul": lu}, cpus=2)
+               if r.numerator == "matmul/mine/forward" and "atomic twin" in r.name]
+    assert twin.value == pytest.approx(1 / 1.1) and twin.low == pytest.approx(twin.high) and twin.noise == []

@@ -29,10 +29,11 @@ def print_table(result: KernelBenchResult, console=None) -> None:
         t.add_row(x.section, x.phase, x.backend, fmt(x.median_ms, ".4g"), fmt(x.tflops, ".4g"),
                   fmt(x.gbytes_per_s, ".4g"), status)
     console.print(t)
-    r = Table(title="ratios (same run)")
+    r = Table(title="ratios (one interleaved loop per section: median of the per-round ratios [quartiles]; "
+                    "~ = wide interval or loaded machine)")
     for col in ("ratio", "kind", "value", "target", "met"):
         r.add_column(col, overflow="fold")
-    notes = []
+    notes, noisy = [], []
     for x in result.ratios:
         if x.met is not None:
             met = "[green]yes[/]" if x.met else "[red]no[/]"
@@ -42,10 +43,18 @@ def print_table(result: KernelBenchResult, console=None) -> None:
             met = "n/a"
             if x.note and x.note not in notes:
                 notes.append(x.note)
-        r.add_row(x.name, x.kind, fmt(x.value, ".3f"), x.target or "(context)", met)
+        value = fmt(x.value, ".3f")
+        if x.value is not None and x.low is not None:
+            value += f" [{x.low:.3f}–{x.high:.3f}]"
+        if x.noise:
+            value += " ~"
+            noisy.append(f"{x.name}: {'; '.join(x.noise)}")
+        r.add_row(x.name, x.kind, escape(value), x.target or "(context)", met)
     console.print(r)
     for note in notes:
         console.print(f"[dim]n/a: {escape(note)}[/]")
+    for line in noisy:
+        console.print(f"[dim]~ {escape(line)}[/]")
     if result.tiny:
         console.print("[dim]tiny shapes: proves the code runs; not a speed measurement[/]")
 
