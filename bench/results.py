@@ -679,6 +679,11 @@ def _kind_words(kinds: dict[str, type]) -> str:
     return " or ".join(dict.fromkeys(k.split(".", 1)[-1].split("/", 1)[0] for k in kinds))
 
 
+def run_kinds() -> dict[str, type]:
+    """Every run schema :func:`load_run` reads, each to :class:`RunResult` (``kinds`` of :func:`load_result`)."""
+    return dict.fromkeys(RUN_SCHEMAS, RunResult)
+
+
 def load_run(path: str | os.PathLike) -> RunResult:
     """Read a ``detbench run`` result file back into typed records."""
-    return load_result(path, dict.fromkeys(RUN_SCHEMAS, RunResult))
+    return load_result(path, run_kinds())

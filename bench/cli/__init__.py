@@ -34,6 +34,7 @@ __all__ = ["main", "build_parser", "UsageError", "parse_device"]
 COMMAND_MODULES: tuple[str, ...] = (
     "bench.cli.listing", "bench.cli.run", "bench.cli.report", "bench.cli.sft", "bench.cli.pinpoint",
     "bench.cli.kernel_bench", "bench.cli.gpu_check",
+    "bench.cli.compare",
 )
 
 
