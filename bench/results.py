@@ -483,7 +483,7 @@ class CellRecord:
     verdict: str                   # one sentence for humans, states N
     nonfinite: bool = False        # NaN or inf in some output or gradient
     cuda_initialised_at_mode_entry: bool = False
-    seconds: float = 0.0           # wall time of the whole cell
+    seconds: float = 0.0           # wall time of the cell's checks (its timing runs later, in a loop)
     # PyTorch filled the memory torch.empty returned during the cell (deterministic algorithms on and
     # torch.utils.deterministic.fill_uninitialized_memory): its times include those memsets. None: not
     # recorded (files written before this field, or a cell that never entered its mode)
