@@ -5,6 +5,11 @@ so NaN payloads and the sign of zero count. The statistics here run on the tenso
 (a GPU result is not copied to the CPU unless it differs and is small enough for a full
 :func:`bench.compare.mismatch` report).
 
+RNG use: every repeat is reseeded (``torch.manual_seed``), which is what makes a dropout comparable from
+one repeat to the next; it also hides a kernel that draws its summation order from the global
+generator. :func:`rng_states` before and :func:`rng_advanced` after the call under test name the default
+generators the call consumed, so such a result can be labelled "deterministic given the seed".
+
 How much a run-to-run verdict can miss: if each later repeat independently differs from repeat 0
 with probability ``p``, all ``N - 1`` comparisons agree with probability ``(1 - p) ** (N - 1)``.
 :func:`missable_fraction` is the ``p`` at which that chance is still ``risk`` (5 %): differences
@@ -51,6 +56,28 @@ def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
     if not t.is_floating_point():
         return 0, 0
     return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# generator use
+# ------------------------------------------------------------------------------------------------
+
+
+def rng_states(device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The states of the default generators a call on ``device`` can draw from: the CPU's, and on a CUDA
+    device that device's (``torch.manual_seed`` reseeds both). Copies; cheap (a few kB)."""
+    device = torch.device(device)
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        states[f"cuda:{index}"] = torch.cuda.get_rng_state(index)
+    return states
+
+
+def rng_advanced(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    """The generators of ``before`` whose state differs in ``after``: the ones the call in between drew from
+    (or reseeded)."""
+    return [name for name, state in before.items() if name not in after or not torch.equal(state, after[name])]
 
 
 # ------------------------------------------------------------------------------------------------

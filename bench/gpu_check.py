@@ -642,19 +642,42 @@ def _tests_answer(report: dict | None, file: str) -> tuple[str, str]:
     return f"yes: {passed} passed, {report['skipped']} skipped", file
 
 
+def _plants(sft: dict | None) -> list[str]:
+    """The faults an SFT result was planted with (``--plant``, e.g. the dry run's), as ``PATH=op/backend``."""
+    return list(((sft or {}).get("settings") or {}).get("plants") or [])
+
+
+def _planted(plants: list[str]) -> str:
+    """What a divergence caused by a planted fault says next to it: `` (planted: PATH=op/backend)``."""
+    return f" (planted: {', '.join(plants)})" if plants else ""
+
+
+def _is_planted(op: str, module: str, plants: list[str]) -> bool:
+    """Whether ``op`` at ``module`` (a pinpoint finding: ``linear/planted-nondet``, a module path) is one of
+    ``plants``: the same op/backend, at the planted path or below it."""
+    for p in plants:
+        path, _, target = p.partition("=")
+        path = "" if path == "<root>" else path
+        if target == op and (not path or module == path or module.startswith(path + ".")):
+            return True
+    return False
+
+
 def _sft_answer(sft: dict | None) -> tuple[str, str]:
     if sft is None:
         return "not answered: no SFT result", "sft.json"
     by_attn = {c["attention"]: c for c in sft.get("configs", [])}
+    planted = _planted(_plants(sft))
     parts = []
     for name, c in by_attn.items():
         if c.get("status") != "ok":
             parts.append(f"{name} {c.get('status')}")
         elif c.get("identical") is None:
             parts.append(f"{name} not comparable")
+        elif c["identical"]:
+            parts.append(f"{name} identical x{c.get('repeats')}")
         else:
-            parts.append(f"{name} {'identical' if c['identical'] else 'DIVERGED at step ' + str(c.get('first_divergent_step'))}"
-                         f" x{c.get('repeats')}")
+            parts.append(f"{name} DIVERGED at step {c.get('first_divergent_step')} x{c.get('repeats')}{planted}")
     eager, sdpa = by_attn.get("eager", {}), by_attn.get("sdpa", {})
     if eager.get("identical") is True and sdpa.get("identical") is False:
         verdict = "yes"
@@ -665,16 +688,24 @@ def _sft_answer(sft: dict | None) -> tuple[str, str]:
     return f"{verdict}: {'; '.join(parts) or 'no configuration'}", "sft.json"
 
 
-def _pinpoint_answer(pin: dict | None, pin_stage: Stage | None) -> tuple[str, str]:
+def _found(op: str, module: str, plants: list[str]) -> str:
+    """`` - the planted fault`` after a finding that is one of ``plants``, or "" ."""
+    return " - the planted fault" if _is_planted(op, module, plants) else ""
+
+
+def _pinpoint_answer(pin: dict | None, pin_stage: Stage | None, plants: list[str] | None = None) -> tuple[str, str]:
+    plants = plants or []
     if pin is None:
         reason = pin_stage.status if pin_stage else "not run"
         return f"not answered: pinpoint {reason}", "pinpoint.json"
     for pair in (pin.get("compare") or {}).get("pairs", []):
         rc = pair.get("root_cause")
         if rc:
-            return f"{rc['op']} at {rc['module']} ({rc['phase']}), from trace-compare", "pinpoint.json"
+            return (f"{rc['op']} at {rc['module']} ({rc['phase']}), from trace-compare"
+                    f"{_found(rc['op'], rc['module'], plants)}", "pinpoint.json")
     for f in (pin.get("replay") or {}).get("findings", [])[:1]:
-        return f"{f['op']} at {f['module']} ({f['phase']}), from replay", "pinpoint.json"
+        return (f"{f['op']} at {f['module']} ({f['phase']}), from replay{_found(f['op'], f['module'], plants)}",
+                "pinpoint.json")
     return "none: the runs pinpoint compared did not differ", "pinpoint.json"
 
 
@@ -686,7 +717,8 @@ def headline(out: Path, stages: list[Stage]) -> list[tuple[str, str, str]]:
          *_tests_answer(_junit(out / "tests-core.xml"), "tests-core.xml")),
         ("Does SFT of Qwen2.5-0.5B shapes (bf16, lr 3e-4) diverge with sdpa but not with eager?",
          *_sft_answer(_load(out / "sft.json"))),
-        ("Which op does pinpoint name?", *_pinpoint_answer(_load(out / "pinpoint.json"), by_name.get("pinpoint"))),
+        ("Which op does pinpoint name?", *_pinpoint_answer(_load(out / "pinpoint.json"), by_name.get("pinpoint"),
+                                                           _plants(_load(out / "sft.json")))),
     ]
 
 
@@ -714,20 +746,25 @@ def findings(out: Path) -> list[str]:
         met = {True: "met", False: "MISSED", None: "not judged"}[r.get("met")]
         lines.append(f"kernel-bench {r['name']}: {value} (target {r.get('target') or '-'}, {met})")
     for name in ("sft.json", "sft-lr1e-5.json"):
-        for c in (_load(out / name) or {}).get("configs", []):
+        sft = _load(out / name)
+        for c in (sft or {}).get("configs", []):
+            planted = _planted(_plants(sft)) if c.get("identical") is False else ""
             lines.append(f"sft {c['attention']} {c['mode']} {c['dtype']} lr={c['lr']:g}: "
-                         f"{c.get('verdict') or c.get('status')}")
+                         f"{c.get('verdict') or c.get('status')}{planted}")
     for r in ((_load(out / "sft-nccl.json") or {}).get("distributed") or {}).get("setups", []):
         lines.append(f"sft data-parallel {r['reduce']} {r['label']}: run to run "
                      f"{'identical' if r['run_to_run_identical'] else 'DIFFERS'}; {r['verdict']}")
     pin = _load(out / "pinpoint.json")
     if pin:
+        plants = _plants(_load(out / "sft.json"))  # pinpoint runs the SFT stage's plants
         for f in (pin.get("replay") or {}).get("findings", [])[:3]:
-            lines.append(f"pinpoint replay: {f['op']} at {f['module']} ({f['phase']}), {f['n_diff']} elements differ")
+            lines.append(f"pinpoint replay: {f['op']} at {f['module']} ({f['phase']}), {f['n_diff']} elements differ"
+                         f"{_found(f['op'], f['module'], plants)}")
         for pair in (pin.get("compare") or {}).get("pairs", [])[:1]:
             rc = pair.get("root_cause")
             if rc:
-                lines.append(f"pinpoint trace-compare root cause: {rc['op']} at {rc['module']} ({rc['phase']})")
+                lines.append(f"pinpoint trace-compare root cause: {rc['op']} at {rc['module']} ({rc['phase']})"
+                             f"{_found(rc['op'], rc['module'], plants)}")
     return lines
 
 

@@ -9,7 +9,11 @@ The matrix is subject x backend x dtype x mode. For each subject the harness
 3. for each mode and each backend of the subject's primary op (every available one by default, as
    the registry lists them), runs one *cell*:
 
-   * run to run: N repeats (fresh copies each), every output and gradient compared with repeat 0;
+   * run to run: N repeats (fresh copies each), every output and gradient compared with repeat 0; each
+     repeat is reseeded (``torch.manual_seed``), so a backend drawing from the default CPU or CUDA
+     generator repeats itself: the generator states before and after each call tell on it, and its
+     verdict says "deterministic given the seed; consumes RNG" (``CellRecord.rng_consumed``). A backend
+     registered ``deterministic=True`` whose repeats differ is flagged as breaking its claim;
    * batch invariance: the first 1, 3 (and 127 for token rows) rows run alone vs the full batch;
    * accuracy: repeat 0 against the float64 reference;
 
@@ -360,14 +364,29 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
-def _verdict(tracker: checks.RepeatTracker, n: int) -> str:
+# What a verdict says about a backend registered deterministic=True whose repeats differ.
+CLAIM_BROKEN = "BREAKS ITS CLAIM (registered deterministic=True)"
+
+
+def _verdict(tracker: checks.RepeatTracker, n: int, rng: list[str] | None = None, seed: int = 0,
+             claim_broken: bool = False) -> str:
+    """The run-to-run sentence. ``rng``: the generators the call advanced although each repeat was reseeded
+    (``checks.rng_advanced``); such a cell is deterministic given the seed only."""
     bound = checks.bound_sentence(n)
     if tracker.deterministic:
-        return f"bitwise identical in all {n} repeats ({bound})"
+        same = f"bitwise identical in all {n} repeats ({bound})"
+        if not rng:
+            return same
+        return (f"deterministic given the seed; consumes RNG: the call advanced the {', '.join(rng)} generator"
+                f"{'s' if len(rng) > 1 else ''}, and each repeat was reseeded first (torch.manual_seed({seed})): "
+                f"{same}")
     w = tracker.worst()
     distinct = max(st.n_distinct for st in tracker.stats.values())
-    return (f"NOT deterministic: {distinct} distinct results in {n} repeats; {w.name}: "
-            f"{w.max_n_diff}/{_numel(w.shape)} elements differ, max {w.max_ulp} ulp, max abs {w.max_abs:.3g}")
+    verdict = (f"NOT deterministic: {distinct} distinct results in {n} repeats; {w.name}: "
+               f"{w.max_n_diff}/{_numel(w.shape)} elements differ, max {w.max_ulp} ulp, max abs {w.max_abs:.3g}")
+    if rng:
+        verdict += f"; it also consumes RNG ({', '.join(rng)})"
+    return f"{CLAIM_BROKEN}: {verdict}" if claim_broken else verdict
 
 
 def _numel(shape) -> int:
@@ -494,9 +513,10 @@ def _time_cells(plan: Plan, case, subject: str, dtype: str, out: RunResult) -> N
 
 
 def _cell_verdict(status: str, why: str | None, tracker: checks.RepeatTracker, n: int,
-                  recs_rep: list[RepeatRecord]) -> str:
+                  recs_rep: list[RepeatRecord], **run_to_run) -> str:
+    """``run_to_run``: :func:`_verdict`'s keywords (rng, seed, claim_broken)."""
     if status == "ok":
-        verdict = _verdict(tracker, n)
+        verdict = _verdict(tracker, n, **run_to_run)
         if any(r.nan or r.inf for r in recs_rep):
             verdict += "; NaN/inf in " + ", ".join(r.tensor for r in recs_rep if r.nan or r.inf)
         return verdict
@@ -504,7 +524,7 @@ def _cell_verdict(status: str, why: str | None, tracker: checks.RepeatTracker, n
         return f"refused: {why}"
     verdict = f"error {why}"
     if recs_rep:
-        verdict += f" (run to run: {_verdict(tracker, n)})"
+        verdict += f" (run to run: {_verdict(tracker, n, **run_to_run)})"
     return verdict
 
 
@@ -527,6 +547,7 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
     stage = "setup"
     recs_rep, recs_batch, recs_acc = [], [], []
     tracker = checks.RepeatTracker()
+    rng: list[str] = []  # generators the call under test advanced in some repeat (each repeat reseeds them)
     batch_ok = None
     cuda_init = False
     fill = None
@@ -539,7 +560,9 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
             stage = "run-to-run repeats"
             for _ in range(n):
                 torch.manual_seed(s.seed)
+                before = checks.rng_states(plan.device)
                 res = inst.run()
+                rng += [g for g in checks.rng_advanced(before, checks.rng_states(plan.device)) if g not in rng]
                 if first is None:
                     first = res
                 tracker.add(res)
@@ -563,14 +586,15 @@ def run_cell(plan: Plan, case, subject: str, backend: str, dtype: str, mode: str
 
     ran = tracker.repeats if status == "ok" or recs_rep else 0
     deterministic = tracker.deterministic if recs_rep else None
+    claim_broken = deterministic is False and registry.get(op, backend).deterministic is True
     nonfinite = any(r.nan or r.inf for r in recs_rep)
-    verdict = _cell_verdict(status, why, tracker, n, recs_rep)
+    verdict = _cell_verdict(status, why, tracker, n, recs_rep, rng=rng, seed=s.seed, claim_broken=claim_broken)
     out.cells.append(CellRecord(
         **key, status=status, reason=why, repeats=ran, deterministic=deterministic,
         missable_fraction=checks.missable_fraction(ran) if deterministic else None,
         batch_invariant=batch_ok if stage == "accuracy" else None,
         verdict=verdict, nonfinite=nonfinite, cuda_initialised_at_mode_entry=cuda_init, seconds=elapsed,
-        fill_uninitialized_memory=fill))
+        fill_uninitialized_memory=fill, rng_consumed=rng if recs_rep else None, claim_broken=claim_broken))
     out.repeats.extend(recs_rep)
     out.batch.extend(recs_batch)
     out.accuracy.extend(recs_acc)

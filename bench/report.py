@@ -16,6 +16,7 @@ a ratio whose interval includes 1x, or (files before ``detbench.run/2``) a ratio
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -77,9 +78,51 @@ def _first_of(records, worst):
 
 
 def _more(n: int, compact: bool = False) -> str:
+    """The clause saying how many more tensors differ ("" for none); compact or not, it names what "+n" counts."""
     if n <= 0:
         return ""
-    return f" +{n}" if compact else f" (+{n} more tensor{'s' if n > 1 else ''})"
+    return f"(+{n} more)" if compact else f"(+{n} more tensor{'s' if n > 1 else ''})"
+
+
+def join_clauses(clauses: list[str]) -> str:
+    """A verdict's clauses on one line, as the Markdown shows it: ``DIFFERS: 3 distinct in 20 · out 177/4096 el,
+    7 ulp (+1 more tensor)`` (a bracketed clause follows its neighbour with a space, the others with `` · ``)."""
+    out = ""
+    for c in clauses:
+        out += c if not out else (f" {c}" if c[:1] in "([" else f" · {c}")
+    return out
+
+
+# A space a wrapped verdict may break at: not one before a unit (``177/4096 el``, ``7 ulp``, ``3 distinct``)
+# nor around "in" (``3 distinct in 20``).
+_BREAKABLE = re.compile(r"(?<!\bin) (?!(?:el|ulp|distinct|more|tensors?|in)\b)")
+
+
+def _tokens(clause: str, width: int) -> list[str]:
+    """A clause cut after each comma (``177/4096 el,`` / ``7 ulp``); a piece still wider than ``width`` cut at
+    the spaces :data:`_BREAKABLE` allows."""
+    parts = clause.split(", ")
+    out = []
+    for piece in [p + "," for p in parts[:-1]] + parts[-1:]:
+        out += _BREAKABLE.split(piece) if len(piece) > width else [piece]
+    return out
+
+
+def wrap_clauses(clauses: list[str], width: int) -> list[str]:
+    """A verdict's lines for a column ``width`` wide: each clause starts a line, one wider than ``width``
+    breaks after a comma first, and a number never parts from its unit, so no line reads as a verdict of
+    its own (``DIFFERS @1,3`` / ``out 177/4096 el, 832 ulp`` / ``(+1 more tensor)``). A token wider than
+    ``width`` stays whole: the line is wider."""
+    lines = []
+    for clause in clauses:
+        line = ""
+        for token in _tokens(clause, width):
+            if line and len(line) + 1 + len(token) > width:
+                lines.append(line)
+                line = ""
+            line = f"{line} {token}" if line else token
+        lines.append(line)
+    return lines
 
 
 @dataclass
@@ -91,8 +134,12 @@ class CellView:
     dtype: str
     mode: str
     status: str
-    run_to_run: str
+    run_to_run: str                # the clauses below on one line (join_clauses)
     batch: str
+    run_to_run_clauses: list[str]  # pieces a terminal may put on separate lines (wrap_clauses), never split
+    batch_clauses: list[str]
+    claim_broken: bool             # registered deterministic=True, and the repeats differ
+    rng_consumed: list[str]        # generators the call advanced although each repeat was reseeded
     err: str
     eager_err: str
     ulp: str
@@ -194,43 +241,50 @@ class Index:
         k = (cell.subject, cell.backend, cell.dtype, cell.mode)
         reps, batch, acc = self.repeats[k], self.batch[k], self.accuracy[k]
         nondet = cell.deterministic is False
-        # run to run
+        rng = list(cell.rng_consumed or [])
+        # run to run, as clauses (see wrap_clauses)
         if cell.status == "unsupported":
-            r2r = f"unsupported: {cell.reason}"
+            r2r = [f"unsupported: {cell.reason}"]
         elif cell.status == "refused":
-            r2r = f"refused: {cell.reason}"
+            r2r = [f"refused: {cell.reason}"]
         elif cell.status == "error" and not reps:
-            r2r = f"error {cell.reason}"
+            r2r = [f"error {cell.reason}"]
         elif cell.deterministic:
-            r2r = f"same ×{cell.repeats}"
+            r2r = [f"same ×{cell.repeats}, given the seed", f"consumes RNG ({', '.join(rng)})"] if rng else [
+                f"same ×{cell.repeats}"]
         else:
             bad = [r for r in reps if r.n_equal_to_first != r.repeats]
             w = _first_of(bad, lambda r: (r.max_n_diff, r.max_ulp))
             distinct = max((r.n_distinct for r in reps), default=0)
-            r2r = f"DIFFERS: {distinct} distinct in {cell.repeats}"
+            r2r = ["BREAKS deterministic claim"] if cell.claim_broken else []
+            r2r.append(f"DIFFERS: {distinct} distinct in {cell.repeats}")
             if w is not None:
                 n = f"{w.max_n_diff}" if compact else f"{w.max_n_diff}/{w.n_total}"
-                r2r += f" · {w.tensor} {n} el, {w.max_ulp} ulp" + _more(len(bad) - 1, compact)
+                r2r += [f"{w.tensor} {n} el, {w.max_ulp} ulp", _more(len(bad) - 1, compact)]
+            if rng:
+                r2r.append(f"consumes RNG ({', '.join(rng)})")
         if cell.status == "error" and reps:
-            r2r += f" (then error {cell.reason})"
+            r2r.append(f"(then error {cell.reason})")
         if cell.nonfinite:
-            r2r += " [NaN/inf]"
+            r2r.append("[NaN/inf]")
+        r2r = [c for c in r2r if c]
         # batch invariance
         if not batch:
-            bt = "-" if cell.batch_invariant is None else ("same" if cell.batch_invariant else "differs")
+            bt = ["-" if cell.batch_invariant is None else ("same" if cell.batch_invariant else "differs")]
         else:
             sizes = sorted({b.rows for b in batch})
             bad = [b for b in batch if not b.equal]
             if not bad:
-                bt = "same @" + ",".join(map(str, sizes))
+                bt = ["same @" + ",".join(map(str, sizes))]
             else:
                 w = _first_of(bad, lambda b: (b.max_ulp, b.n_diff))
                 others = {b.tensor for b in bad} - {w.tensor}
                 n = f"{w.n_diff}" if compact else f"{w.n_diff}/{w.n_total}"
-                bt = (f"DIFFERS @{','.join(map(str, sorted({b.rows for b in bad})))} · "
-                      f"{w.tensor} {n} el, {w.max_ulp} ulp" + _more(len(others), compact))
+                bt = [f"DIFFERS @{','.join(map(str, sorted({b.rows for b in bad})))}",
+                      f"{w.tensor} {n} el, {w.max_ulp} ulp", _more(len(others), compact)]
                 if nondet:  # the full batch itself changes from run to run
-                    bt += " (includes run-to-run noise)"
+                    bt.append("(includes run-to-run noise)")
+                bt = [c for c in bt if c]
         # accuracy: the worst tensor
         rels = [a.rel_l2 for a in acc]
         rel = float("nan") if any(math.isnan(x) for x in rels) else max(rels, default=None)
@@ -250,7 +304,8 @@ class Index:
                     else fmt_rate(tr.bytes / tr.median_s, "B/s"))
         return CellView(
             subject=cell.subject, backend=cell.backend, dtype=cell.dtype, mode=cell.mode, status=cell.status,
-            run_to_run=r2r, batch=bt, err=fmt_err(rel), eager_err=fmt_err(eager),
+            run_to_run=join_clauses(r2r), batch=join_clauses(bt), run_to_run_clauses=r2r, batch_clauses=bt,
+            claim_broken=cell.claim_broken, rng_consumed=rng, err=fmt_err(rel), eager_err=fmt_err(eager),
             ulp="-" if ulp is None else f"{ulp:.3g}" + (f" ({eager_ulp:.3g})" if eager_ulp is not None else ""),
             fwd=_marked(fmt_time(t["fwd"]), noise.get("fwd")), bwd=_marked(fmt_time(t["bwd"]), noise.get("bwd")),
             both=_marked(fmt_time(t["fwd+bwd"]), noise.get("fwd+bwd")), rate=rate,
@@ -400,16 +455,42 @@ def agreement_lines(res: RunResult) -> list[str]:
     return lines
 
 
+# How many cells the status line names per kind before "+N more".
+STATUS_NAMES = 3
+
+
+def cell_label(c) -> str:
+    """``subject/backend dtype mode``: how the status line names a cell."""
+    return f"{c.subject}/{c.backend} {c.dtype} {c.mode}"
+
+
+def _named(cells: list, what: str, cap: int = STATUS_NAMES) -> str:
+    """``2 nondeterministic (a, b)``; past ``cap`` names ``(a, b, c, +4 more)``; ``0 what`` when none."""
+    if not cells:
+        return f"0 {what}"
+    names = [cell_label(c) for c in cells[:cap]] + ([f"+{len(cells) - cap} more"] if len(cells) > cap else [])
+    return f"{len(cells)} {what} ({', '.join(names)})"
+
+
 def _counts(res: RunResult) -> str:
-    n = len(res.cells)
-    nondet = sum(1 for c in res.cells if c.deterministic is False)
-    variant = sum(1 for c in res.cells if c.batch_invariant is False)
-    refused = sum(1 for c in res.cells if c.status == "refused")
-    errors = sum(1 for c in res.cells if c.status == "error")
-    unsup = sum(1 for c in res.cells if c.status == "unsupported")
-    parts = [f"{n} cells", f"{nondet} nondeterministic", f"{variant} batch-variant"]
-    parts += [f"{x} {name}" for x, name in ((refused, "refused"), (errors, "errors"), (unsup, "unsupported")) if x]
+    """The cell counts of the status line, naming the cells that failed a check (:func:`_named`)."""
+    cells = res.cells
+    parts = [f"{len(cells)} cells", _named([c for c in cells if c.deterministic is False], "nondeterministic"),
+             _named([c for c in cells if c.batch_invariant is False], "batch-variant")]
+    for pick, what in ((lambda c: c.claim_broken, "breaking their deterministic claim"),
+                       (lambda c: c.rng_consumed, "consuming RNG (deterministic given the seed)"),
+                       (lambda c: c.status == "error", "errors")):
+        chosen = [c for c in cells if pick(c)]
+        if chosen:
+            parts.append(_named(chosen, what))
+    parts += [f"{x} {name}" for x, name in ((sum(c.status == "refused" for c in cells), "refused"),
+                                             (sum(c.status == "unsupported" for c in cells), "unsupported")) if x]
     return ", ".join(parts)
+
+
+def status_line(res: RunResult) -> str:
+    """``status: complete; 12 cells, 1 nondeterministic (linear/planted-nondet fp32 default), ...``."""
+    return f"status: {res.status}" + (f" - {res.stopped_at}" if res.stopped_at else "") + f"; {_counts(res)}"
 
 
 def header_lines(res: RunResult) -> list[str]:
@@ -420,7 +501,7 @@ def header_lines(res: RunResult) -> list[str]:
         + (f", CUDA {env.cuda}, driver {env.driver}" if env.device_type == "cuda" else ""),
         f"preset {s.preset}{' (quick shapes)' if s.quick else ''}; seed {s.seed}; "
         f"commit {(env.detbench_commit or '?')[:10]}{' (dirty)' if env.detbench_dirty else ''}",
-        f"status: {res.status}" + (f" - {res.stopped_at}" if res.stopped_at else "") + f"; {_counts(res)}",
+        status_line(res),
         bound_sentence(s.repeats) + ".",
     ]
     load = load_line(res)

@@ -488,6 +488,12 @@ class CellRecord:
     # torch.utils.deterministic.fill_uninitialized_memory): its times include those memsets. None: not
     # recorded (files written before this field, or a cell that never entered its mode)
     fill_uninitialized_memory: bool | None = None
+    # The generators the call under test advanced although every repeat reseeded them (torch.manual_seed):
+    # "cpu", "cuda:0" ...; [] none; None not measured (files written before this field, or no repeat ran).
+    # A cell that consumes RNG is deterministic given the seed only (see README, "RNG use").
+    rng_consumed: list[str] | None = None
+    # The backend is registered deterministic=True and its repeats differ (deterministic is False).
+    claim_broken: bool = False
 
 
 @dataclass

@@ -34,8 +34,10 @@ def test_part_1_alone_answers_the_headline(tmp_path, capsys):
     # tests-core ran its (dry-run) cases for real and all passed
     assert answers["Do"].startswith("yes: ") and " passed" in answers["Do"], answers
     # The dry run plants a fault in one MLP projection, so eager diverges too: the answer is "no", and says why.
-    assert answers["Does"].startswith("no: eager DIVERGED at step 1 x2"), answers
-    assert answers["Which"] == "linear/planted-nondet at model.layers.1.mlp.down_proj (forward), from trace-compare"
+    plant = gpu_check.DRY_RUN_PLANT
+    assert answers["Does"].startswith(f"no: eager DIVERGED at step 1 x2 (planted: {plant})"), answers
+    assert answers["Which"] == ("linear/planted-nondet at model.layers.1.mlp.down_proj (forward), from trace-compare"
+                                " - the planted fault")
     text = (out / "summary.md").read_text()
     assert "## Headline" in text and text.index("## Headline") < text.index("## Stages")
     printed = capsys.readouterr().out

@@ -8,9 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from bench.cli.common import UsageError
 from bench.plots import matplotlib_missing, render_plots
@@ -24,6 +26,7 @@ from bench.report import (
     header_lines,
     ratio_notes,
     render_markdown,
+    wrap_clauses,
 )
 from bench.results import RunResult, load_run, write_text_atomic
 
@@ -40,13 +43,14 @@ def print_run(res: RunResult, console=None) -> None:
     """Print the tables of ``res`` to a rich console."""
     console = console or make_console()
     ix = Index(res)
-    for line in header_lines(res):
-        console.print(escape(line), highlight=False)
+    for line in header_lines(res):  # cut after commas, so that a cell the status line names stays on one line
+        for part in wrap_clauses([line], console.width):
+            console.print(escape(part), highlight=False, soft_wrap=True)
     for info in res.subjects:
         cells = [c for c in res.cells if c.subject == info.subject]
         if not cells:
             continue
-        console.print(_subject_table(ix, info, cells))
+        console.print(subject_view(ix, info, cells, console.width))
         if info.notes:
             console.print(f"[dim]{escape(info.subject)}: {escape(info.notes)}[/]", highlight=False)
     cost = _cost_table(res, ix)
@@ -61,41 +65,113 @@ def print_run(res: RunResult, console=None) -> None:
         console.print(f"[dim]not run: {escape(line)}[/]", highlight=False)
 
 
-def _subject_table(ix: Index, info, cells) -> Table:
-    """One subject: a row per cell (backend x dtype x mode); nondeterministic red, batch-variant yellow."""
+# The narrowest a verdict column gets before a subject's cells are printed one block each instead of a table.
+MIN_VERDICT_WIDTH = 26
+
+
+def _row_style(v) -> str | None:
+    if v.nondeterministic:
+        return "bold red"
+    if v.status in ("refused", "unsupported"):
+        return "dim"
+    return "magenta" if v.status == "error" else None
+
+
+def _times(ix: Index, c, v) -> str:
+    times = fmt_times(ix.time(c.subject, c.backend, c.dtype, c.mode, "fwd"),
+                      ix.time(c.subject, c.backend, c.dtype, c.mode, "bwd"), v.both_s)
+    return times + " ~" if v.times_noisy else times
+
+
+def _ulp(text: str, before_eager: str) -> str:
+    """``25.9 (25.1)`` (a view's ulp column) as ``25.9 ulp (25.1)`` or ``25.9 (eager 25.1)``."""
+    value, sep, eager = text.partition(" (")
+    if not sep:
+        return text
+    return f"{value} ulp ({eager}" if before_eager == "ulp " else f"{value} (eager {eager}"
+
+
+def _verdict_text(clauses: list[str], width: int, style: str | None = None) -> str:
+    text = escape("\n".join(wrap_clauses(clauses, width)))
+    return f"[{style}]{text}[/]" if style else text
+
+
+def _subject_table(ix: Index, info, cells, width: int, stacked_numbers: bool = False) -> Table:
+    """One subject: a row per cell (backend x dtype x mode); nondeterministic red, batch-variant yellow. Every
+    column is no_wrap: the verdicts are cut into lines by :func:`bench.report.wrap_clauses` at ``width``,
+    never by rich (which breaks at any space and drops columns that do not fit). ``stacked_numbers``: the
+    error and its ulp share a column, and so do the times and the rate (two lines each), for narrower
+    consoles."""
     shapes = ", ".join(f"{k} {tuple(v)}" for k, v in info.shapes.items())
     table = Table(title=f"{info.subject}: {info.primary_op} backends - {shapes}", title_justify="left",
                   show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col, kw in (("backend", {"no_wrap": True}), ("dtype", {}), ("mode", {"no_wrap": True}),
-                    ("run to run", {"overflow": "fold", "ratio": 1, "min_width": 18}),
-                    ("batch invariance", {"overflow": "fold", "ratio": 1, "min_width": 18}),
-                    ("err vs fp64 (eager)", {"justify": "right", "no_wrap": True}),
-                    ("ulp (eager)", {"justify": "right", "no_wrap": True}),
-                    ("fwd / bwd / fwd+bwd", {"justify": "right", "no_wrap": True}),
-                    ("rate", {"justify": "right", "no_wrap": True})):
-        table.add_column(col, **kw)
+    numbers = ((("err vs fp64 (eager)\nulp (eager)", {"justify": "right"}),
+                ("fwd / bwd / fwd+bwd\nrate", {"justify": "right"})) if stacked_numbers else
+               (("err vs fp64 (eager)", {"justify": "right"}), ("ulp (eager)", {"justify": "right"}),
+                ("fwd / bwd / fwd+bwd", {"justify": "right"}), ("rate", {"justify": "right"})))
+    for col, kw in (("backend", {}), ("dtype", {}), ("mode", {}), ("run to run", {}), ("batch invariance", {}),
+                    *numbers):
+        table.add_column(col, no_wrap=True, **kw)
     last = None
     for c in cells:
-        v = ix.view(c, compact=True)
+        v = ix.view(c)
         if last is not None and c.dtype != last:
             table.add_section()
         last = c.dtype
-        style = None
-        if v.nondeterministic:
-            style = "bold red"
-        elif v.status in ("refused", "unsupported"):
-            style = "dim"
-        elif v.status == "error":
-            style = "magenta"
-        batch = f"[yellow]{escape(v.batch)}[/]" if v.batch_variant else escape(v.batch)
         err = f"[yellow]{v.err}[/]" if v.worse_than_eager else v.err
-        times = fmt_times(ix.time(c.subject, c.backend, c.dtype, c.mode, "fwd"),
-                          ix.time(c.subject, c.backend, c.dtype, c.mode, "bwd"), v.both_s)
-        if v.times_noisy:
-            times += " ~"
-        table.add_row(v.backend, v.dtype, v.mode, escape(v.run_to_run), batch, f"{err} ({v.eager_err})",
-                      v.ulp, times, v.rate, style=style)
+        values = [f"{err} ({v.eager_err})", v.ulp, _times(ix, c, v), v.rate]
+        if stacked_numbers:
+            values = [f"{values[0]}\n{_ulp(v.ulp, 'ulp ')}", f"{values[2]}\n{v.rate}"]
+        table.add_row(v.backend, v.dtype, v.mode, _verdict_text(v.run_to_run_clauses, width),
+                      _verdict_text(v.batch_clauses, width, "yellow" if v.batch_variant else None),
+                      *values, style=_row_style(v))
     return table
+
+
+def _subject_blocks(ix: Index, info, cells, width: int) -> Group:
+    """One subject for a console too narrow for its table: a block of labelled lines per cell, the verdicts
+    cut by :func:`bench.report.wrap_clauses` to fit."""
+    shapes = ", ".join(f"{k} {tuple(v)}" for k, v in info.shapes.items())
+    label_w = len("fwd/bwd/fwd+bwd")
+    value_w = max(MIN_VERDICT_WIDTH // 2, width - label_w - 6)
+    lines = [Text(f"{info.subject}: {info.primary_op} backends - {shapes}", style="italic")]
+    for c in cells:
+        v = ix.view(c)
+        style = _row_style(v)
+        lines.append(Text(f"  {v.backend} {v.dtype} {v.mode}", style=f"bold {style}" if style else "bold"))
+        fields = (("run to run", v.run_to_run_clauses, style),
+                  ("batch", v.batch_clauses, "yellow" if v.batch_variant else style),
+                  ("err vs fp64", [f"{v.err} (eager {v.eager_err})"], "yellow" if v.worse_than_eager else style),
+                  ("max ulp", [_ulp(v.ulp, "(eager ")], style),
+                  ("fwd/bwd/fwd+bwd", [_times(ix, c, v)], style), ("rate", [v.rate], style))
+        for label, clauses, field_style in fields:
+            for i, line in enumerate(wrap_clauses(clauses, value_w)):
+                lines.append(Text(f"    {label if i == 0 else '':>{label_w}}  ") + Text(line, style=field_style or ""))
+    return Group(*lines)
+
+
+def subject_view(ix: Index, info, cells, width: int):
+    """A subject's table when it fits ``width`` columns with verdict columns at least MIN_VERDICT_WIDTH wide
+    (as wide as the longest verdict clause when there is room; the numbers two lines a cell if that is what
+    it takes), else :func:`_subject_blocks`."""
+    console = Console(width=100_000)  # measuring: Measurement.get clamps to the console's width
+    views = [ix.view(c) for c in cells]
+    widest = max((len(x) for v in views for x in v.run_to_run_clauses + v.batch_clauses), default=0)
+    def fits(verdict_w: int, stacked_numbers: bool) -> Table | None:
+        table = _subject_table(ix, info, cells, verdict_w, stacked_numbers)
+        return table if Measurement.get(console, console.options, table).maximum <= width else None
+
+    for stacked_numbers in (False, True):
+        best = fits(MIN_VERDICT_WIDTH, stacked_numbers)
+        if best is None:
+            continue
+        lo, hi = MIN_VERDICT_WIDTH, max(widest, MIN_VERDICT_WIDTH)  # the widest verdict width that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            table = fits(mid, stacked_numbers)
+            lo, hi, best = (mid, hi, table) if table is not None else (lo, mid - 1, best)
+        return best
+    return _subject_blocks(ix, info, cells, width)
 
 
 def _cost_table(res: RunResult, ix: Index) -> Table | None:

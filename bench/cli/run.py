@@ -14,6 +14,7 @@ from bench.harness import DEFAULT_PRESET, DEFAULT_REPEATS, QUICK_PRESET, Plan, e
 from bench.modes import MODES, run_environment
 from bench.planted import planted_registered
 from bench.plugins import import_options, requested
+from bench.report import status_line, wrap_clauses
 from bench.results import RunSettings, check_out_dir
 from bench.subjects import SUBJECTS
 
@@ -96,6 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     for line in run_notes(result):
         console.print(f"note: {line}", highlight=False)
+    for part in wrap_clauses([status_line(result)], console.width):  # the last word: which cells failed
+        console.print(part, markup=False, highlight=False, soft_wrap=True)
     console.print(f"result: {json_path}\nsummary: {md_path}", highlight=False)
     if failed is not None:
         console.print(f"[red]run failed {result.stopped_at}[/]; the records so far are in {json_path}", highlight=False)
