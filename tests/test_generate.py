@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
+from bench import cli, generate
 from bench.compare import assert_bitwise_equal
 from qwen_layers import KVCache, build_model, get_preset
 
 from .hf_twins import twin_pair
 
 PRESETS = ["qwen3-tiny", "qwen2.5-tiny"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def left_padded(cfg, seed: int = 3):
@@ -90,3 +99,122 @@ def test_cached_forward_checks_the_mask_covers_the_cache():
         model(ids, cache=cache)
         with pytest.raises(ValueError, match=r"must cover the 4 cached and 1 new"):
             model(ids[:, :1], torch.ones(1, 1, dtype=torch.long), cache=cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# detbench generate: the experiment's record and command line
+# ------------------------------------------------------------------------------------------------
+
+TINY = ["--model", "qwen2.5-tiny", "--near-ties", "2e-7", "--prompt-len", "6", "--new-tokens", "4",
+        "--max-batch", "4", "--threads", "1", "--device", "cpu"]
+
+
+def test_batches_rebuild_from_their_record():
+    """Every planned batch holds the prompt in its row, left-padded, companions of the recorded lengths, drawn
+    again identically from the recorded seed (what a tool comparing two batches' prompt rows needs)."""
+    plan = generate.make_plan(model="qwen3-tiny", prompt_len=5, new_tokens=2, completions=12, max_batch=5,
+                              padding="none,left", out=None)
+    assert plan.batches[0].batch_size == 1 and plan.batches[0].lengths == [5]
+    assert any(b.padded and len(set(b.lengths)) > 1 for b in plan.batches)
+    for spec in plan.batches:
+        ids, mask = generate.batch_inputs(spec, plan.prompt, 256)
+        again, _ = generate.batch_inputs(spec, plan.prompt, 256)
+        assert torch.equal(ids, again) and mask.sum(-1).tolist() == spec.lengths
+        assert ids[spec.row, -5:].tolist() == plan.prompt and bool(mask[:, -1].all())
+
+
+def test_hf_model_gives_the_detbench_models_completions():
+    """hf:qwen2.5-tiny runs transformers' generate on the same seeded weights (near ties planted the same
+    way): every batch's completion and logits are those of detbench's model, so the same distinct set."""
+    kw = dict(near_ties=2e-7, prompt_len=6, new_tokens=4, completions=5, max_batch=4, threads=1, out=None)
+    ours = generate.run(generate.make_plan(model="qwen2.5-tiny", **kw))
+    theirs = generate.run(generate.make_plan(model="hf:qwen2.5-tiny", **kw))
+    assert ours.summary[0].distinct_tokens == theirs.summary[0].distinct_tokens
+    assert [c.distinct for c in ours.completions] == [c.distinct for c in theirs.completions]
+    assert [c.logit_diff_ulp for c in ours.completions] == [c.logit_diff_ulp for c in theirs.completions]
+
+
+def test_cli_generate_prints_the_counts_and_saves_the_record(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out_dir = tmp_path / "results"
+    rc = cli.main(["generate", *TINY, "--completions", "6", "--batch-invariant", "both", "--out", str(out_dir)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    (path,) = out_dir.iterdir()
+    rec = generate.load(path)
+    assert rec.schema == "detbench.generate/1" and rec.status == "complete"
+    assert [m.mode for m in rec.summary] == ["standard", "batch-invariant"]
+    assert len(rec.completions) == 12 and len(rec.batches) == 6 and rec.cost is not None
+    assert rec.invariant_mode["rows"] == 16 and "aten.mm" in rec.invariant_mode["aten_ops"]
+    for m in rec.summary:
+        assert f"{m.mode}: 6 completions -> {m.distinct} distinct" in cap.out
+    assert "cost of the batch-invariant mode" in cap.out and f"result: {path}" in cap.out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--completions", "1"], "--completions must be an integer >= 2"),
+    (["--max-batch", "1"], "--max-batch must be an integer >= 2"),
+    (["--new-tokens", "0"], "--new-tokens must be"),
+    (["--near-ties", "-1"], "--near-ties must be a relative perturbation"),
+    (["--near-ties", "nan"], "--near-ties must be a relative perturbation"),
+    (["--padding", "right"], "--padding 'right': choose from none, left"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--attention", "nope"], "--attention 'nope'"),
+    (["--model", "hf:qwen3-tiny", "--attention", "sdpa", "--batch-invariant"], "use --attention eager"),
+    (["--prompt-len", "300"], "exceeds the model's 512 positions"),
+    (["--rows", "0"], "--rows must be"),
+    (["--threads", "0"], "--threads must be"),
+    (["--seed", str(2 ** 64)], "out of range"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, argv, msg):
+    out_dir = tmp_path / "results"
+    rc = cli.main(["generate", "--device", "cpu", "--out", str(out_dir), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and msg in err, err
+    assert not out_dir.exists()
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["generate", *TINY, "--completions", "2", "--out", str(blocker)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def _default_sigint() -> None:
+    # An interactive shell starts commands with SIGINT at its default; a background test runner may not.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_generate_saves_the_finished_batches(tmp_path, sig, code):
+    """The signal arrives once 2 of 5 batches finished (the test hook pauses there): the tables of those are
+    printed and a record marked interrupted, holding them in both modes, is saved."""
+    marker, out_dir = tmp_path / "paused", tmp_path / "results"
+    env = {**os.environ, "DETBENCH_TEST_PAUSE": "after-batch-2", "DETBENCH_TEST_PAUSE_MARKER": str(marker),
+           "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "generate", *TINY, "--completions", "5",
+                             "--batch-invariant", "both", "--out", str(out_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"generate ended before the pause: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the pause hook was never reached"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err
+    (path,) = out_dir.iterdir()
+    rec = generate.load(path)
+    assert rec.status == "interrupted" and rec.stopped_at == "batch 2" and len(rec.batches) == 2
+    assert sorted((c.batch, c.mode) for c in rec.completions) == [
+        (0, "batch-invariant"), (0, "standard"), (1, "batch-invariant"), (1, "standard")]
+    assert "interrupted (batch 2): 2 of 5 batches finished" in out and out.index(f"result: {path}") > 0

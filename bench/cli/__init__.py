@@ -32,8 +32,8 @@ __all__ = ["main", "build_parser", "UsageError", "parse_device"]
 
 # The command modules, in the order `detbench --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "bench.cli.listing", "bench.cli.run", "bench.cli.report", "bench.cli.sft", "bench.cli.pinpoint",
-    "bench.cli.kernel_bench", "bench.cli.gpu_check",
+    "bench.cli.listing", "bench.cli.run", "bench.cli.report", "bench.cli.sft", "bench.cli.generate",
+    "bench.cli.pinpoint", "bench.cli.kernel_bench", "bench.cli.gpu_check",
     "bench.cli.compare",
 )
 
