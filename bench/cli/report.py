@@ -66,7 +66,7 @@ def print_run(res: RunResult, console=None) -> None:
 
 
 # The narrowest a verdict column gets before a subject's cells are printed one block each instead of a table.
-MIN_VERDICT_WIDTH = 26
+MIN_VERDICT_WIDTH = 22
 
 
 def _row_style(v) -> str | None:
@@ -96,12 +96,13 @@ def _verdict_text(clauses: list[str], width: int, style: str | None = None) -> s
     return f"[{style}]{text}[/]" if style else text
 
 
-def _subject_table(ix: Index, info, cells, width: int, stacked_numbers: bool = False) -> Table:
+def _subject_table(ix: Index, info, cells, width: int, stacked: int = 0) -> Table:
     """One subject: a row per cell (backend x dtype x mode); nondeterministic red, batch-variant yellow. Every
     column is no_wrap: the verdicts are cut into lines by :func:`bench.report.wrap_clauses` at ``width``,
-    never by rich (which breaks at any space and drops columns that do not fit). ``stacked_numbers``: the
-    error and its ulp share a column, and so do the times and the rate (two lines each), for narrower
-    consoles."""
+    never by rich (which breaks at any space and drops columns that do not fit). For narrower consoles,
+    ``stacked`` 1: the error and its ulp share a column, and so do the times and the rate (two lines
+    each); 2: also the backend over the dtype and mode."""
+    stacked_numbers = stacked >= 1
     shapes = ", ".join(f"{k} {tuple(v)}" for k, v in info.shapes.items())
     table = Table(title=f"{info.subject}: {info.primary_op} backends - {shapes}", title_justify="left",
                   show_lines=False, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1))
@@ -109,8 +110,8 @@ def _subject_table(ix: Index, info, cells, width: int, stacked_numbers: bool = F
                 ("fwd / bwd / fwd+bwd\nrate", {"justify": "right"})) if stacked_numbers else
                (("err vs fp64 (eager)", {"justify": "right"}), ("ulp (eager)", {"justify": "right"}),
                 ("fwd / bwd / fwd+bwd", {"justify": "right"}), ("rate", {"justify": "right"})))
-    for col, kw in (("backend", {}), ("dtype", {}), ("mode", {}), ("run to run", {}), ("batch invariance", {}),
-                    *numbers):
+    names = (("backend\ndtype mode", {}),) if stacked >= 2 else (("backend", {}), ("dtype", {}), ("mode", {}))
+    for col, kw in (*names, ("run to run", {}), ("batch invariance", {}), *numbers):
         table.add_column(col, no_wrap=True, **kw)
     last = None
     for c in cells:
@@ -122,7 +123,8 @@ def _subject_table(ix: Index, info, cells, width: int, stacked_numbers: bool = F
         values = [f"{err} ({v.eager_err})", v.ulp, _times(ix, c, v), v.rate]
         if stacked_numbers:
             values = [f"{values[0]}\n{_ulp(v.ulp, 'ulp ')}", f"{values[2]}\n{v.rate}"]
-        table.add_row(v.backend, v.dtype, v.mode, _verdict_text(v.run_to_run_clauses, width),
+        label = [f"{v.backend}\n{v.dtype} {v.mode}"] if stacked >= 2 else [v.backend, v.dtype, v.mode]
+        table.add_row(*label, _verdict_text(v.run_to_run_clauses, width),
                       _verdict_text(v.batch_clauses, width, "yellow" if v.batch_variant else None),
                       *values, style=_row_style(v))
     return table
@@ -152,23 +154,23 @@ def _subject_blocks(ix: Index, info, cells, width: int) -> Group:
 
 def subject_view(ix: Index, info, cells, width: int):
     """A subject's table when it fits ``width`` columns with verdict columns at least MIN_VERDICT_WIDTH wide
-    (as wide as the longest verdict clause when there is room; the numbers two lines a cell if that is what
-    it takes), else :func:`_subject_blocks`."""
+    (as wide as the longest verdict clause when there is room; the numbers, then the names, two lines a cell
+    if that is what it takes), else :func:`_subject_blocks`."""
     console = Console(width=100_000)  # measuring: Measurement.get clamps to the console's width
     views = [ix.view(c) for c in cells]
     widest = max((len(x) for v in views for x in v.run_to_run_clauses + v.batch_clauses), default=0)
     def fits(verdict_w: int, stacked_numbers: bool) -> Table | None:
-        table = _subject_table(ix, info, cells, verdict_w, stacked_numbers)
+        table = _subject_table(ix, info, cells, verdict_w, stacked)
         return table if Measurement.get(console, console.options, table).maximum <= width else None
 
-    for stacked_numbers in (False, True):
-        best = fits(MIN_VERDICT_WIDTH, stacked_numbers)
+    for stacked in (0, 1, 2):
+        best = fits(MIN_VERDICT_WIDTH, stacked)
         if best is None:
             continue
         lo, hi = MIN_VERDICT_WIDTH, max(widest, MIN_VERDICT_WIDTH)  # the widest verdict width that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            table = fits(mid, stacked_numbers)
+            table = fits(mid, stacked)
             lo, hi, best = (mid, hi, table) if table is not None else (lo, mid - 1, best)
         return best
     return _subject_blocks(ix, info, cells, width)
