@@ -54,7 +54,7 @@ def _section_table(diff: ResultDiff, s: Section, rows: list) -> Table:
     if diff.kind == "run":
         table.add_column(f"{diff.time_phase} A → B", justify="right", no_wrap=True)
         table.add_column(escape("B/A [range]"), justify="right", no_wrap=True)
-        table.add_column("time", no_wrap=True)
+        table.add_column("time", overflow="fold", min_width=6)
     for c in rows:
         style = _CHANGE_STYLE.get(c.change)
         change = f"[{style}]{c.change}[/]" if style else c.change
