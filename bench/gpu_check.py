@@ -11,7 +11,9 @@ command may run 10 minutes. So the script is split into parts, each meant to fin
                        (the cost of determinism per backend); kernels: detbench kernel-bench
     part 3  breadth    env; tests-all: every kernel and drop-in test; run-8b: Qwen3-8B shapes
     part 4  setups     env; sft-1e-5: part 1's SFT at lr 1e-5; sft-nccl: data-parallel SFT on every
-                       visible GPU with NCCL, standard vs invariant reduction (skipped below 2 GPUs)
+                       visible GPU with NCCL, standard vs invariant reduction (skipped below 2 GPUs);
+                       generate: distinct greedy completions of one prompt in batches of 1..8,
+                       standard vs batch-invariant mode, and the mode's cost
 
 Every stage is a subprocess in its own process group with a time limit: its share of the part's
 budget in proportion to its estimate, plus what earlier stages left unused. A stage that runs over
@@ -85,6 +87,9 @@ SFT_STEP_S = 0.25           # one AdamW step of Qwen2.5-0.5B shapes, 4 x 64 toke
 SFT_BUILD_S = 8.0           # building and seeding a Qwen2.5-0.5B model on the GPU, per repeat (assumed)
 PINPOINT_S = 90.0           # pinpoint's replay and trace-compare of 2 steps of Qwen2.5-0.5B (assumed)
 KERNEL_BENCH_S = 120.0      # kernel-bench's timings at full shapes, every backend (assumed)
+GENERATE_BATCH_S = {"standard": 0.5, "batch-invariant": 3.0}  # one batch of the generate stage (<= 8 rows, a
+#                             16-token prompt, 16 new tokens, Qwen2.5-0.5B shapes, fp32): the mode's bmm and
+#                             softmax loop over the keys in Python, ~100 kernel launches per layer per step (assumed)
 COMPILE_FALLBACK_S = 1.0    # per specialisation when no AOT table is committed (assumed)
 
 # The kernel tests whose names say they check correctness against float64 or repeat equality: part 1's
@@ -315,6 +320,15 @@ def _est_sft(configs: int, repeats: int, steps: int) -> Estimate:
                     f"+ {configs} configs x {repeats} repeats x ({SFT_BUILD_S} s build + {steps} steps x {SFT_STEP_S} s)")
 
 
+def _est_generate(completions: int) -> Estimate:
+    n, per_spec, source = _compile_cost(_aot_table(), ("qwen2.5-0.5b",), ("fp32",), ("_matmul_kernel",))
+    per_batch = sum(GENERATE_BATCH_S.values())
+    return Estimate(START_S + SFT_BUILD_S + n * per_spec + completions * per_batch,
+                    f"{START_S:.0f} s start + {SFT_BUILD_S} s build + {n} matmul specialisations x {per_spec:.2f} s "
+                    f"compile ({source}) + {completions} batches x ({GENERATE_BATCH_S['standard']} s standard + "
+                    f"{GENERATE_BATCH_S['batch-invariant']} s batch-invariant)")
+
+
 def _est_fixed(seconds: float, what: str) -> Estimate:
     return Estimate(START_S + seconds, f"{START_S:.0f} s start + {seconds:.0f} s {what} (assumed)")
 
@@ -435,6 +449,21 @@ def _nccl_cmd(ctx: Ctx) -> list[str] | str:
                   "--out", str(ctx.folder), "--summary-only")
 
 
+GENERATE_COMPLETIONS = 24
+
+
+def _generate_cmd(ctx: Ctx) -> list[str]:
+    """One prompt greedy in batches of 1..8, standard and batch-invariant in alternating order (fp32: the
+    near-tied token pairs differ by 2e-7, below bf16's resolution)."""
+    common = ("--near-ties", "2e-7", "--batch-invariant", "both", "--out", str(ctx.folder), "--no-progress")
+    if ctx.dry_run:
+        return _bench("generate", "--model", "qwen2.5-tiny", "--device", "cpu", "--completions", "6",
+                      "--max-batch", "4", "--prompt-len", "8", "--new-tokens", "4", *common)
+    return _bench("generate", "--model", "qwen2.5-0.5b", "--device", "cuda", "--dtype", "fp32",
+                  "--completions", str(GENERATE_COMPLETIONS), "--max-batch", "8", "--prompt-len", "16",
+                  "--new-tokens", "16", *common)
+
+
 RUN_06B = dict(repeats=10, time_repeats=20, warmup=3)
 RUN_8B = dict(repeats=5, time_repeats=10, warmup=2)
 
@@ -467,11 +496,14 @@ PARTS: dict[int, tuple[str, list[StageSpec]]] = {
                   lambda: _est_run("qwen3-8b", ("bf16",), 2, RUN_8B["repeats"],
                                    2 * (RUN_8B["time_repeats"] + RUN_8B["warmup"]))),
     ]),
-    4: ("setups: SFT at lr 1e-5; data-parallel SFT on every visible GPU with NCCL", [
+    4: ("setups: SFT at lr 1e-5; data-parallel SFT on every visible GPU with NCCL; one prompt in many batches", [
         StageSpec("sft-1e-5", "detbench sft as in part 1 at lr 1e-5", "sft-lr1e-5.json",
                   _sft_cmd("1e-5", "default"), lambda: _est_sft(3, SFT_REPEATS, SFT_STEPS)),
         StageSpec("sft-nccl", "detbench sft on every visible GPU (NCCL), standard vs invariant reduction; skipped "
                   "with fewer than 2 GPUs", "sft-nccl.json", _nccl_cmd, lambda: _est_sft(2, 2, SFT_STEPS)),
+        StageSpec("generate", "detbench generate, Qwen2.5-0.5B shapes, fp32: distinct greedy completions of one "
+                  "prompt in batches of 1..8, standard vs batch-invariant, and the mode's cost", "generate.json",
+                  _generate_cmd, lambda: _est_generate(GENERATE_COMPLETIONS)),
     ]),
 }
 
@@ -754,6 +786,13 @@ def findings(out: Path) -> list[str]:
     for r in ((_load(out / "sft-nccl.json") or {}).get("distributed") or {}).get("setups", []):
         lines.append(f"sft data-parallel {r['reduce']} {r['label']}: run to run "
                      f"{'identical' if r['run_to_run_identical'] else 'DIFFERS'}; {r['verdict']}")
+    gen = _load(out / "generate.json")
+    for m in (gen or {}).get("summary", []):
+        lines.append(f"generate {m['mode']}: {m['verdict']}; {m['tokens_per_s']:.0f} tokens/s")
+    cost = (gen or {}).get("cost")
+    if cost:
+        lines.append(f"generate: the batch-invariant mode takes {cost['ratio_median']:.2f}x a batch's time (median "
+                     f"over {cost['batches']} batches, quartiles {cost['ratio_q1']:.2f}-{cost['ratio_q3']:.2f})")
     pin = _load(out / "pinpoint.json")
     if pin:
         plants = _plants(_load(out / "sft.json"))  # pinpoint runs the SFT stage's plants

@@ -129,12 +129,24 @@ def _blocked_rows(x: torch.Tensor, rows: int, n_out: int, out_dtype: torch.dtype
 # ------------------------------------------------------------------------------------------------
 
 
-def _cuda_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``a @ b + bias`` by the registry's batch-invariant Triton matmul, or None where it does not apply."""
-    if not a.is_cuda or a.dtype != b.dtype or (bias is not None and (bias.dtype != a.dtype or bias.dim() != 1)):
-        return None
+# The dtypes the Triton matmul has a pinned tile for.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b + bias`` for 2-D ``a`` (M, K), ``b`` (K, N), 1-D ``bias`` (N,), by the registry's
+    :data:`CUDA_MATMUL` (``linear(x, weight, bias)`` computes ``x @ weight.T + bias``: weight is ``b.T``)."""
     op, name = CUDA_MATMUL
     return registry.resolve(op, name, a.device)(a, b.t(), bias)
+
+
+def _cuda_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`triton_mm` for CUDA tensors of one dtype the kernel takes; None where it does not apply."""
+    if not a.is_cuda or a.dtype not in TRITON_DTYPES or b.dtype != a.dtype:
+        return None
+    if bias is not None and (bias.dtype != a.dtype or bias.dim() != 1):
+        return None
+    return triton_mm(a, b, bias)
 
 
 def _mm(rows: int):

@@ -14,7 +14,7 @@ import bench
 from bench import harness
 from bench.compare import assert_bitwise_equal
 from bench.generate import make_plan, run
-from bench.invariant import _overrides, batch_invariant, describe_mode
+from bench.invariant import _overrides, batch_invariant, describe_mode, triton_mm
 from bench.planted import planted_registered
 from bench.subjects import build_case
 from qwen_layers import build_model, get_preset, registry
@@ -163,3 +163,14 @@ def test_experiment_distinct_completions_drop_to_one_under_the_mode():
     assert standard.distinct > 1, standard.verdict
     assert invariant.distinct == 1 and invariant.logits_differ == 0 and invariant.comparable, invariant.verdict
     assert result.cost is not None and math.isfinite(result.cost.ratio_median)
+
+
+def test_the_cuda_matmul_is_the_registrys_batch_invariant_triton_kernel():
+    """What the mode runs for mm/addmm on CUDA (here through the Triton interpreter on CPU tensors): a @ b +
+    bias to float32 rounding, and a row's bits the same in 1, 3 and 37-row products."""
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = torch.randn(37, 24, generator=g), torch.randn(24, 19, generator=g), torch.randn(19, generator=g)
+    full = triton_mm(a, b, bias)
+    torch.testing.assert_close(full, torch.addmm(bias, a, b), rtol=1e-5, atol=1e-5)
+    for k in (1, 3):
+        assert_bitwise_equal(triton_mm(a[:k], b, bias), full[:k], f"rows 0..{k - 1}")

@@ -110,8 +110,9 @@ def one_value(value: str, option: str, command: str) -> str:
 # Test hook: stop at a named point until a signal arrives, so a test can send SIGINT/SIGTERM at a point it
 # chooses instead of after a guessed delay. Points: "start" (first thing in main(), before the parser and
 # torch are imported), "import-MODULE" (build_parser(), before importing command module MODULE, e.g.
-# import-bench.cli.run), "after-cell-N" (detbench run, once N cells are recorded) and "after-config-N"
-# (detbench sft, once N configurations finished and were printed).
+# import-bench.cli.run), "after-cell-N" (detbench run, once N cells are recorded), "after-config-N"
+# (detbench sft, once N configurations finished and were printed) and "after-batch-N" (detbench generate,
+# once N batches ran in every mode).
 PAUSE_ENV = "DETBENCH_TEST_PAUSE"           # the point to stop at
 PAUSE_MARKER_ENV = "DETBENCH_TEST_PAUSE_MARKER"  # file written on arrival; the test waits for it to appear
 PAUSE_LIMIT_S = 60.0
