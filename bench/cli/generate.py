@@ -74,7 +74,7 @@ def summary_table(result: GenerateResult) -> Table:
                     f"{'KV cache' if s.use_cache else 'no cache'}", title_justify="left")
     for col, kw in (("mode", {}), ("completions", {"justify": "right"}), ("distinct", {"justify": "right"}),
                     ("differ from alone", {"justify": "right"}), ("earliest", {"justify": "right"}),
-                    ("logits differ", {"justify": "right"}), ("max ulp", {"justify": "right"}),
+                    ("logits differ", {"justify": "right"}), ("max logit ulp", {"justify": "right"}),
                     ("tokens/s", {"justify": "right"})):
         t.add_column(col, **kw)
     for m in result.summary:
@@ -104,7 +104,7 @@ def groups_table(result: GenerateResult, mode: str) -> Table:
         sizes = sorted(g["sizes"])
         shown = ",".join(map(str, sizes)) if len(sizes) <= 6 else f"{len(sizes)} sizes, {sizes[0]}..{sizes[-1]}"
         padded = "/".join("yes" if p else "no" for p in sorted(g["padded"]))
-        tokens = " ".join(map(str, g["tokens"][:8])) + (" ..." if len(g["tokens"]) > 8 else "")
+        tokens = " ".join(map(str, g["tokens"][:6])) + (" ..." if len(g["tokens"]) > 6 else "")
         first = f"token {divs[0].step}" if divs else "-"
         chose = f"{divs[0].token} ({divs[0].ref_token})" if divs else "-"
         t.add_row(str(g["distinct"]), f"{g['count']:,}", first, chose, _span([d.ref_margin_ulp for d in divs]),
