@@ -17,16 +17,18 @@ loss/planted-nondet         forward: the token sum of the mean summed in random 
 ==========================  =====================================================================
 
 They are not in the registry until :func:`register_planted` is called (tests and ``--plant``).
+:func:`negative_control_subjects` says which subjects a run of them needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
+from bench.subjects import SUBJECTS
 from qwen_layers.backends import eager_rmsnorm, repeat_kv
 from qwen_layers.registry import REGISTRY, Registry
 
@@ -175,3 +177,27 @@ def planted_registered(enabled: bool = True) -> Iterator[list[tuple[str, str]]]:
         return
     with REGISTRY.scoped():
         yield register_planted()
+
+
+def negative_control_subjects(backends: Sequence[str] | None, *, quick: bool) -> list[str] | None:
+    """The subjects a negative-control run needs: for each op that has a planted backend among
+    ``backends`` (any planted backend when ``backends`` is None), the first subject in SUBJECTS order
+    whose primary op it is (the op on its own or in its smallest setting: one subject per op shows
+    whether the checks catch the fault, and the quick ``linear`` subject alone, with its long K, takes
+    minutes on a CPU). A run is a negative control when ``backends`` names only planted backends and
+    eager (at least one planted), or names none and the run is ``quick``; None otherwise (every subject
+    is wanted)."""
+    planted_names = {name for _, name in PLANTED}
+    if backends is None:
+        if not quick:
+            return None
+        wanted = planted_names
+    else:
+        wanted = set(backends) & planted_names
+        if not wanted or set(backends) - planted_names - {"eager"}:
+            return None
+    ops = {op for op, name in PLANTED if name in wanted}
+    first = {}
+    for s in SUBJECTS.values():
+        first.setdefault(s.primary_op, s.name)
+    return [name for name in first.values() if SUBJECTS[name].primary_op in ops]

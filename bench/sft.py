@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from bench.compare import bits
+from bench.coverage import device_coverage
 from bench.data import SFTBatch, batch_for_step, on_device, read_token_file, synthetic_batches
 from bench.dtypes import parse_dtype, short_name, torch_name
 from bench.errors import InputError
@@ -587,6 +588,7 @@ class SFTResult:
     configs: list[ConfigResult]
     batches_not_described: int = 0       # batches the steps use beyond those described
     distributed: dict[str, Any] | None = None  # data-parallel setups compared (bench.distributed.record)
+    coverage: dict[str, Any] | None = None  # on a CPU: what the run exercised and not (bench.coverage)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1009,6 +1011,8 @@ def make_record(plan: Plan, *, command: Sequence[str], started: str, status: str
         modes=[MODES[m].to_dict() for m in plan.modes],
         model_config={k: v for k, v in plan.spec.config.__dict__.items()},
         batches=described, configs=configs, batches_not_described=not_described, distributed=distributed,
+        coverage=device_coverage(plan.device, threads=None if distributed else torch.get_num_threads(),
+                                 distributed=distributed is not None),
     )
 
 

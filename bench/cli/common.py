@@ -9,9 +9,14 @@ module before ``main()`` is running, and an interrupt that arrives during ``impo
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from bench.errors import InputError
 
@@ -105,6 +110,92 @@ def one_value(value: str, option: str, command: str) -> str:
                          f"at a time")
     return value
 
+
+# ------------------------------------------------------------------------------------------------
+# progress of long runs
+# ------------------------------------------------------------------------------------------------
+
+
+def eta_seconds(elapsed: float, done: int, total: int) -> float | None:
+    """Seconds left at the mean pace of the finished items: ``elapsed / done * (total - done)``; None
+    before the first item has finished (no pace yet)."""
+    if done <= 0 or total is None:
+        return None
+    return max(0.0, elapsed / done * (total - done))
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``m:ss`` or ``h:mm:ss``; ``-:--`` for an unknown duration."""
+    if seconds is None:
+        return "-:--"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class EtaColumn(ProgressColumn):
+    """``ETA m:ss``: the time left at the mean pace of the finished items of the task (rich's own
+    TimeRemainingColumn uses the pace of the last 30 s, which is no pace at all when one item takes
+    longer than that)."""
+
+    def render(self, task) -> Text:
+        if task.finished:
+            return Text("")
+        return Text(f"ETA {fmt_duration(eta_seconds(task.elapsed or 0.0, int(task.completed), task.total))}",
+                    style="progress.remaining")
+
+
+def make_progress(console: Console, *, disable: bool = False) -> Progress:
+    """The progress bar every command shows: description, bar, done/total, elapsed, ETA. Transient: gone
+    once the block ends. Shows nothing when ``console`` is not a terminal (see :func:`progress_line`)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    EtaColumn(), console=console, transient=True, disable=disable)
+
+
+def progress_line(done: int, total: int, elapsed: float, what: str) -> str:
+    """One line per finished item, for output that is not a terminal (where a progress bar shows
+    nothing): ``[done/total] what (elapsed m:ss, ETA m:ss)``."""
+    eta = eta_seconds(elapsed, done, total)
+    return f"[{done}/{total}] {what} (elapsed {fmt_duration(elapsed)}, ETA {fmt_duration(eta)})"
+
+
+# ------------------------------------------------------------------------------------------------
+# commands to run next
+# ------------------------------------------------------------------------------------------------
+
+
+def command_text(argv: list[str]) -> str:
+    """``argv`` as one shell line (quoted where needed)."""
+    return shlex.join(str(a) for a in argv)
+
+
+def with_option(argv: list[str], option: str, value: str) -> list[str]:
+    """``argv`` with ``option`` set to ``value``: every occurrence (``--opt v``, ``--opt=v``, or an
+    abbreviation argparse accepts, at least ``--xy``) replaced by one ``option value`` at the place of
+    the first; appended when absent."""
+    out: list[str] = []
+    placed = False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name.startswith("--") and len(name) >= 4 and option.startswith(name):
+            if not placed:
+                out += [option, value]
+                placed = True
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    return out if placed else [*out, option, value]
+
+
+def coverage_lines(coverage: dict, gpu_command: list[str]) -> list[str]:
+    """The lines under a clean CPU verdict: what the run exercised, what only a GPU can (``coverage`` from
+    :func:`bench.coverage.device_coverage`), and the command that runs the same on a GPU."""
+    return [f"on the CPU, exercised: {'; '.join(coverage['exercised'])}.",
+            f"not exercised, they exist only on a GPU: {'; '.join(coverage['not_exercised'])}.",
+            f"run the same on a GPU: {command_text(gpu_command)}"]
 
 
 # Test hook: stop at a named point until a signal arrives, so a test can send SIGINT/SIGTERM at a point it

@@ -2,12 +2,62 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from importlib import metadata
+from typing import Mapping
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench.cli.common import UsageError, parse_device
+from bench.cli.common import UsageError, command_text, parse_device, recorded_argv
 from bench.kernel_speed import SECTIONS, KernelBenchResult, check_json_path, run_kernel_bench, write_json
+from kernels._common import INTERPRET, interpreter_conflict
+
+# Set in the environment of the process kernel-bench re-executes under the Triton interpreter: a process
+# that finds it never re-executes again.
+REEXEC_ENV = "DETBENCH_INTERPRETER_REEXEC"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def interpreter_reexec(device_type: str, environ: Mapping[str, str], *, interpreted: bool,
+                       triton_version: str | None, numpy_version: str | None) -> tuple[bool, str | None]:
+    """Whether kernel-bench on ``device_type`` should re-execute itself with ``TRITON_INTERPRET=1`` (the
+    Triton kernels only run on a CPU through the interpreter, which must be on before they are defined),
+    and the one line to print about it (None: nothing to say).
+
+    Not on CUDA, not when the kernels already are interpreted, not without triton, not when the user set
+    TRITON_INTERPRET to something else, not when this process is already the re-executed one
+    (``$DETBENCH_INTERPRETER_REEXEC``), and not when this triton's interpreter breaks on this numpy
+    (:func:`kernels._common.interpreter_conflict`).
+    """
+    if device_type != "cpu" or interpreted or triton_version is None:
+        return False, None
+    if environ.get(REEXEC_ENV):
+        return False, (f"kernel-bench: re-executed with TRITON_INTERPRET=1 ({REEXEC_ENV} is set) and still not "
+                       f"interpreted; the Triton kernels are skipped")
+    if "TRITON_INTERPRET" in environ:
+        return False, (f"kernel-bench: TRITON_INTERPRET={environ['TRITON_INTERPRET']} is set, so the Triton "
+                       f"kernels are skipped on the CPU; set it to 1 (or unset it) to run them through the interpreter")
+    conflict = interpreter_conflict(triton_version, numpy_version or "0")
+    if conflict is not None:
+        return False, f"kernel-bench: not using the Triton CPU interpreter: {conflict}"
+    return True, "kernel-bench: no GPU; running again under the Triton CPU interpreter (TRITON_INTERPRET=1)"
+
+
+def _reexec_interpreted(argv: list[str]) -> None:
+    """Replace this process by ``python -m bench ARGV`` with TRITON_INTERPRET=1 (does not return)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", REEXEC_ENV: "1"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
 
 
 def print_table(result: KernelBenchResult, console=None) -> None:
@@ -87,6 +137,17 @@ def cmd_kernel_bench(args) -> int:
     if args.json is not None:
         check_json_path(args.json)  # before measuring: a bad destination costs no benchmark run
     tiny = True if args.tiny or device.type == "cpu" else False
+    reexec, line = interpreter_reexec(device.type, os.environ, interpreted=INTERPRET,
+                                      triton_version=_version("triton"), numpy_version=_version("numpy"))
+    argv = recorded_argv(args)[1:]
+    if reexec and argv[:1] != ["kernel-bench"]:  # called as a function, not as this process's command
+        reexec, line = False, (f"kernel-bench: the Triton kernels are skipped on the CPU; run "
+                               f"TRITON_INTERPRET=1 {command_text(['detbench', 'kernel-bench', '--tiny'])} to run "
+                               f"them through the interpreter")
+    if line:
+        print(line, file=sys.stderr)
+    if reexec:
+        _reexec_interpreted(argv)
     result = run_kernel_bench(device, tiny=tiny, sections=sections, seed=args.seed)
     print_table(result)
     if args.json is not None:

@@ -8,9 +8,11 @@ from typing import Any
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
+from torch import get_num_threads
 
-from bench.cli.common import UsageError, one_value, parse_device, recorded_argv
+from bench.cli.common import UsageError, coverage_lines, one_value, parse_device, recorded_argv, with_option
 from bench.cli.sft import add_common_model_args, plan_from_args
+from bench.coverage import device_coverage
 from bench.data import batch_for_step, on_device
 from bench.dtypes import parse_dtype, torch_name
 from bench.modes import MODES, apply_mode
@@ -212,6 +214,13 @@ def _pinpoint(args, device, out_dir) -> int:
                 console.print(compare_tables(reports["compare"]))
     payload = {"schema": "detbench.pinpoint/1", "subject": desc, "mode": mode, "device": str(device),
                "command": recorded_argv(args), **{k: r.to_dict() for k, r in reports.items()}}
+    # On a CPU: what the reports could not have found (stored; printed when they found nothing).
+    payload["coverage"] = device_coverage(device, threads=get_num_threads())
+    if payload["coverage"] is not None and not args.json and all(
+            r.clean if isinstance(r, ReplayReport) else r.identical for r in reports.values()):
+        gpu = with_option(["detbench", *payload["command"][1:]], "--device", "cuda")
+        for line in coverage_lines(payload["coverage"], gpu):
+            console.print(line, highlight=False, soft_wrap=True)
     if out_dir is not None:
         env = capture_environment(device, seeds={"model": args.seed, "data": args.data_seed})
         payload["environment"] = env

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from bench.cli.common import parse_device, pause_point, split_list
+from bench.cli.common import make_progress, parse_device, pause_point, split_list
 from bench.cli.report import make_console, print_run
 from bench.errors import SaveError
 from bench.harness import DEFAULT_PRESET, DEFAULT_REPEATS, QUICK_PRESET, Plan, execute, make_plan, new_result, save
 from bench.modes import MODES, run_environment
-from bench.planted import planted_registered
+from bench.planted import negative_control_subjects, planted_registered
 from bench.plugins import import_options, requested
 from bench.report import status_line, wrap_clauses
 from bench.results import RunSettings, check_out_dir
@@ -65,6 +63,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Plan, run, print the tables, then save: a run interrupted by SIGINT or SIGTERM is printed and saved
     (status interrupted) and returns 130; a save that fails raises SaveError after the tables were printed."""
     console = make_console()
+    if args.plant and args.subjects is None:
+        only = negative_control_subjects(split_list(args.backends, "--backends"), quick=bool(args.quick))
+        if only:
+            args.subjects = [",".join(only)]  # recorded as --subjects in the result's command
+            console.print(f"negative control: one subject per op with a planted backend: {', '.join(only)} "
+                          f"(name --subjects to choose others)", highlight=False)
     # CUBLAS_WORKSPACE_CONFIG must be in force before the first CUDA matmul, and the plan's probes run some:
     # the run-wide environment is entered before planning and left (restored) once the run is over.
     with planted_registered(args.plant), run_environment(split_list(args.modes, "--modes")):
@@ -76,8 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"{' (quick shapes)' if plan.settings.quick else ''}", highlight=False)
         progress = None
         if args.progress:
-            progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=True)
+            progress = make_progress(console)
         failed = None
         try:
             with progress if progress is not None else contextlib.nullcontext():

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from typing import Sequence
 
 from rich.console import Console, Group
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.cli.common import UsageError, parse_device, pause_point, recorded_argv
+from bench.cli.common import (
+    UsageError,
+    command_text,
+    coverage_lines,
+    make_progress,
+    parse_device,
+    pause_point,
+    progress_line,
+    recorded_argv,
+    with_option,
+)
 from bench.cli.sft_dp import add_dp_args, cmd_sft_dp, dp_settings
+from bench.plugins import import_options, requested
 from bench.results import check_out_dir, to_json
-from bench.sft import ConfigResult, Plan, fmt_exact, make_plan, parse_list, run, save
+from bench.sft import ConfigResult, Plan, SFTResult, SFTSettings, fmt_exact, make_plan, parse_list, run, save
 
 
 def step_table(res: ConfigResult):
     """Rich table: one row per step, the loss of every repeat (all digits that matter, differing ones in
     red), ``=`` where loss, grad norm and every gradient are bitwise equal in all repeats (else which of
     them differ; ``non-finite`` from the step a value went NaN/inf on, where equal bits prove nothing),
-    and the spreads."""
-    t = Table(title=f"{res.key()}: {res.verdict}", title_justify="left")
+    and the spreads. The verdict sentence is printed once, under the summary table."""
+    t = Table(title=res.key(), title_justify="left")
     t.add_column("step", justify="right")
     for r in range(len(res.losses)):
         t.add_column(f"loss r{r}", justify="right")
@@ -53,6 +65,21 @@ def _params_cell(res: ConfigResult) -> str:
     return f"{worst.tensors_differ}/{worst.tensors_total} differ, max {max(d.max_abs for d in res.param_diff):.1e}"
 
 
+def agreement(res: ConfigResult) -> str:
+    """A configuration's outcome in a word or two: identical, diverge @k, params differ, not comparable,
+    or its status (refused, error)."""
+    if res.status != "ok":
+        return res.status
+    if res.identical is None:
+        return "not comparable"
+    if res.identical:
+        return "identical"
+    return f"diverge @{res.first_divergent_step}" if res.first_divergent_step else "params differ"
+
+
+_AGREEMENT_STYLE = {"identical": "green", "not comparable": "yellow"}
+
+
 def summary_table(results: list[ConfigResult], repeats: int, steps: int):
     """Rich table: one row per configuration, then each configuration's verdict sentence."""
     t = Table(title=f"detbench sft: {repeats} repeats x {steps} steps per configuration", title_justify="left")
@@ -66,13 +93,61 @@ def summary_table(results: list[ConfigResult], repeats: int, steps: int):
         if res.status != "ok":
             t.add_row(res.key(), f"[yellow]{res.status}[/]", "-", "-", "-")
         else:
-            agree = ("[green]identical[/]" if res.identical else
-                     "[yellow]not comparable[/]" if res.identical is None else
-                     f"[red]diverge @{res.first_divergent_step}[/]" if res.first_divergent_step else "[red]params differ[/]")
+            word = agreement(res)
+            agree = f"[{_AGREEMENT_STYLE.get(word, 'red')}]{word}[/]"
             t.add_row(res.key(), agree, f"{max(res.loss_spread):.2e}", f"{max(res.grad_norm_spread):.2e}",
                       _params_cell(res))
         lines.append(escape(f"{res.key()}: {res.verdict}"))
     return Group(t, *lines)
+
+
+# What detbench pinpoint does not take from an sft run: it steps AdamW with its default betas, no weight
+# decay and clipping at 1.0, on one batch per step.
+_PINPOINT_FIXED = {"betas": [0.9, 0.999], "weight_decay": 0.0, "clip": 1.0}
+
+
+def pinpoint_command(s: SFTSettings, res: ConfigResult, imports: Sequence[str] = ()) -> tuple[list[str], str | None]:
+    """The ``detbench pinpoint`` command that reruns ``res``'s configuration (the modules ``imports``
+    registered backends from, model, data, seeds, plants, attention, mode, dtype, lr) up to its first
+    diverging step (every step when only the final parameters differ), tracing as many runs as the sft
+    run had repeats; and a note naming the settings of this run that pinpoint cannot take (None when
+    there are none)."""
+    cmd = ["detbench", "pinpoint", *import_options(imports), "--model", s.model, "--attention", res.attention,
+           "--mode", res.mode, "--dtype", res.dtype, "--lr", repr(res.lr),
+           "--steps", str(res.first_divergent_step or res.steps), "--runs", str(res.repeats),
+           "--batch-size", str(s.batch_size)]
+    if s.data != "synthetic":
+        cmd += ["--data", s.data]
+    elif s.seq_len is not None:
+        cmd += ["--seq-len", str(s.seq_len)]
+    cmd += ["--seed", str(s.seed), "--data-seed", str(s.data_seed)]
+    for plant in s.plants:
+        cmd += ["--plant", plant]
+    cmd += ["--device", s.device]
+    differ = [f"{k} {getattr(s, k)}" for k, v in _PINPOINT_FIXED.items() if getattr(s, k) != v]
+    if s.data == "synthetic" and s.n_batches < res.steps:
+        differ.append(f"{s.n_batches} batches cycled")
+    note = None
+    if differ:
+        note = (f"pinpoint steps AdamW with betas (0.9, 0.999), no weight decay, clip 1.0 and one batch per step; "
+                f"this run had {', '.join(differ)}")
+    return cmd, note
+
+
+def next_steps(result: SFTResult, args, console: Console) -> None:
+    """After the summary: for each configuration whose repeats differ, the pinpoint command that reproduces
+    it; when nothing differed on a CPU, what the run could not exercise and the command for a GPU."""
+    s = result.settings
+    diverged = [res for res in result.configs if res.status == "ok" and res.identical is False]
+    for res in diverged:
+        cmd, note = pinpoint_command(s, res, requested(args.imports))
+        console.print(f"find the op: {command_text(cmd)}", highlight=False, soft_wrap=True)
+        if note:
+            console.print(f"  note: {note}", highlight=False)
+    if not diverged and any(res.identical for res in result.configs) and result.coverage is not None:
+        gpu = with_option(["detbench", *result.command[1:]], "--device", "cuda")
+        for line in coverage_lines(result.coverage, gpu):
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 # An interrupted run that saved what finished exits like one killed by SIGINT (bench.cli.main reports
@@ -148,6 +223,8 @@ def cmd_sft(args) -> int:
     if settings.requested:
         return cmd_sft_dp(args, plan, settings, out_dir)
     console = Console()
+    # Where no progress bar can show (output to a file or a pipe; --json), one line per configuration.
+    lines_to = Console(stderr=True) if args.json else None if console.is_terminal else console
     total = plan.n_configs * plan.repeats * plan.steps
     if not args.json:
         s = plan.settings
@@ -155,14 +232,17 @@ def cmd_sft(args) -> int:
                       f"{plan.repeats} repeats x {plan.steps} steps; {len(plan.batches)} batch(es) of "
                       f"{s.batch_size} ({s.data}); AdamW betas {tuple(s.betas)}, weight decay {s.weight_decay}, "
                       f"clip {s.clip}" + (f"; planted: {', '.join(s.plants)}" if s.plants else ""))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=args.json) as progress:
+    started = time.monotonic()
+    with make_progress(console, disable=args.json or lines_to is not None) as progress:
         task = progress.add_task("SFT steps", total=total)
 
         finished = []
 
         def on_config(res: ConfigResult) -> None:
             finished.append(res)
+            if lines_to is not None:
+                lines_to.print(progress_line(len(finished), plan.n_configs, time.monotonic() - started,
+                                             f"{res.key()}: {agreement(res)}"), highlight=False, soft_wrap=True)
             if not args.json and not args.summary_only and res.status == "ok":
                 progress.console.print(step_table(res))
             pause_point(f"after-config-{len(finished)}")
@@ -177,6 +257,7 @@ def cmd_sft(args) -> int:
         print()
     else:
         console.print(summary_table(result.configs, plan.repeats, plan.steps))
+        next_steps(result, args, console)
         if interrupted:
             console.print(f"[yellow]interrupted: {len(result.configs)} of {plan.n_configs} configurations "
                           f"finished[/]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from rich.console import Console, Group
 from rich.markup import escape
@@ -11,7 +12,14 @@ from rich.table import Table
 
 from bench import distributed as dp
 from bench.cli import EXIT_SIGINT
-from bench.cli.common import UsageError, recorded_argv, split_list
+from bench.cli.common import (
+    UsageError,
+    coverage_lines,
+    progress_line,
+    recorded_argv,
+    split_list,
+    with_option,
+)
 from bench.plugins import requested
 from bench.results import to_json
 from bench.sft import Plan, fmt_exact, make_record, now, save
@@ -51,6 +59,18 @@ def _bits_cell(row: dict) -> str:
         return "[green]identical[/]"
     step = f"loss @{c['first_loss_step']}" if c["first_loss_step"] else "params only"
     return f"[red]{step}; {c['params_differ']}/{c['params_total']} params, {c['max_ulp']} ulp[/]"
+
+
+def _bits_word(row: dict) -> str:
+    """The comparison with the first setup in a word (the sentence is printed once, under the table)."""
+    c = row["comparison"]
+    return "identical to the first" if c["identical"] else "DIFFERS from the first"
+
+
+def clean_setups(rows: list[dict]) -> bool:
+    """Every setup's repeats identical, and every setup identical to the first of its reduction."""
+    return bool(rows) and all(r["run_to_run_identical"] and (r["label"] == r["vs"] or r["comparison"]["identical"])
+                              for r in rows)
 
 
 def setups_table(rows: list[dict], steps: int):
@@ -100,11 +120,16 @@ def cmd_sft_dp(args, plan: Plan, settings: dp.DPSettings, out_dir) -> int:
                               f"{s.repeats} repeats x {s.steps} steps, global batch {s.batch_size}; "
                               f"{plan.attention[0]} {plan.modes[0]} {s.dtypes[0]} lr={plan.lrs[0]:g}")
 
+            t0, done = time.monotonic(), []
+
             def on_setup(row: dict) -> None:
+                done.append(row)
                 if not args.json:
-                    console.print(f"  {row['reduce']} {row['label']}: run to run "
-                                  f"{'identical' if row['run_to_run_identical'] else 'DIFFERS'}"
-                                  f"{'' if row['label'] == row['vs'] else '; ' + row['verdict']}", highlight=False)
+                    what = (f"{row['reduce']} {row['label']}: run to run "
+                            f"{'identical' if row['run_to_run_identical'] else 'DIFFERS'}"
+                            f"{'' if row['label'] == row['vs'] else '; ' + _bits_word(row)}")
+                    console.print("  " + progress_line(len(done), len(jobs), time.monotonic() - t0, what),
+                                  highlight=False)
 
             result = dp.run_setups(jobs, timeout_s=settings.timeout_s * 4 + 60 * plan.settings.steps,
                                    on_setup=on_setup)
@@ -124,6 +149,10 @@ def cmd_sft_dp(args, plan: Plan, settings: dp.DPSettings, out_dir) -> int:
         console.print(setups_table(result.setups, plan.steps))
         if result.cost:
             console.print(cost_table(result.cost))
+        if clean_setups(result.setups) and record.coverage is not None:
+            gpu = with_option(["detbench", *record.command[1:]], "--device", "cuda")
+            for line in coverage_lines(record.coverage, gpu):
+                console.print(line, highlight=False, soft_wrap=True)
         if status != "complete":
             console.print(f"[yellow]{status}: {len(result.setups)} of {len(jobs)} setups finished"
                           f"{': ' + result.reason if result.reason else ''}[/]")
