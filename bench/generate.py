@@ -442,9 +442,11 @@ def warm_up(model: nn.Module, plan: Plan) -> None:
 
 
 def run_plan(plan: Plan, completions: list[Completion], ref: _Reference,
-             on_batch: Callable[[BatchSpec], None] | None = None, stopped: list[str] | None = None) -> None:
+             on_batch: Callable[[BatchSpec, list[Completion]], None] | None = None,
+             stopped: list[str] | None = None) -> None:
     """Run every batch in every mode (modes in alternating order from batch to batch), appending to
-    ``completions`` as each finishes; ``stopped`` gets the batch running when an interrupt arrives."""
+    ``completions`` as each finishes and handing each batch's completions to ``on_batch``; ``stopped`` gets
+    the batch running when an interrupt arrives."""
     s = plan.settings
     with _threads(s.threads):
         model = load_model(plan)
@@ -454,11 +456,12 @@ def run_plan(plan: Plan, completions: list[Completion], ref: _Reference,
             for spec in plan.batches:
                 current = spec.index
                 order = s.modes if spec.index % 2 == 0 else s.modes[::-1]
-                done = [run_batch(model, plan, spec, mode, ref) for mode in order]
-                completions.extend(sorted(done, key=lambda c: s.modes.index(c.mode)))
+                done = sorted((run_batch(model, plan, spec, mode, ref) for mode in order),
+                              key=lambda c: s.modes.index(c.mode))
+                completions.extend(done)
                 current = spec.index + 1
                 if on_batch is not None:
-                    on_batch(spec)
+                    on_batch(spec, done)
         except KeyboardInterrupt:
             if stopped is not None:
                 stopped.append(f"batch {current}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from bench import cli, generate
+from bench.cli import generate as gen_cli
 from bench.compare import assert_bitwise_equal
 from qwen_layers import KVCache, build_model, get_preset
 
@@ -218,3 +220,18 @@ def test_interrupted_generate_saves_the_finished_batches(tmp_path, sig, code):
     assert sorted((c.batch, c.mode) for c in rec.completions) == [
         (0, "batch-invariant"), (0, "standard"), (1, "batch-invariant"), (1, "standard")]
     assert "interrupted (batch 2): 2 of 5 batches finished" in out and out.index(f"result: {path}") > 0
+
+
+def test_readme_shows_the_committed_generate_results():
+    """Every generate result README.md names is committed and reads back under the schema; the one whose tables
+    README shows is quoted verbatim (the verdict of each mode, the cost sentence)."""
+    readme = (ROOT / "README.md").read_text()
+    names = re.findall(r"results/(generate-[0-9a-z-]+\.json)", readme)
+    assert names, "README.md names no committed generate result"
+    records = {name: generate.load(ROOT / "results" / name) for name in names}
+    assert all(r.status == "complete" and r.environment["device_type"] == "cpu" for r in records.values())
+    shown = records[names[0]]
+    for m in shown.summary:
+        assert f"{m.mode}: {m.verdict}" in readme
+    cost_text = " ".join(gen_cli.cost_lines(shown)[0].split())
+    assert cost_text in " ".join(readme.split())

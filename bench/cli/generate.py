@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bench.cli.common import parse_device, pause_point
+from bench.cli.common import make_progress, parse_device, pause_point, progress_line, recorded_argv
 from bench.generate import GenerateResult, distinct_groups, make_plan, run, save
 from bench.invariant import BLOCK_ROWS
 from bench.results import check_out_dir, to_json
@@ -21,6 +21,8 @@ EXIT_INTERRUPTED = 130
 
 # Distinct completions listed per mode in the detail table (the record holds all).
 SHOWN_GROUPS = 12
+# Where no progress bar shows (output to a file or a pipe), a line every this fraction of the batches.
+LINE_EVERY = 0.05
 
 
 def add_parser(sub) -> None:
@@ -63,7 +65,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="results", help="results directory (default results/)")
     p.add_argument("--no-save", action="store_true", help="do not write a result file")
     p.add_argument("--json", action="store_true", help="print the result record as JSON instead of tables")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, and no progress lines where output is not a terminal")
     p.set_defaults(func=cmd_generate)
 
 
@@ -88,7 +91,11 @@ def summary_table(result: GenerateResult) -> Table:
 
 
 def _span(values: list[int]) -> str:
-    return "-" if not values else f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}-{max(values):,}"
+    """``-`` for none, ``3`` when all are 3, ``1-4`` otherwise."""
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
 
 
 def groups_table(result: GenerateResult, mode: str) -> Table:
@@ -140,16 +147,26 @@ def cmd_generate(args) -> int:
                       f"{s.threads} thread(s): {s.completions:,} batches x {len(s.modes)} mode(s) "
                       f"({', '.join(s.modes)})" + (f"; near ties {s.near_ties:g}" if s.near_ties else ""),
                       highlight=False)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True,
-                  disable=args.json or args.no_progress) as progress:
+    # Where no progress bar can show (output to a file or a pipe; --json), a line every 5% of the batches.
+    lines_to = Console(stderr=True) if args.json else None if console.is_terminal else console
+    every = max(1, round(len(plan.batches) * LINE_EVERY))
+    distinct: dict[str, int] = {}
+    started = time.monotonic()
+    with make_progress(console, disable=args.json or args.no_progress or lines_to is not None) as progress:
         task = progress.add_task("batches", total=len(plan.batches))
 
-        def on_batch(spec) -> None:
-            progress.advance(task)
-            pause_point(f"after-batch-{spec.index + 1}")
+        def on_batch(spec, done) -> None:
+            for c in done:
+                distinct[c.mode] = max(distinct.get(c.mode, 0), c.distinct + 1)
+            counts = ", ".join(f"{mode} {n} distinct" for mode, n in distinct.items())
+            progress.update(task, advance=1, description=f"batches ({counts})")
+            n = spec.index + 1
+            if lines_to is not None and not args.no_progress and (n % every == 0 or n == len(plan.batches)):
+                lines_to.print(progress_line(n, len(plan.batches), time.monotonic() - started, counts),
+                               highlight=False, soft_wrap=True)
+            pause_point(f"after-batch-{n}")
 
-        result = run(plan, command=sys.argv, on_batch=on_batch)
+        result = run(plan, command=recorded_argv(args), on_batch=on_batch)
     interrupted = result.status == "interrupted"
     if interrupted and not result.completions:
         raise KeyboardInterrupt  # nothing finished: bench.cli says so, and nothing is written
