@@ -48,6 +48,24 @@ def test_harness_batch_check_passes_under_the_mode(small_shapes, subject, preset
     assert ok and not bad, f"{subject} under the batch-invariant mode: rows differ (tensor, k, n, ulp): {bad}"
 
 
+@pytest.mark.parametrize("op", [
+    pytest.param(lambda x, w: F.linear(x, w[:, :24], w[:, 24]), id="linear"),
+    pytest.param(lambda x, w: x.pow(2).mean(-1, keepdim=True), id="mean"),
+    pytest.param(lambda x, w: torch.softmax(x, -1), id="softmax"),
+    pytest.param(lambda x, w: F.silu(x), id="silu"),
+])
+def test_a_rows_place_in_the_batch_does_not_matter_under_the_mode(op):
+    """The harness's check keeps a row where it was (the first k rows); a prompt can sit in any row. Under
+    the mode every row of a 37-row batch (rows 0..15 of a block, and the zero-padded last block) equals the
+    same row computed alone, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(37, 24, generator=g), torch.randn(19, 25, generator=g)
+    with batch_invariant():
+        full = op(x, w)
+        for j in range(37):
+            assert_bitwise_equal(op(x[j:j + 1], w), full[j:j + 1], f"row {j}")
+
+
 def test_the_same_check_catches_a_planted_batch_variant_linear_under_the_mode(small_shapes):
     """The negative control: a linear whose K-chunking follows the row count (bench.planted) stays
     batch-variant under the mode (its chunks are separate matmuls summed in Python), and the check says so."""
