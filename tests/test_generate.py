@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ from bench.compare import assert_bitwise_equal
 from qwen_layers import KVCache, build_model, get_preset
 
 from .hf_twins import twin_pair
+from .signals import SIGNAL_IDS, SIGNALS, interrupt, paused_child
 
 PRESETS = ["qwen3-tiny", "qwen2.5-tiny"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,35 +180,15 @@ def test_out_that_is_a_file_exits_2(tmp_path, capsys):
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
-def _default_sigint() -> None:
-    # An interactive shell starts commands with SIGINT at its default; a background test runner may not.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=SIGNAL_IDS)
 def test_interrupted_generate_saves_the_finished_batches(tmp_path, sig, code):
     """The signal arrives once 2 of 5 batches finished (the test hook pauses there): the tables of those are
     printed and a record marked interrupted, holding them in both modes, is saved."""
-    marker, out_dir = tmp_path / "paused", tmp_path / "results"
-    env = {**os.environ, "DETBENCH_TEST_PAUSE": "after-batch-2", "DETBENCH_TEST_PAUSE_MARKER": str(marker),
-           "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "generate", *TINY, "--completions", "5",
-                             "--batch-invariant", "both", "--out", str(out_dir)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, f"generate ended before the pause: {proc.communicate()}"
-            assert time.monotonic() < deadline, "the pause hook was never reached"
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out_dir = tmp_path / "results"
+    proc = paused_child(tmp_path, "after-batch-2", ["generate", *TINY, "--completions", "5", "--batch-invariant",
+                                                    "both", "--out", str(out_dir)], env={"COLUMNS": "200"})
+    out, err = interrupt(proc, sig)
     assert proc.returncode == code, err
     (path,) = out_dir.iterdir()
     rec = generate.load(path)

@@ -2,19 +2,16 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bench.cli import main
-from bench.cli.common import PAUSE_ENV, PAUSE_MARKER_ENV
 from bench.results import load_run
 from qwen_layers import registry
+
+from .signals import SIGNAL_IDS, SIGNALS, interrupt, paused_child
 
 FAST = ["--quick", "--device", "cpu", "--time-repeats", "1", "--warmup", "0", "--no-progress"]
 # The smallest matrix, for tests that expect a refusal: should the refusal not come, the run stays short.
@@ -267,38 +264,17 @@ def test_result_files_without_the_new_fields_still_load(tmp_path, small_shapes, 
     assert main(["report", str(old)]) == 0
 
 
-# ---- signals, end to end: a child process stops at a point the test names (bench.cli.common.pause_point),
-# ---- writes a marker file, and the test sends the signal only once the marker is there.
-
-
-def _paused_child(tmp_path, point, argv):
-
-    marker = tmp_path / "paused"
-    env = {**os.environ, PAUSE_ENV: point, PAUSE_MARKER_ENV: str(marker)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", *argv], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            out, err = proc.communicate()
-            pytest.fail(f"the child never reached pause point {point!r} (rc {proc.returncode}):\n{out}\n{err}")
-        time.sleep(0.02)
-    return proc
-
-
-SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+# ---- signals, end to end (tests/signals.py: the child stops at a pause point the test names).
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=SIGNAL_IDS)
 def test_signal_during_run_saves_the_finished_cells(tmp_path, sig, code):
     out_dir = tmp_path / "results"
-    proc = _paused_child(tmp_path, "after-cell-1",
-                         ["run", "--subjects", "linear", "--backends", "eager", "--dtypes", "fp32",
-                          "--modes", "default,torch-det", "--repeats", "2", "--out", str(out_dir), *FAST])
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    proc = paused_child(tmp_path, "after-cell-1",
+                        ["run", "--subjects", "linear", "--backends", "eager", "--dtypes", "fp32",
+                         "--modes", "default,torch-det", "--repeats", "2", "--out", str(out_dir), *FAST], cwd=tmp_path)
+    out, err = interrupt(proc, sig)
     assert proc.returncode == code, (out, err)
     assert "Traceback" not in err and "Traceback" not in out, err
     (path,) = out_dir.glob("run-*.json")
@@ -312,13 +288,13 @@ def test_signal_during_run_saves_the_finished_cells(tmp_path, sig, code):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["start", "import-bench.cli.run"])
-@pytest.mark.parametrize("sig, code", SIGNALS, ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=SIGNAL_IDS)
 def test_signal_before_the_command_runs_is_one_line(tmp_path, sig, code, point):
     """An interrupt before the parser is built (while torch and the command modules are being imported) is
     one line and exit 130/143, not a KeyboardInterrupt traceback."""
-    proc = _paused_child(tmp_path, point, ["run", "--subjects", "linear", "--out", str(tmp_path / "results"), *FAST])
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    proc = paused_child(tmp_path, point, ["run", "--subjects", "linear", "--out", str(tmp_path / "results"), *FAST],
+                        cwd=tmp_path)
+    out, err = interrupt(proc, sig)
     assert proc.returncode == code, (out, err)
     assert out == "" and err.splitlines() == [f"detbench: interrupted ({sig.name}); nothing partial was written"], err
     assert not (tmp_path / "results").exists()

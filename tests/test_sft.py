@@ -18,9 +18,7 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from bench.data import IGNORE_INDEX, DataError, batch_for_step, read_token_file,
 from qwen_layers.registry import REGISTRY
 
 from .planted_checks import MAX_MISS, PLACES, OrderSpy, nan_checkpoint, token_file
+from .signals import SIGNAL_IDS, SIGNALS, interrupt, paused_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -459,35 +458,16 @@ def test_finite_training_records_no_non_finite():
 # ------------------------------------------------------------------------------------------------
 
 
-def _default_sigint() -> None:
-    # An interactive shell starts commands with SIGINT at its default; a background test runner may not.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig, code", SIGNALS, ids=SIGNAL_IDS)
 def test_interrupted_sft_prints_and_saves_the_finished_configurations(tmp_path, sig, code):
     """The signal arrives after the first of two configurations finished (the test hook pauses there):
     its summary is printed, then a result marked interrupted holding it is saved."""
-    marker, out_dir = tmp_path / "paused", tmp_path / "results"
-    env = {**os.environ, "DETBENCH_TEST_PAUSE": "after-config-1", "DETBENCH_TEST_PAUSE_MARKER": str(marker),
-           "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "sft", "--device", "cpu", "--steps", "1", "--repeats", "2",
-                             "--seq-len", "8", "--lr", "1e-5,3e-4", "--out", str(out_dir)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, f"sft ended before the pause: {proc.communicate()}"
-            assert time.monotonic() < deadline, "the pause hook was never reached"
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out_dir = tmp_path / "results"
+    proc = paused_child(tmp_path, "after-config-1", ["sft", "--device", "cpu", "--steps", "1", "--repeats", "2",
+                                                     "--seq-len", "8", "--lr", "1e-5,3e-4", "--out", str(out_dir)],
+                        env={"COLUMNS": "200"})
+    out, err = interrupt(proc, sig)
     assert proc.returncode == code, err
     assert "nothing partial was written" not in err
     (path,) = out_dir.iterdir()

@@ -289,6 +289,7 @@ def first_difference(a, b, ignored: frozenset = frozenset()):
 # ------------------------------------------------------------------------------------------------
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+CHECKED_DTYPES = FLOAT_DTYPES | {torch.complex64, torch.complex128}   # checked for NaN and infinities
 
 
 def _float_tensors(xs) -> list[torch.Tensor]:
@@ -313,18 +314,38 @@ def extremes(t: torch.Tensor) -> torch.Tensor:
 _NUMPY_FLOATS = frozenset({torch.float32, torch.float64})
 
 
+def memory_order(t: torch.Tensor) -> tuple[torch.Tensor, tuple | None] | None:
+    """(``t`` detached, or a permutation of its dimensions that is contiguous; the permutation or None):
+    the elements in the order they lie in memory, without a copy, when ``t`` covers its memory densely
+    without overlap (contiguous, or permuted like a transposed weight or gradient); None otherwise."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_contiguous():
+        return t, None
+    strides = t.stride()
+    perm = tuple(sorted(range(t.dim()), key=lambda d: -strides[d]))
+    p = t.permute(perm)
+    return (p, perm) if p.is_contiguous() else None
+
+
 def cpu_flags(t: torch.Tensor) -> tuple[bool, bool] | None:
     """(holds NaN, holds an infinity) of a CPU tensor, right away; None for a tensor on another device
     (use :func:`extremes` there, and read it later). The fast path is one BLAS dot product of the
-    values with themselves: NaN or inf when they hold one, finite otherwise unless a square overflows;
-    only a non-finite result is looked at element by element."""
-    if t.device.type != "cpu":
+    values with themselves, read in memory order (no copy for a transposed or permuted tensor): NaN
+    or inf when they hold one, finite otherwise unless a square overflows; only a non-finite result is
+    looked at element by element."""
+    if not t.is_cpu:
         return None
-    if t.dtype not in _NUMPY_FLOATS:  # bfloat16 (no numpy type), float16 (no BLAS)
+    dense = memory_order(t) if t.dtype in _NUMPY_FLOATS else None
+    if dense is None:  # bfloat16 (no numpy type), float16 (no BLAS), tensors with gaps or overlaps
         return flags(extremes(t).tolist())
-    arr = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
+    return array_flags(dense[0].numpy().reshape(-1))
+
+
+def array_flags(arr) -> tuple[bool, bool]:
+    """(holds NaN, holds an infinity) of a flat float32/float64 numpy array (see :func:`cpu_flags`)."""
     with np.errstate(over="ignore", invalid="ignore"):  # an overflowing square is expected, and checked below
-        square = float(np.dot(arr, arr))
+        square = arr.dot(arr)
     if math.isfinite(square):
         return False, False
     nan = bool(np.isnan(arr).any())

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench.pinpoint.fingerprint import MAX_SYMBOLIC_DEPTH, Coefficients, Fingerprints, _scalar_key
 from bench.pinpoint.locate import _PHASE, _Locator, running
 from bench.pinpoint.ops import (
+    CHECKED_DTYPES,
     NonFinite,
     _arg,
     _args_tensors,
@@ -100,13 +101,21 @@ class TraceMode(TorchDispatchMode):
         self.busy = locator.busy
         self.infos: dict = {}
         self.fp = Fingerprints(exact, coefficients)
+        # Registry calls, custom-Function backwards and module outputs: by value in exact mode (so that the
+        # root cause's difference can be shown), else like aten ops' (symbolic where an order-free op made it).
+        self._describe = self.fp.describe_value if exact else self.fp.describe
         self.events: list[tuple] = []   # raw tuples; :func:`trace` turns them into Events
         self.skipped: Counter = Counter()
         self.active = False
         # Non-finite values, in execution order: (event index, "in" | "out" | "scalar", what, flags): flags
-        # is (NaN, infinity), or the index in nf_pairs of a device tensor's extremes, read at the end.
+        # is (NaN, infinity), or the index in nf_pairs of a device tensor's extremes, read at the end. CPU
+        # outputs are checked at once and recorded when they hold one; the inputs of the first event whose
+        # output held a NaN (an infinity) are checked then, to say whether it made it or got it.
         self.nf_records: list[tuple] = []
         self.nf_pairs: list[torch.Tensor] = []   # extremes() pairs, still on their devices
+        self.cpu_seen = [False, False]           # a CPU output held NaN / an infinity
+        self._fresh: list[torch.Tensor] = []     # CPU tensors the running op reads from outside the traced ops
+        self._state: dict[int, list] = {}        # id(module) -> its parameters and buffers
         self.fp.on_read = self._read
         locator.on_registry = self._registry_call
         locator.on_module = self._module_output
@@ -114,18 +123,52 @@ class TraceMode(TorchDispatchMode):
 
     # -- non-finite values: recorded here, walked in _non_finite() ---------------------------------
     def _read(self, t: torch.Tensor) -> None:
-        """A tensor read from outside the traced ops (its first description)."""
+        """A tensor read from outside the traced ops (its first description): a device tensor's extremes are
+        recorded now (read at the end); a CPU tensor is checked only if an output of the op reading it
+        holds NaN or an infinity (or before the op writes it in place)."""
+        if t.is_cpu:
+            self._fresh.append(t)
+            return
         for f in _float_tensors((t,)):
-            try:
-                ptr = f.untyped_storage().data_ptr()
-            except Exception:
-                ptr = None
-            self.nf_records.append((len(self.events), "in", (f"{str(f.dtype).replace('torch.', '')}{list(f.shape)}",
-                                                             ptr), self._flags(f)))
+            self._record_in(f, self._flags(f))
 
-    def _outputs(self, index: int, tensors) -> None:
-        for f in _float_tensors(tensors):
-            self.nf_records.append((index, "out", None, self._flags(f)))
+    def _record_in(self, f: torch.Tensor, k) -> None:
+        try:
+            ptr = f.untyped_storage().data_ptr()
+        except Exception:
+            ptr = None
+        self.nf_records.append((len(self.events), "in", (f"{str(f.dtype).replace('torch.', '')}{list(f.shape)}", ptr),
+                                k))
+
+    def _check_inputs(self, tensors, skip: frozenset = frozenset()) -> None:
+        """Record the CPU inputs (but those in ``skip``, by id) that hold NaN or an infinity."""
+        for f in _float_tensors([t for t in tensors if id(t) not in skip]):
+            k = cpu_flags(f)
+            if k is not None and (k[0] or k[1]):
+                self._record_in(f, k)
+
+    def _outputs(self, index: int, tensors, inputs=(), written: frozenset = frozenset(), known=None) -> None:
+        """Check the outputs of event ``index`` for NaN and infinities (``inputs``: its inputs, checked when an
+        output holds the first of either; ``written``: ids of the inputs it overwrote, not checked then;
+        ``known``: per output, its flags if found already, or None)."""
+        seen = self.cpu_seen
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor) or t.dtype not in CHECKED_DTYPES:
+                continue
+            if not t.is_cpu:
+                for f in _float_tensors((t,)):
+                    self.nf_records.append((index, "out", None, self._flags(f)))
+                continue
+            if seen[0]:
+                continue  # after the first NaN nothing is compared: no need to look further
+            for f in _float_tensors((t,)):
+                k = known[i] if known is not None and known[i] is not None else cpu_flags(f)
+                if not (k[0] or k[1]):
+                    continue
+                if (k[0] and not seen[0]) or (k[1] and not seen[1]):
+                    self._check_inputs(inputs, written)
+                    seen[0], seen[1] = seen[0] or k[0], seen[1] or k[1]
+                self.nf_records.append((index, "out", None, k))
 
     def _flags(self, t: torch.Tensor):
         now = cpu_flags(t)
@@ -135,18 +178,25 @@ class TraceMode(TorchDispatchMode):
         return len(self.nf_pairs) - 1
 
     def _scalars(self, args, kwargs) -> None:
+        for v in args:
+            if type(v) is float and not math.isfinite(v):
+                break
+        else:
+            if not kwargs or all(type(v) is not float or math.isfinite(v) for v in kwargs.values()):
+                return
         values = [v for v in args if type(v) is float] + [v for v in kwargs.values() if type(v) is float]
         bad = [v for v in values if not math.isfinite(v)]
-        if bad:
-            self.nf_records.append((len(self.events), "scalar", f"a scalar argument {bad[0]}",
-                                    (any(math.isnan(v) for v in bad), any(math.isinf(v) for v in bad))))
+        self.nf_records.append((len(self.events), "scalar", f"a scalar argument {bad[0]}",
+                                (any(math.isnan(v) for v in bad), any(math.isinf(v) for v in bad))))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
         if self.busy:
             return func(*args, **kwargs)
-        info = self.infos.get(func) or op_info(func, self.infos)
+        info = self.infos.get(func)
+        if info is None:
+            info = op_info(func, self.infos)
         kind = info.kind
         fp = self.fp
         # Inside __torch_dispatch__ this mode is off: the ops run here are not dispatched to it again.
@@ -202,7 +252,8 @@ class TraceMode(TorchDispatchMode):
         with self.busy():
             path, ph, _ = self.loc.where()
             ins_t = _args_tensors(args, kwargs)
-            in_desc = [self.fp.describe_value(t) for t in ins_t]
+            in_desc = [self._describe(t) for t in ins_t]
+            self._fresh.clear()  # checked with the ops that read them
         self.loc.local.unit = name
         try:
             out = fn(*args, **kwargs)
@@ -210,11 +261,18 @@ class TraceMode(TorchDispatchMode):
             self.loc.local.unit = None
         with self.busy():
             leaves = _tensors(out)
-            self._outputs(len(self.events), leaves)
+            # Outputs an aten op of the call made were checked as its outputs; others (a kernel no aten op ran) now.
+            self._outputs(len(self.events), [t for t in leaves if self.fp.cached(t) is None], ins_t)
             self.events.append(("registry", name, path, ph, None, [_shape_meta(t) for t in ins_t],
                                 [_shape_meta(t) for t in leaves], in_desc,
-                                [self.fp.describe_value(t, read=False) for t in leaves]))
+                                [self._describe(t, read=False) for t in leaves]))
         return out
+
+    def _module_state(self, module: nn.Module) -> list:
+        state = self._state.get(id(module))
+        if state is None:
+            state = self._state[id(module)] = list(module.parameters()) + list(module.buffers())
+        return state
 
     def _module_output(self, path, module, args, output) -> None:
         if self.busy:
@@ -225,12 +283,12 @@ class TraceMode(TorchDispatchMode):
                 return
             ph = "optimizer" if self.loc.opt_depth else (_PHASE.get() or "forward")
             # A module's inputs are its arguments and its own parameters and buffers.
-            state = list(module.parameters()) + list(module.buffers())
+            state = self._module_state(module)
             # Not reads from outside for the non-finite check: the ops of the forward read them first.
             self.events.append(("module", type(module).__name__, path, ph, None, [_shape_meta(t) for t in ins_t],
                                 [_shape_meta(t) for t in outs_t],
-                                [self.fp.describe_value(t, read=False) for t in ins_t + state],
-                                [self.fp.describe_value(t, read=False) for t in outs_t]))
+                                [self._describe(t, read=False) for t in ins_t + state],
+                                [self._describe(t, read=False) for t in outs_t]))
 
     def _hook_pynode(self, node) -> None:
         mode = self
@@ -243,25 +301,41 @@ class TraceMode(TorchDispatchMode):
                 return None
             with mode.busy():
                 gs = _tensors(grad_outputs)
-                pending.append(([_shape_meta(g) for g in gs], [mode.fp.describe_value(g) for g in gs]))
+                pending.append((gs, [_shape_meta(g) for g in gs], [mode._describe(g) for g in gs]))
+                mode._fresh.clear()
             return None
 
         def post(grad_inputs, grad_outputs):
             if not mode.active or mode.busy or not pending:
                 return None
-            ins, in_desc = pending.pop()
+            gs, ins, in_desc = pending.pop()
             n = ref()
             with mode.busy():
                 leaves = _tensors(grad_inputs)
                 path = mode.loc.path_of_node(n) if n is not None else ""
-                mode._outputs(len(mode.events), leaves)
+                mode._outputs(len(mode.events), [t for t in leaves if mode.fp.cached(t) is None], gs)
                 mode.events.append(("autograd.Function", name, path, "backward", None, ins,
                                     [_shape_meta(t) for t in leaves], in_desc,
-                                    [mode.fp.describe_value(t, read=False) for t in leaves]))
+                                    [mode._describe(t, read=False) for t in leaves]))
             return None
 
         node.register_prehook(pre)
         node.register_hook(post)
+
+
+def _scalar_args(args, kwargs) -> tuple:
+    """The non-tensor arguments of an op, as comparable keys (part of an order-free output's descriptor)."""
+    out = []
+    for v in args:
+        if isinstance(v, (list, tuple, dict)):
+            return tuple(_scalar_key(x) for x in _leaves(args) if not isinstance(x, torch.Tensor)) + _kw_keys(kwargs)
+        if not isinstance(v, torch.Tensor):
+            out.append(_scalar_key(v))
+    return tuple(out) + _kw_keys(kwargs) if kwargs else tuple(out)
+
+
+def _kw_keys(kwargs) -> tuple:
+    return tuple((k, _scalar_key(v)) for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor))
 
 
 @dataclass
@@ -305,8 +379,11 @@ def _trace(fn: Callable, args: tuple, kwargs: dict, exact: bool, roots: Mapping[
     loc = _Locator(roots)
     mode = TraceMode(loc, exact, coefficients)
     t0 = time.perf_counter()
-    with running(mode, loc):
-        value = fn(*args, **kwargs)
+    try:
+        with running(mode, loc):
+            value = fn(*args, **kwargs)
+    finally:
+        mode.fp.close()
     digest = mode.fp.resolver()
     events = []
     raw = [] if exact else None
