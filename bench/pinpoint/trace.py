@@ -216,6 +216,12 @@ class TraceMode(TorchDispatchMode):
             skip_ids = {id(_arg(args, kwargs, k)) for k in info.out_args}
             ins_t = [t for t in ins_t if id(t) not in skip_ids]
         in_desc = [fp.describe(t) for t in ins_t]
+        written = frozenset()
+        if kind == "mutating":
+            written = frozenset(id(t) for t in _tensors(_written_values(info, args, kwargs)))
+            if self._fresh:  # what an in-place op overwrites is checked before it does
+                self._check_inputs([t for t in self._fresh if id(t) in written])
+        self._fresh.clear()
         self._scalars(args, kwargs)
         out = func(*args, **kwargs)
         if kind == "mutating":
@@ -224,26 +230,31 @@ class TraceMode(TorchDispatchMode):
             leaves = _leaves(out, info.ignored_returns)
         sym = None
         if info.order_free and not fp.exact:
-            depth = 1 + max((d[1] for d in in_desc if d[0] == "f"), default=0)
-            if depth <= MAX_SYMBOLIC_DEPTH:
-                flat = args if not any(isinstance(a, (list, tuple, dict)) for a in args) else _leaves(args)
-                scalars = tuple(_scalar_key(v) for v in flat if not isinstance(v, torch.Tensor))
-                if kwargs:
-                    scalars += tuple((k, _scalar_key(v)) for k, v in sorted(kwargs.items())
-                                     if not isinstance(v, torch.Tensor))
-                sym = (depth, info.name, tuple(in_desc), scalars)
+            depth = 0
+            for d in in_desc:
+                if d[0] == "f" and d[1] > depth:
+                    depth = d[1]
+            if depth < MAX_SYMBOLIC_DEPTH:
+                sym = (depth + 1, info.name, tuple(in_desc), _scalar_args(args, kwargs))
         out_desc = []
-        written = kind == "mutating"
+        known = None   # outputs' (NaN, infinity), found while fingerprinting them
+        is_written = kind == "mutating"
         for i, t in enumerate(leaves):
             if not isinstance(t, torch.Tensor):
                 out_desc.append(("s", _scalar_key(t)))
             elif sym is not None:
-                out_desc.append(fp.put(t, ("f", sym[0], sym[1], sym[2], sym[3] + (("out", i),)), written))
+                out_desc.append(fp.put(t, ("f", sym[0], sym[1], sym[2], sym[3] + (("out", i),)), is_written))
             else:
-                out_desc.append(fp.put(t, fp.value(t), written))
+                d, k = fp.value_flags(t)
+                out_desc.append(fp.put(t, d, is_written))
+                if k is not None:
+                    if known is None:
+                        known = [None] * len(leaves)
+                    known[i] = k
         where = self.loc.where(ins_t)
         inside = getattr(self.loc.local, "unit", None) or where[2]
-        self._outputs(len(self.events), leaves)
+        index = len(self.events)
+        self._outputs(index, leaves, ins_t, written, known)
         self.events.append(("aten", info.name, where[0], where[1], inside, [_shape_meta(t) for t in ins_t],
                             [_shape_meta(t) for t in leaves], in_desc, out_desc))
         return out
