@@ -816,6 +816,36 @@ def test_module_replays_leave_results_buffers_and_generator_state_as_a_plain_run
         assert torch.equal(bits(a.grad), bits(b.grad))
 
 
+def test_ops_that_update_running_statistics_run_once_on_them():
+    """aten.native_batch_norm writes running_mean and running_var although its schema marks neither as
+    written: replayed op by op (units="ops") it must replay on copies, and trace must describe both the
+    statistics it wrote and its outputs."""
+    torch.manual_seed(0)
+    plain, replayed, traced = Stateful(), Stateful(), Stateful()
+    replayed.load_state_dict(plain.state_dict())
+    traced.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 8)
+
+    def step(net):
+        net(x).square().mean().backward()
+        return net(x)
+
+    torch.manual_seed(5)
+    want = step(plain)
+    torch.manual_seed(5)
+    report = pinpoint.replay(step, replayed, units="ops")
+    torch.manual_seed(5)
+    tr = pinpoint.trace(step, traced)
+    assert report.clean and report.calls_compared["aten"]["aten.native_batch_norm.default"] == 2, str(report)
+    for net, got in ((replayed, report.value), (traced, tr.value)):
+        assert torch.equal(bits(got), bits(want))
+        for (name, a), b in zip(plain.state_dict().items(), net.state_dict().values()):
+            assert torch.equal(bits(a), bits(b)), name  # running statistics updated once per call, not twice
+    bn = [e for e in tr.events if e.op == "aten.native_batch_norm.default"]
+    assert len(bn) == 2 and all(e.outputs == ["float32[8]", "float32[8]", "float32[6, 8]", "float32[8]",
+                                              "float32[8]"] for e in bn)
+
+
 class Counting(nn.Module):
     """Rebinds an attribute in forward, and runs the noisy aten op."""
 

@@ -54,6 +54,10 @@ DATA_MOVEMENT = frozenset({
     "transpose_copy", "t_copy", "unsqueeze_copy", "squeeze_copy", "alias_copy", "_copy_from",
     "_copy_from_and_resize", "detach_copy", "index_select", "embedding", "gather",
 })
+# Ops that write arguments their schema does not mark as written (``Tensor?`` without ``(a!)``): in training
+# mode batch norm updates running_mean and running_var in place. Positional indices of those arguments.
+UNMARKED_WRITES = {"native_batch_norm": (3, 4), "cudnn_batch_norm": (3, 4), "miopen_batch_norm": (3, 4),
+                   "_batch_norm_impl_index": (3, 4), "batch_norm_update_stats": (1, 2)}
 IGNORED_RETURN_NAMES = frozenset({"philox_seed", "philox_offset", "rng_state", "seed", "offset", "debug_attn_mask",
                                   "unused"})
 
@@ -111,6 +115,7 @@ def _op_info(func) -> OpInfo:
                 view = True
             if r.name in IGNORED_RETURN_NAMES:
                 ignored.add(i)
+    written += [k for k in UNMARKED_WRITES.get(base, ()) if k not in written]
     kind, reason = "functional", None
     if namespace in SKIP_NAMESPACES:
         kind, reason = "skip", namespace
@@ -137,6 +142,16 @@ def _arg(args, kwargs, key):
 
 def _written_values(info: OpInfo, args, kwargs) -> list:
     return [_arg(args, kwargs, k) for k in info.written]
+
+
+def written_and_outputs(info: OpInfo, args, kwargs, out) -> list:
+    """The leaves a mutating op made: the arguments it wrote, then the outputs that are not one of them
+    (batch norm's output next to the running statistics it updated; an in-place op returns what it wrote)."""
+    written = _leaves(_written_values(info, args, kwargs))
+    if out is None:
+        return written
+    ids = {id(t) for t in written}
+    return written + [t for t in _leaves(out, info.ignored_returns) if id(t) not in ids]
 
 
 def _leaves(x, ignored: frozenset = frozenset()) -> list:

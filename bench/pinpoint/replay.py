@@ -110,6 +110,7 @@ from bench.pinpoint.ops import (
     storage_names,
     tensor_label,
     value_kind,
+    written_and_outputs,
 )
 from bench.pinpoint.units import (
     UNITS,
@@ -298,8 +299,8 @@ class ReplayMode(TorchDispatchMode):
         if nf.nan is not None:
             return
         if info.kind == "mutating":
-            outs = _float_tensors(_leaves(_written_values(info, args, kwargs)))
-            written = {id(t) for t in outs}
+            outs = _float_tensors(written_and_outputs(info, args, kwargs, out))
+            written = {id(t) for t in _tensors(_written_values(info, args, kwargs))}
         else:
             outs, written = _float_tensors(_leaves(out, info.ignored_returns)), set()
         if not outs:

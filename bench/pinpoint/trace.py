@@ -49,6 +49,7 @@ from bench.pinpoint.ops import (
     read_back,
     storage_names,
     value_kind,
+    written_and_outputs,
 )
 
 
@@ -225,7 +226,7 @@ class TraceMode(TorchDispatchMode):
         self._scalars(args, kwargs)
         out = func(*args, **kwargs)
         if kind == "mutating":
-            leaves = _leaves(_written_values(info, args, kwargs))
+            leaves = written_and_outputs(info, args, kwargs, out)
         else:
             leaves = _leaves(out, info.ignored_returns)
         sym = None
