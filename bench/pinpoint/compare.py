@@ -27,7 +27,7 @@ from bench.compare import mismatch
 from bench.pinpoint.bounds import bound_lines, by_level, class_bound
 from bench.pinpoint.fingerprint import COLLISION_BOUND, Coefficients
 from bench.pinpoint.ops import NonFinite, op_info
-from bench.pinpoint.trace import Trace, _trace
+from bench.pinpoint.trace import Trace, _coarse_trace, _trace
 from bench.results import to_json
 
 
@@ -201,6 +201,9 @@ class CompareReport:
     value: Any = field(default=None, repr=False, compare=False)
     calls_per_run: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> op -> events in run 0
     #                                         (order-free aten ops left out: no order can change them)
+    levels: str = "ops"          # what the runs' events are: "ops" (op by op) or "modules" (coarse=True,
+    #                              identical: module outputs, registry calls, custom backwards, gradients, parameters)
+    coarse: dict | None = None   # coarse=True and the coarse pass differed: its first difference, why op level ran
 
     def _calls(self) -> dict[tuple[str, str], int]:
         return {(kind, op): k for kind, ops in self.calls_per_run.items() for op, k in ops.items()}
@@ -217,7 +220,20 @@ class CompareReport:
         lines = bound_lines(self._calls(), self.runs - 1, f"a call against the same call of run 0, in each of "
                                                           f"{self.runs - 1} later run(s)")
         lines[-1] = lines[-1].replace("calls compared per op class", "calls per run per op class")
+        if self.levels == "modules":
+            lines = [line.replace("op class", "event class") for line in lines]
         return lines + ([] if self.exact else [f"collisions: {self.collision_bound}"])
+
+    def coarse_line(self) -> str | None:
+        """What the coarse pass found when it sent compare_runs to the op level (None otherwise)."""
+        c = self.coarse
+        if c is None:
+            return None
+        ev = c.get("first_difference")
+        where = (f"{ev['op']} ({ev['kind']}) at {ev['module'] or '<root>'} ({ev['phase']}), event {ev['index']}"
+                 if ev else "")
+        return (f"coarse pass ({c['seconds']:.2f} s): {c['reason']}" + (f", first at {where}" if where else "")
+                + "; the runs were traced again op by op (below)")
 
     @property
     def comparable(self) -> bool:
@@ -265,6 +281,10 @@ class CompareReport:
         return json.dumps(to_json(self.to_dict()), **kw)
 
     def summary(self) -> str:
+        if self.identical and self.levels == "modules":
+            return (f"trace-compare: {self.runs} runs identical in every one of {self.events[0]} coarse events "
+                    f"(module outputs, registry calls, custom backwards, gradients, parameters; fingerprints); "
+                    f"ops not traced")
         if self.identical:
             return (f"trace-compare: {self.runs} runs identical in every one of {self.events[0]} traced events "
                     f"({'exact' if self.exact else 'fingerprints'})")
@@ -291,6 +311,8 @@ class CompareReport:
         lines = [self.summary()]
         if self.identical:
             lines += self.bound_lines()
+        if self.coarse_line():
+            lines.append(self.coarse_line())
         for p in self.pairs:
             if p.identical:
                 continue
@@ -303,7 +325,8 @@ class CompareReport:
 
 
 def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup: Callable[[], tuple] | None = None,
-                 seed: int | None = 0, roots: Mapping[str, nn.Module] | None = None, **kwargs) -> CompareReport:
+                 seed: int | None = 0, roots: Mapping[str, nn.Module] | None = None, coarse: bool = False,
+                 **kwargs) -> CompareReport:
     """Run ``fn`` ``runs`` times under the tracer and compare every run with the first.
 
     ``fn`` must start from the same state each time: pass ``setup``, a function called (untraced)
@@ -312,19 +335,47 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
     set, the global generators are seeded with it before each run (inside ``fork_rng``, so the
     caller's state is restored). ``exact=True`` compares full copies
     instead of fingerprints (memory: one CPU copy of every tensor the runs produce).
+
+    ``coarse=True`` traces the runs coarsely first (``trace(..., coarse=True)``: module outputs,
+    registry calls, custom backwards, gradients and parameters through hooks, no dispatch mode, about
+    the cost of plain runs). When those agree bit for bit over finite values, that is the verdict
+    (``levels == "modules"``: ops were not traced, so a difference no module output, gradient or
+    parameter keeps is not seen); otherwise the runs are traced again op by op to name the root cause
+    (``report.coarse`` says what the coarse pass saw).
     """
     if runs < 2:
         raise ValueError(f"compare_runs needs at least 2 runs, got {runs}")
-    traces: list[Trace] = []
+    if coarse and exact:
+        raise ValueError("compare_runs(coarse=True) fingerprints; it has no exact mode")
     coefficients = Coefficients()  # drawn once for all runs
     t0 = time.perf_counter()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    for _ in range(runs):
-        run_args = _setup_args(setup) if setup is not None else args
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-            traces.append(_trace(fn, run_args, kwargs, exact, roots, coefficients))
+
+    def traced(one: Callable[[tuple], Trace]) -> list[Trace]:
+        out = []
+        for _ in range(runs):
+            run_args = _setup_args(setup) if setup is not None else args
+            with torch.random.fork_rng(devices=devices):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out.append(one(run_args))
+        return out
+
+    coarse_seen = None
+    if coarse:
+        traces = traced(lambda a: _coarse_trace(fn, a, kwargs, roots, coefficients))
+        pairs = [_compare_pair(traces[0], traces[j], 0, j) for j in range(1, runs)]
+        if all(p.identical for p in pairs) and all(t.non_finite.comparable for t in traces):
+            calls = Counter((ev.kind, ev.op) for ev in traces[0].events)
+            return CompareReport(runs, False, pairs, [len(t.events) for t in traces], {}, time.perf_counter() - t0,
+                                 COLLISION_BOUND, [t.non_finite for t in traces], traces[0].value, by_level(calls),
+                                 levels="modules")
+        differing = next((p for p in pairs if not p.identical), None)
+        coarse_seen = {"seconds": time.perf_counter() - t0,
+                       "reason": "the runs differ" if differing is not None else "values became non-finite",
+                       "first_difference": (differing.first_difference or (differing.control_flow or {}).get("a"))
+                       if differing is not None else None}
+    traces = traced(lambda a: _trace(fn, a, kwargs, exact, roots, coefficients))
     pairs = [_compare_pair(traces[0], traces[j], 0, j) for j in range(1, runs)]
     skipped: Counter = Counter()
     for tr in traces:
@@ -334,7 +385,7 @@ def compare_runs(fn: Callable, *args, runs: int = 2, exact: bool = False, setup:
                     if ev.kind != "aten" or not _order_free(ev.op, infos))
     return CompareReport(runs, exact, pairs, [len(t.events) for t in traces], dict(skipped),
                          time.perf_counter() - t0, "exact comparison" if exact else COLLISION_BOUND,
-                         [t.non_finite for t in traces], traces[0].value, by_level(calls))
+                         [t.non_finite for t in traces], traces[0].value, by_level(calls), coarse=coarse_seen)
 
 
 def _order_free(name: str, cache: dict) -> bool:

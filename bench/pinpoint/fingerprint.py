@@ -163,8 +163,7 @@ class Fingerprints:
             finite = True
             if floats is not None:
                 values = words.view(floats)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    finite = math.isfinite(values.dot(values))
+                finite = math.isfinite(np.vdot(values, values))
             return (_dot(words.view(np.int64), cc), _dot(arr[8 * start + 4:8 * stop1 + 4].view(np.int64),
                                                           cc[:stop1 - start]), finite)
 

@@ -130,6 +130,7 @@ class _Locator:
         self.on_module_pre: Callable | None = None    # (module, args) before a forward
         self.on_module: Callable | None = None        # (path, module, (args, kwargs), output) after it
         self.on_pynode: Callable | None = None
+        self.on_step: Callable | None = None          # (optimizer, "pre" | "post") around Optimizer.step
         for prefix, m in (roots or {}).items():
             self._index(m, prefix)
 
@@ -220,6 +221,8 @@ class _Locator:
                 self.on_pynode(node)
 
     def _opt_pre(self, optimizer, args, kwargs):
+        if self.on_step is not None:
+            self.on_step(optimizer, "pre")
         self.opt_depth += 1
         if all(o is not optimizer for o in self.optimizers):
             self.optimizers.append(optimizer)
@@ -227,6 +230,8 @@ class _Locator:
 
     def _opt_post(self, optimizer, args, kwargs):
         self.opt_depth = max(0, self.opt_depth - 1)
+        if self.on_step is not None:
+            self.on_step(optimizer, "post")
 
     def _index_pointers(self) -> None:
         ptrs: dict[int, str] = {}
@@ -372,3 +377,4 @@ def running(mode: TorchDispatchMode, locator: _Locator) -> Iterator[None]:
         finally:
             mode.active = False
             locator.on_registry = locator.on_module = locator.on_module_pre = locator.on_pynode = None
+            locator.on_step = None

@@ -193,9 +193,15 @@ def _tensors(x) -> list[torch.Tensor]:
 
 
 def _args_tensors(args, kwargs) -> list[torch.Tensor]:
-    out = [a for a in args if isinstance(a, torch.Tensor)]
-    if len(out) != len(args) or kwargs:
-        out = _tensors(args) + (_tensors(list(kwargs.values())) if kwargs else [])
+    """The tensors among an op's arguments, in order (one level of lists for ``cat``'s, any depth else)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple, dict)):
+            out += _tensors(a)
+    if kwargs:
+        out += _tensors(list(kwargs.values()))
     return out
 
 
@@ -351,6 +357,8 @@ def cpu_flags(t: torch.Tensor) -> tuple[bool, bool] | None:
     looked at element by element."""
     if not t.is_cpu:
         return None
+    if t.dtype in _NUMPY_FLOATS and not t.requires_grad and t.is_contiguous():  # an op's output: most checks
+        return array_flags(t.numpy().reshape(-1))
     dense = memory_order(t) if t.dtype in _NUMPY_FLOATS else None
     if dense is None:  # bfloat16 (no numpy type), float16 (no BLAS), tensors with gaps or overlaps
         return flags(extremes(t).tolist())
@@ -359,8 +367,7 @@ def cpu_flags(t: torch.Tensor) -> tuple[bool, bool] | None:
 
 def array_flags(arr) -> tuple[bool, bool]:
     """(holds NaN, holds an infinity) of a flat float32/float64 numpy array (see :func:`cpu_flags`)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing square is expected, and checked below
-        square = arr.dot(arr)
+    square = np.vdot(arr, arr)  # BLAS, like ndarray.dot, but an overflowing square does not warn (checked below)
     if math.isfinite(square):
         return False, False
     nan = bool(np.isnan(arr).any())
@@ -424,7 +431,8 @@ class NonFinite:
     one although no earlier op's output did: it came from outside the run's ops - a parameter, a
     buffer, fn's arguments, or a scalar argument such as a mask's ``-inf``; ``input`` names it).
     ``value`` is "NaN"/"inf" when fn's returned value holds one. (Replay adds ``replayed_before`` and
-    ``units_before``: the ops and units it had replayed when the NaN appeared.)
+    ``units_before``: the ops and units it had replayed when the NaN appeared. A coarse trace, which sees
+    no op, says ``unknown``.)
 
     The run is *comparable* when no op output held a NaN and fn's value is finite. Infinities alone
     do not make it incomparable: masks hold -inf by design and the softmax after them turns them
@@ -448,12 +456,16 @@ class NonFinite:
         def origin(ev: dict, what: str) -> str:
             if ev["source"] == "input":
                 return f"from an input holding {what} that no {unit} of the run made: {ev['input']}"
+            if ev["source"] == "unknown":
+                return "made by an op a coarse trace does not see"
             return "from finite inputs"
 
         parts = []
         if self.nan is not None:
             n = self.nan
-            if n["source"] == "input":
+            if n["source"] == "unknown":
+                parts.append(f"NaN first in the output of {at(n)}, {origin(n, 'NaN')}")
+            elif n["source"] == "input":
                 parts.append(f"NaN first in the output of {at(n)}, {origin(n, 'NaN')}")
             elif self.inf is not None and self.inf["index"] <= n["index"]:
                 parts.append(f"NaN first produced by {at(n)}, from inputs without NaN; infinities had appeared "

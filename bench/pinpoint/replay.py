@@ -89,6 +89,7 @@ from bench.compare import Mismatch, mismatch
 from bench.pinpoint.bounds import bound_lines, by_level, class_bound
 from bench.pinpoint.locate import _PHASE, RAISED, _Locator, running
 from bench.pinpoint.ops import (
+    _NUMPY_FLOATS,
     SKIP_NAMESPACES,
     SKIP_REASONS,
     NonFinite,
@@ -198,6 +199,30 @@ def _versions(ins: list, out) -> list[int]:
     return [t._version for t in ins] + [t._version for t in _tensors(out)]
 
 
+def _version_list(tensors) -> list:
+    """Version counters of ``tensors`` (None for a tensor without one: an inference tensor)."""
+    out = []
+    for t in tensors:
+        try:
+            out.append(t._version)
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def _detached(x):
+    """``x`` with every tensor in nested tuples/lists/dicts detached (the same memory, no copy)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detached(v) for v in x)
+    if isinstance(x, list):
+        return [_detached(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    return x
+
+
 def _call_no_grad(fn: Callable, args, kwargs):
     with torch.no_grad():
         return fn(*args, **kwargs)
@@ -298,6 +323,10 @@ class ReplayMode(TorchDispatchMode):
         nf = self.non_finite
         if nf.nan is not None:
             return
+        if type(out) is torch.Tensor and info.kind != "mutating" and out.dtype in _NUMPY_FLOATS:
+            k = cpu_flags(out)  # one float output (most ops): no lists
+            if k == (False, False) or (k is not None and not k[0] and nf.inf is not None):
+                return
         if info.kind == "mutating":
             outs = _float_tensors(written_and_outputs(info, args, kwargs, out))
             written = {id(t) for t in _tensors(_written_values(info, args, kwargs))}
@@ -318,10 +347,14 @@ class ReplayMode(TorchDispatchMode):
 
     def _watch_unit(self, unit: Unit, inputs, outputs) -> None:
         """The same check on a unit's own outputs (a registry call's, a custom backward's), which may
-        come from kernels no aten op runs (Triton)."""
+        come from kernels no aten op runs (Triton); outputs (or views of outputs) of the aten ops it ran
+        were checked as theirs."""
         if self.non_finite.nan is not None:
             return
         outs = _float_tensors(_tensors(outputs))
+        if outs and unit.first:
+            made = {storage_of(t) for rec in unit.first for t in _tensors(rec[3])}
+            outs = [t for t in outs if storage_of(t) not in made]
         if not outs:
             return
         nan, inf = self._flags(outs)
@@ -446,7 +479,9 @@ class ReplayMode(TorchDispatchMode):
             return parent.take(("registry", name), name)
         path, ph, node = self.loc.where()
         unit = Unit("registry", name, path, ph, node)
-        unit.inputs = [_meta(t) for t in _args_tensors(args, kwargs)]
+        ins = _args_tensors(args, kwargs)
+        unit.inputs = [_meta(t) for t in ins]
+        versions = _version_list(ins)
         rng = _Rng()
         self.loc.local.unit = unit
         try:
@@ -456,7 +491,7 @@ class ReplayMode(TorchDispatchMode):
         with self.busy():
             self._watch_unit(unit, (args, kwargs), out)
         ok, out2 = self._rerun(unit, rng, (args, kwargs), lambda c: _call_no_grad(fn, *c),
-                               f"{name} at {path}: replay raised")
+                               f"{name} at {path}: replay raised", (ins, versions))
         if ok:
             with self.busy():
                 self._finish_unit(unit, out, out2)
@@ -465,13 +500,16 @@ class ReplayMode(TorchDispatchMode):
                 parent.calls.append((("registry", name), name, copy_tree(out)))
         return out
 
-    def _rerun(self, unit: Unit, rng: _Rng, inputs, call: Callable, failure: str):
-        """A unit's second run: ``call`` on detached copies of ``inputs``, from the generator state
-        ``rng`` saved before the first run; the state after the first run is put back afterwards.
+    def _rerun(self, unit: Unit, rng: _Rng, inputs, call: Callable, failure: str, versions=None):
+        """A unit's second run: ``call`` on detached ``inputs``, from the generator state ``rng`` saved
+        before the first run; the state after the first run is put back afterwards. ``versions``: (the
+        input tensors, their version counters before the first run): when the first run left them
+        unwritten, the replay reads them where they are (detached, not copied), else from copies.
         Returns (True, output), or (False, None) with the error recorded after ``failure``."""
+        aliased = versions is not None and None not in versions[1] and _version_list(versions[0]) == versions[1]
         with self.busy():
             after = _Rng()
-            copies = _clone(inputs)
+            copies = _detached(inputs) if aliased else _clone(inputs)
             rng.restore()
         unit.target = unit.second
         outer = getattr(self.loc.local, "unit", None)
@@ -485,6 +523,9 @@ class ReplayMode(TorchDispatchMode):
             self.loc.local.unit = outer
             with self.busy():
                 after.restore()
+            if aliased and _version_list(versions[0]) != versions[1]:
+                self.errors.append(f"{failure.rsplit(':', 1)[0]}: its replay wrote its inputs in place although its "
+                                   f"first run had not (they were not copied): the run went on from other values")
 
     # -- module units (bench.pinpoint.units) ----------------------------------------------------
     def _frames(self) -> list:
@@ -630,7 +671,9 @@ class ReplayMode(TorchDispatchMode):
                 return None
             path = mode.loc.path_of_node(n)
             unit = Unit("autograd.Function", n.name(), path, "backward", n.name())
-            unit.inputs = [_meta(g) for g in _tensors(grad_outputs)]
+            grads = _tensors(grad_outputs)
+            unit.inputs = [_meta(g) for g in grads]
+            unit.versions = (grads, _version_list(grads))
             unit.rng = _Rng()
             mode.loc.local.unit = unit
             return None
@@ -644,7 +687,7 @@ class ReplayMode(TorchDispatchMode):
             with mode.busy():
                 mode._watch_unit(unit, grad_outputs, grad_inputs)
             ok, out2 = mode._rerun(unit, unit.rng, list(grad_outputs), lambda c: n.apply(*c),
-                                   f"{unit.name} at {unit.path}: backward replay raised")
+                                   f"{unit.name} at {unit.path}: backward replay raised", unit.versions)
             if not ok:
                 return None
             with mode.busy():

@@ -20,12 +20,13 @@ traced op described (as its output, or as the tensor it wrote in place) reuses t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -335,6 +336,132 @@ class TraceMode(TorchDispatchMode):
         node.register_hook(post)
 
 
+class CoarseTracer:
+    """The hooks behind ``trace(..., coarse=True)``: no dispatch mode, so no per-op cost.
+
+    Recorded, in execution order: every module's forward output, every registry call's output, every
+    custom-Function backward's output (the gradients it made), and every named parameter's gradient
+    before and value after each optimizer step ("gradient" / "parameter" events, phases backward and
+    optimizer) and at the end of fn (phase "end"). Each tensor is fingerprinted once per version, and
+    its floating-point values are checked for NaN and infinities while its bytes are read.
+    """
+
+    def __init__(self, locator: _Locator, coefficients: Coefficients | None = None) -> None:
+        self.loc = locator
+        self.busy = locator.busy
+        self.fp = Fingerprints(False, coefficients)
+        self.events: list[tuple] = []   # the same raw tuples as TraceMode's (no inputs)
+        self.first_bad: list = [None, None]      # (event index) of the first NaN / infinity
+        self.nf_pairs: list[tuple[int, torch.Tensor]] = []   # (event index, extremes) of device tensors
+        self.active = False
+        locator.on_registry = self._registry_call
+        locator.on_module = self._module_output
+        locator.on_pynode = self._hook_pynode
+        locator.on_step = self._step
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self.loc.installed():
+            self.active = True
+            try:
+                yield
+            finally:
+                self.active = False
+                loc = self.loc
+                loc.on_registry = loc.on_module = loc.on_pynode = loc.on_step = None
+
+    def _describe(self, t: torch.Tensor, index: int) -> tuple:
+        fp = self.fp
+        d = fp.cached(t)
+        if d is not None:
+            return d
+        d, k = fp.value_flags(t)
+        fp.put(t, d)
+        if t.dtype in CHECKED_DTYPES and t.numel():
+            if k is None:
+                for f in _float_tensors((t,)):
+                    k = cpu_flags(f)
+                    if k is None:
+                        self.nf_pairs.append((index, extremes(f)))
+            if k is not None:
+                for i in (0, 1):
+                    if k[i] and self.first_bad[i] is None:
+                        self.first_bad[i] = index
+        return d
+
+    def _record(self, kind: str, op: str, path: str, ph: str, tensors) -> None:
+        index = len(self.events)
+        outs = [t for t in _tensors(tensors)]
+        self.events.append((kind, op, path, ph, None, [], [_shape_meta(t) for t in outs], [],
+                            [self._describe(t, index) for t in outs]))
+
+    def _registry_call(self, fn, name: str, args, kwargs):
+        out = fn(*args, **kwargs)
+        with self.busy():
+            path, ph, _ = self.loc.where()
+            self._record("registry", name, path, ph, out)
+        return out
+
+    def _module_output(self, path, module, args, output) -> None:
+        if self.busy or torch._C._current_autograd_node() is not None:
+            return
+        with self.busy():
+            ph = "optimizer" if self.loc.opt_depth else (_PHASE.get() or "forward")
+            self._record("module", type(module).__name__, path, ph, output)
+
+    def _hook_pynode(self, node) -> None:
+        tracer = self
+        name = node.name()
+        ref = weakref.ref(node)
+
+        def post(grad_inputs, grad_outputs):
+            if not tracer.active or tracer.busy:
+                return None
+            n = ref()
+            with tracer.busy():
+                tracer._record("autograd.Function", name, tracer.loc.path_of_node(n) if n is not None else "",
+                               "backward", grad_inputs)
+            return None
+
+        node.register_hook(post)
+
+    def _step(self, optimizer, when: str) -> None:
+        with self.busy():
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self._state(params, "gradient" if when == "pre" else "parameter",
+                        "backward" if when == "pre" else "optimizer")
+
+    def _state(self, params, kind: str, ph: str) -> None:
+        names = self.loc.params
+        for p in params:
+            t = p.grad if kind == "gradient" else p
+            if t is not None:
+                self._record(kind, kind, names.get(id(p), ("<parameter>", None))[0], ph, t)
+
+    def finish(self) -> None:
+        """The end of fn: every named parameter's gradient and value."""
+        with self.busy():
+            params = [p for _, p in self.loc.params.values()]
+            self._state(params, "gradient", "end")
+            self._state(params, "parameter", "end")
+
+    def non_finite(self, events: list[Event]) -> NonFinite:
+        """Which event first held NaN, resp. an infinity (who made it is not seen: source "unknown")."""
+        first = list(self.first_bad)
+        for (index, pair), (nan, inf) in zip(self.nf_pairs, (flags(v) for v in read_back([p for _, p in
+                                                                                          self.nf_pairs]))):
+            for i, hit in ((0, nan), (1, inf)):
+                if hit and (first[i] is None or index < first[i]):
+                    first[i] = index
+        nf = NonFinite()
+        for key, index in (("nan", first[0]), ("inf", first[1])):
+            if index is not None:
+                ev = events[index]
+                setattr(nf, key, {"index": index, "kind": ev.kind, "op": ev.op, "module": ev.module,
+                                  "phase": ev.phase, "source": "unknown", "input": None})
+        return nf
+
+
 def _scalar_args(args, kwargs) -> tuple:
     """The non-tensor arguments of an op, as comparable keys (part of an order-free output's descriptor)."""
     out = []
@@ -361,6 +488,7 @@ class Trace:
     raw_out: list | None = field(default=None, repr=False)   # exact mode: output tensors per event
     value: Any = field(default=None, repr=False)             # what fn returned
     non_finite: NonFinite = field(default_factory=NonFinite)  # where NaN / infinities first appeared
+    coarse: bool = False                                      # module outputs, gradients, parameters only
 
 
 def _materialise(desc, copies):
@@ -379,10 +507,36 @@ def _materialise(desc, copies):
 
 
 def trace(fn: Callable, *args, exact: bool = False, roots: Mapping[str, nn.Module] | None = None,
-          **kwargs) -> Trace:
+          coarse: bool = False, **kwargs) -> Trace:
     """Run ``fn(*args, **kwargs)`` once, recording the contents of every op's inputs and outputs (as
-    fingerprints; ``exact``: copies), every registry call, custom-Function backward and module output."""
+    fingerprints; ``exact``: copies), every registry call, custom-Function backward and module output.
+    ``coarse=True``: no op, only module, registry-call and custom-backward outputs, gradients and
+    parameters (:class:`CoarseTracer`; about the cost of a plain run)."""
+    if coarse:
+        if exact:
+            raise ValueError("trace(coarse=True) fingerprints; it has no exact mode")
+        return _coarse_trace(fn, args, kwargs, roots, None)
     return _trace(fn, args, kwargs, exact, roots, None)
+
+
+def _coarse_trace(fn: Callable, args: tuple, kwargs: dict, roots: Mapping[str, nn.Module] | None,
+                  coefficients: Coefficients | None) -> Trace:
+    """``trace(..., coarse=True)``, fingerprinting with ``coefficients``."""
+    tracer = CoarseTracer(_Locator(roots), coefficients)
+    t0 = time.perf_counter()
+    try:
+        with tracer.running():
+            value = fn(*args, **kwargs)
+        tracer.finish()
+    finally:
+        tracer.fp.close()
+    digest = tracer.fp.resolver()
+    events = [Event(i, kind, op, path, ph, inside, [], [_meta_str(m) for m in outs], (),
+                    tuple(digest(d) for d in out_desc))
+              for i, (kind, op, path, ph, inside, _, outs, _, out_desc) in enumerate(tracer.events)]
+    nf = tracer.non_finite(events)
+    nf.value = value_kind(value)
+    return Trace(events, {}, False, time.perf_counter() - t0, None, value, nf, coarse=True)
 
 
 def _trace(fn: Callable, args: tuple, kwargs: dict, exact: bool, roots: Mapping[str, nn.Module] | None,
