@@ -64,6 +64,8 @@ def compare_tables(report: CompareReport) -> Group:
     parts = [f"[{style}]{escape(report.summary())}[/]"]
     if report.identical:
         parts += [escape(line) for line in report.bound_lines()]
+    if report.coarse_line():
+        parts.append(escape(report.coarse_line()))
     for p in report.pairs:
         if p.identical:
             continue
@@ -99,6 +101,10 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", type=int, default=2, help="runs to trace and compare (default 2)")
     p.add_argument("--steps", "-k", type=int, default=1, help="SFT steps per run (default 1)")
     p.add_argument("--exact", action="store_true", help="compare full copies instead of fingerprints (memory!)")
+    p.add_argument("--coarse", action="store_true",
+                   help="trace-compare coarsely first: module outputs, registry calls, custom backwards, gradients "
+                        "and parameters through hooks, with no per-op cost (about a plain run's time); the runs are "
+                        "traced again op by op only when those differ (not with --exact)")
     p.add_argument("--all-ops", action="store_true", help="replay order-free (pointwise, copy) ops too")
     p.add_argument("--units", default="leaves", metavar="{" + ",".join(UNITS) + "}",
                    help="which module forwards replay also runs twice as a whole, to catch nondeterminism in a "
@@ -184,6 +190,11 @@ def cmd_pinpoint(args) -> int:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.units not in UNITS:
         raise UsageError(f"--units {args.units!r}: choose one of {', '.join(UNITS)} (default leaves)")
+    if args.coarse and args.exact:
+        raise UsageError("--coarse fingerprints module outputs, gradients and parameters and has no exact mode: "
+                         "drop --coarse or --exact")
+    if args.coarse and args.method == "replay":
+        raise UsageError("--coarse is an option of trace-compare: use --method compare or both, or drop --coarse")
     check_seed(args.seed, "--seed")
     check_seed(args.data_seed, "--data-seed")
     out_dir = check_out_dir(args.out) if args.out else None
@@ -209,7 +220,7 @@ def _pinpoint(args, device, out_dir) -> int:
             if not args.json:
                 console.print(f"[bold]trace-compare[/]: {desc}, mode {mode}, {args.runs} runs")
             reports["compare"] = compare_runs(fn, runs=args.runs, exact=args.exact, setup=setup, seed=args.seed,
-                                              roots=roots)
+                                              roots=roots, coarse=args.coarse)
             if not args.json:
                 console.print(compare_tables(reports["compare"]))
     payload = {"schema": "detbench.pinpoint/1", "subject": desc, "mode": mode, "device": str(device),

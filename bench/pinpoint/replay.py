@@ -504,9 +504,16 @@ class ReplayMode(TorchDispatchMode):
         """A unit's second run: ``call`` on detached ``inputs``, from the generator state ``rng`` saved
         before the first run; the state after the first run is put back afterwards. ``versions``: (the
         input tensors, their version counters before the first run): when the first run left them
-        unwritten, the replay reads them where they are (detached, not copied), else from copies.
-        Returns (True, output), or (False, None) with the error recorded after ``failure``."""
-        aliased = versions is not None and None not in versions[1] and _version_list(versions[0]) == versions[1]
+        unwritten, the replay reads them where they are (detached, not copied); when it wrote them, their
+        values before it are gone and the unit is not replayed (an error says so); without version
+        counters (inference tensors) it runs on copies. Returns (True, output), or (False, None) with the
+        error recorded after ``failure``."""
+        now = _version_list(versions[0]) if versions is not None else None
+        aliased = versions is not None and None not in versions[1] and now == versions[1]
+        if versions is not None and not aliased and None not in versions[1]:
+            self.errors.append(f"{failure.rsplit(':', 1)[0]}: not replayed: its first run wrote its own inputs in "
+                               f"place, so the values it started from are gone")
+            return False, None
         with self.busy():
             after = _Rng()
             copies = _detached(inputs) if aliased else _clone(inputs)
