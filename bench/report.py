@@ -191,7 +191,6 @@ class Index:
         self.cpus = env.cpu_affinity or env.cpu_count
         self.device_type = env.device_type
 
-
     def time(self, subject, backend, dtype, mode, phase="fwd+bwd") -> float | None:
         t = self.timings.get((subject, backend, dtype, mode, phase))
         return t.median_s if t else None
@@ -316,7 +315,6 @@ class Index:
 
 def _marked(text: str, reasons: list[str] | None) -> str:
     return f"{text} ~" if reasons and text != "-" else text
-
 
 
 def cost_rows(ix: Index) -> list[dict]:

@@ -28,7 +28,9 @@ module units: :mod:`bench.pinpoint.units`.
 are fingerprinted in execution order (:func:`trace`), together with every registry call, every
 custom-Function backward and every module's forward output; the runs are aligned event by event and
 the report names the *root cause*, the first module whose output differs and how far the difference
-spread (:mod:`bench.pinpoint.compare`). Fingerprints and their collision bound:
+spread (:mod:`bench.pinpoint.compare`). ``compare_runs(..., coarse=True)`` first compares runs traced
+through hooks only (module outputs, registry calls, custom backwards, gradients, parameters: about the
+cost of plain runs) and traces op by op only when they differ. Fingerprints and their collision bound:
 :mod:`bench.pinpoint.fingerprint` (:func:`fingerprints` is also usable on its own).
 
 A clean report says what it rests on (``report.bound``, printed under it): how many calls of each op

@@ -67,8 +67,10 @@ per op class (``calls_compared``: aten ops replayed, ops compared inside units, 
 and states the bound for the class with the fewest (``bound``, :mod:`bench.pinpoint.bounds`).
 
 Speed: a Python call per aten op (a do-nothing dispatch mode alone doubles a tiny CPU step), every
-order-dependent op runs twice, and every floating-point output is read once more (its min and max)
-until the first NaN. A module unit also copies its positional arguments and buffers before it runs.
+order-dependent op runs twice, and every floating-point output is read once more (one BLAS dot product
+with itself) until the first NaN. A registry call or custom backward whose first run left its inputs
+unwritten is replayed on them in place (detached, not copied; one that wrote them is not replayed, and
+an error says so); a module unit copies its positional arguments and buffers before it runs.
 """
 
 from __future__ import annotations
