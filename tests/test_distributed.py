@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -226,7 +227,7 @@ def test_ctrl_c_ends_every_rank_and_saves_what_finished(tmp_path):
     try:
         for line in proc.stdout:  # the first setup has finished once its line is printed
             lines.append(line)
-            if line.startswith("  standard world=1"):
+            if re.match(r"\s*(\[\d+/\d+\] )?standard world=1 ", line):  # "  [1/2] standard world=1 accum=1: ..."
                 break
         time.sleep(3)  # the second setup's ranks are running
         proc.send_signal(signal.SIGINT)
