@@ -594,3 +594,66 @@ def distinct_groups(result: GenerateResult, mode: str) -> list[dict[str, Any]]:
         if c.divergence is not None:
             g["divergences"].append(c.divergence)
     return groups
+
+
+# ------------------------------------------------------------------------------------------------
+# which op made a completion differ (bench.pinpoint.batch)
+# ------------------------------------------------------------------------------------------------
+
+
+def pick_batch(result: GenerateResult, batch: int | None = None) -> tuple[BatchSpec, Completion]:
+    """The batch to pinpoint and its standard-mode completion: ``batch`` (checked), or the batch whose
+    completion differed from the prompt alone (a token, else any logit bit) in the smallest batch, unpadded
+    before padded, earliest first."""
+    batches = {b.index: b for b in result.batches}
+    standard = {c.batch: c for c in result.completions if c.mode == MODES["off"]}
+    if not standard:
+        raise GenerateError("the result has no completion without the batch-invariant mode; pinpoint a result of "
+                            "detbench generate --batch-invariant off or both")
+    if batch is not None:
+        if batch not in batches or batch not in standard:
+            raise GenerateError(f"--batch {batch}: the result's batches are 0..{max(standard)}")
+        if batches[batch].batch_size < 2:
+            raise GenerateError(f"--batch {batch} holds the prompt alone; choose a batch of 2 or more rows")
+        return batches[batch], standard[batch]
+    differing = [c for c in standard.values() if c.first_logit_diff is not None and batches[c.batch].batch_size > 1]
+    if not differing:
+        raise GenerateError("no batch of this result changed the prompt's logits in any bit: nothing to pinpoint "
+                            "(name one with --batch to compare it anyway)")
+    c = min(differing, key=lambda c: (c.divergence is None, batches[c.batch].batch_size, batches[c.batch].padded,
+                                      c.batch))
+    return batches[c.batch], c
+
+
+def pinpoint_batch_of(result: GenerateResult, batch: int | None = None, plants: Sequence[Any] = (),
+                      device: torch.device | str | None = None):
+    """Rebuild ``result``'s model, prompt and batch ``batch`` (:func:`pick_batch`), then compare the prompt alone
+    with the prompt in that batch op by op (:func:`bench.pinpoint.batch.pinpoint_batch`), decoding up to the first
+    step whose logits differed. ``plants`` (:class:`bench.sft.Plant`, planted backends registered) route ops of
+    the rebuilt model. Returns (report, the batch, its completion, new tokens decoded)."""
+    from bench.pinpoint.batch import pinpoint_batch
+    from bench.sft import apply_plants
+
+    s = result.settings
+    spec, completion = pick_batch(result, batch)
+    plan = make_plan(model=s.model, attention=s.attention, dtype=s.dtype, device=device or s.device, seed=s.seed,
+                     data_seed=s.data_seed, near_ties=s.near_ties, prompt_len=s.prompt_len, new_tokens=s.new_tokens,
+                     completions=2, max_batch=2, padding="none", invariant="off", use_cache=s.use_cache,
+                     threads=s.threads, out=None)
+    if plan.prompt != result.prompt:
+        raise GenerateError("the rebuilt prompt differs from the result's (another vocabulary or data seed?): the "
+                            "result cannot be reproduced here")
+    steps = completion.first_logit_diff
+    new_tokens = s.new_tokens if steps is None else steps + 1
+    with _threads(s.threads):
+        model = load_model(plan)
+        apply_plants(model, plants, plan.device)
+        vocab = plan.spec.config.vocab_size
+        reference = batch_inputs(result.batches[0], plan.prompt, vocab, plan.device)
+        inputs = batch_inputs(spec, plan.prompt, vocab, plan.device)
+
+        def fn(ids, mask):
+            return greedy(model, ids, mask, new_tokens, s.use_cache)
+
+        report = pinpoint_batch(fn, reference, inputs, spec.row, model=model, use_cache=s.use_cache)
+    return report, spec, completion, new_tokens

@@ -189,4 +189,7 @@ def cmd_generate(args) -> int:
     path = save(result, out_dir) if out_dir is not None else None
     if path is not None and not args.json:
         console.print(f"result: {path}", highlight=False)
+        if any(c.first_logit_diff is not None for c in result.completions if c.mode == "standard"):
+            console.print(f"which op made the prompt's result depend on its batch: detbench pinpoint --batch-of {path}",
+                          highlight=False, soft_wrap=True)
     return EXIT_INTERRUPTED if interrupted else 0

@@ -17,6 +17,7 @@ from bench.data import batch_for_step, on_device
 from bench.dtypes import parse_dtype, torch_name
 from bench.modes import MODES, apply_mode
 from bench.pinpoint import CompareReport, ReplayReport, compare_runs, replay
+from bench.pinpoint.batch import BatchVarianceReport
 from bench.pinpoint.units import UNITS
 from bench.planted import planted_registered
 from bench.results import (
@@ -121,6 +122,13 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", default="1e-5", help="learning rate of the SFT steps (default 1e-5)")
     p.add_argument("--profile", help="shape profile of a harness subject: quick, cpu, cuda (default: quick on "
                                      "the CPU, cuda on a GPU)")
+    p.add_argument("--batch-of", metavar="RESULT.json",
+                   help="batch variance instead of run-to-run: rebuild a detbench generate result's model and prompt, "
+                        "decode the prompt alone and in one of its batches, and name the first op whose result for "
+                        "the prompt's rows changed with the batch (module, prefill or decode step); --plant routes ops "
+                        "of the rebuilt model, the other options are the result's")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="with --batch-of: the batch to compare (default: the smallest whose completion differed)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.add_argument("--out", help="also write the reports as a JSON file into this directory")
     p.set_defaults(func=cmd_pinpoint)
@@ -183,6 +191,10 @@ def _harness_subject(args, device):
 
 
 def cmd_pinpoint(args) -> int:
+    if args.batch_of is not None:
+        return _pinpoint_batch(args)
+    if args.batch is not None:
+        raise UsageError("--batch names a batch of a detbench generate result: give the result with --batch-of")
     device = parse_device(args.device)
     if args.runs < 2:
         raise UsageError(f"--runs must be at least 2 (trace-compare compares runs), got {args.runs}")
@@ -234,6 +246,66 @@ def _pinpoint(args, device, out_dir) -> int:
             console.print(line, highlight=False, soft_wrap=True)
     if out_dir is not None:
         env = capture_environment(device, seeds={"model": args.seed, "data": args.data_seed})
+        payload["environment"] = env
+        path = write_json_atomic(result_path(out_dir, "pinpoint", device_label(env), new_run_id()), payload)
+        if not args.json:
+            console.print(f"report: {path}")
+    if args.json:
+        print(json.dumps(to_json(payload), indent=1))
+    return 0
+
+
+def batch_tables(report: BatchVarianceReport) -> Group:
+    """A batch-variance report: its summary, the root cause (and the first difference) as a table, its notes."""
+    style = "green" if report.identical else "red" if report.comparable else "yellow"
+    parts: list = [f"[{style}]{escape(report.summary())}[/]"]
+    rows = [("root cause", report.root_cause), ("first diff", report.first_difference)]
+    rows = [(label, ev) for label, ev in rows if ev is not None]
+    if len(rows) == 2 and rows[0][1]["index"] == rows[1][1]["index"]:  # the root is in the first differing call
+        rows = rows[:1]
+    if rows:
+        t = Table(title="the prompt alone vs in the batch, its rows only", title_justify="left")
+        for col in ("finding", "#", "op", "in", "module", "step"):
+            t.add_column(col, overflow="fold")
+        for label, ev in rows:
+            op = escape(ev["op"])
+            t.add_row(label, ev["label"], f"[bold]{op}[/]" if label == "root cause" else op,
+                      escape(ev["inside"] or "-"), escape(ev["module"] or "<root>"), ev["step"])
+        parts.append(t)
+    parts += [escape(line) for line in report.lines()]
+    return Group(*parts)
+
+
+def _pinpoint_batch(args) -> int:
+    from bench.generate import load, pinpoint_batch_of
+
+    if args.subject != "sft" or args.method != "both" or args.coarse or args.exact:
+        raise UsageError("--batch-of compares the prompt alone with the prompt in a batch; --subject, --method, "
+                         "--coarse and --exact are for run-to-run pinpointing: drop them")
+    result = load(args.batch_of)
+    plants = [parse_plant(p) for p in args.plant]
+    device = parse_device(args.device) if args.device else None
+    out_dir = check_out_dir(args.out) if args.out else None
+    console = Console()
+    with planted_registered(bool(args.plant)):
+        report, spec, completion, new_tokens = pinpoint_batch_of(result, args.batch, plants, device)
+    s = result.settings
+    div = completion.divergence
+    what = (f"its completion chose token {div.token} instead of {div.ref_token} at step {div.step}" if div else
+            "its completion's tokens were the same" if completion.first_logit_diff is None else
+            f"its tokens were the same, its logits first differed at step {completion.first_logit_diff}")
+    desc = (f"{s.model} ({s.attention} attention, {s.dtype}, {s.threads} thread(s)"
+            + (f", planted {', '.join(args.plant)}" if plants else "") + f"): the prompt ({s.prompt_len} tokens) "
+            f"alone vs batch {spec.index} ({spec.batch_size} rows, the prompt in row {spec.row}"
+            + (", left padding" if spec.padded else "") + f"; {what}), {new_tokens} new token(s) decoded")
+    if not args.json:
+        console.print(f"[bold]batch-variance pinpoint[/]: {escape(desc)}")
+        console.print(batch_tables(report))
+    payload = {"schema": "detbench.pinpoint/1", "subject": desc, "device": s.device if device is None else str(device),
+               "command": recorded_argv(args), "generate_result": str(args.batch_of), "batch": spec.index,
+               "batch_variance": report.to_dict()}
+    if out_dir is not None:
+        env = capture_environment(device or s.device, seeds={"model": s.seed, "data": s.data_seed})
         payload["environment"] = env
         path = write_json_atomic(result_path(out_dir, "pinpoint", device_label(env), new_run_id()), payload)
         if not args.json:
