@@ -55,6 +55,7 @@ Modules, each importing only those before it::
     replay       replay(), ReplayMode, ReplayReport, Finding                 (bounds, ops, locate, units)
     trace        trace(), TraceMode, Trace, Event                                        (ops, locate, fingerprint)
     compare      compare_runs(), CompareReport, PairComparison       (bounds, ops, fingerprint, trace)
+    batch        pinpoint_batch(): the prompt alone vs in a batch, on its rows        (ops, locate, fingerprint)
 
 (``bench.pinpoint.replay`` and ``bench.pinpoint.trace`` as attributes are the functions; import
 from the modules with ``from bench.pinpoint.trace import TraceMode``.)
