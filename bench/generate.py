@@ -33,7 +33,7 @@ import datetime as _dt
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ from bench.results import (
     write_json_atomic,
 )
 from bench.sft import SEED_END, ModelSpec, build, check_attention, check_seed, parse_model
-from bench.timing import measure
+from bench.timing import measure, torch_threads
 from qwen_layers.model import QwenForCausalLM
 
 SCHEMA = "detbench.generate/1"
@@ -300,7 +300,7 @@ def make_plan(*, model: str = "qwen3-tiny", attention: str = "eager", dtype: str
         checkpoint=spec.path, attention=attention, dtype=torch_name(torch_dtype), device=str(device), seed=seed,
         data_seed=data_seed, near_ties=float(near_ties), prompt_len=prompt_len, new_tokens=new_tokens,
         completions=completions, max_batch=max_batch, padding=paddings, modes=modes, rows=rows,
-        use_cache=use_cache, threads=threads or torch.get_num_threads(), out=out)
+        use_cache=use_cache, threads=threads or torch.get_numtorch_threads(), out=out)
     prompt = draw_prompt(spec.config.vocab_size, prompt_len, data_seed)
     batches = plan_batches(completions=completions, max_batch=max_batch, paddings=paddings, prompt_len=prompt_len,
                            data_seed=data_seed)
@@ -385,16 +385,6 @@ def compare(tokens: list[int], logits: torch.Tensor, ref_tokens: list[int], ref_
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _mode(name: str, rows: int):
     return batch_invariant(rows) if name == "batch-invariant" else contextlib.nullcontext()
 
@@ -448,7 +438,7 @@ def run_plan(plan: Plan, completions: list[Completion], ref: _Reference,
     ``completions`` as each finishes and handing each batch's completions to ``on_batch``; ``stopped`` gets
     the batch running when an interrupt arrives."""
     s = plan.settings
-    with _threads(s.threads):
+    with torch_threads(s.threads):
         model = load_model(plan)
         warm_up(model, plan)
         current = 0  # the batch running, or the next one between batches
@@ -553,7 +543,7 @@ def run(plan: Plan, *, command: Sequence[str] = (), on_batch=None) -> GenerateRe
         run_plan(plan, completions, ref, on_batch, stopped)
     except KeyboardInterrupt:
         status = "interrupted"
-    with _threads(plan.settings.threads):
+    with torch_threads(plan.settings.threads):
         env = capture_environment(plan.device, seeds={"model": plan.settings.seed, "data": plan.settings.data_seed})
     summary, cost = summarise(plan, completions, ref)
     mode = describe_mode(plan.settings.rows).to_dict() if "batch-invariant" in plan.settings.modes else {}
@@ -645,7 +635,7 @@ def pinpoint_batch_of(result: GenerateResult, batch: int | None = None, plants: 
                             "result cannot be reproduced here")
     steps = completion.first_logit_diff
     new_tokens = s.new_tokens if steps is None else steps + 1
-    with _threads(s.threads):
+    with torch_threads(s.threads):
         model = load_model(plan)
         apply_plants(model, plants, plan.device)
         vocab = plan.spec.config.vocab_size

@@ -38,7 +38,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ContextManager, Hashable, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Hashable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -81,6 +81,18 @@ class Load:
     load1: float | None
     cpu_share: float | None
     threads: int
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block (None: left as it is), restored in ``finally``."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _load1() -> float | None:

@@ -44,7 +44,6 @@ or with pytest-benchmark (the tiny step only; compare with ``--benchmark-group-b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -52,7 +51,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench import pinpoint
 from bench.data import synthetic_batches
 from bench.sft import ModelSpec, build, make_optimizer, parse_model, sft_step
+from bench.timing import torch_threads
 from qwen_layers.config import PRESETS
 
 
@@ -159,16 +159,6 @@ def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str
             run_method(m, fn)
             times[m].append(time.perf_counter() - t0)
     return times
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def summarise(times: dict[str, list[float]], ops: int) -> dict:
