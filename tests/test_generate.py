@@ -49,7 +49,9 @@ def test_generate_is_transformers_greedy_generate(preset, use_cache):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_prefill_through_the_cache_is_the_plain_forward(preset):
     """Filling the cache changes nothing in the prefill: its last-position logits are the plain forward's,
-    bit for bit, and the cache holds every layer's keys for all 9 positions."""
+    bit for bit, and the cache holds every layer's keys for all 9 positions. Both compute the LM head on
+    the last position only (logits_to_keep=1): the head over all 27 rows sliced afterwards is another
+    matmul shape, whose last bits a BLAS may compute differently (this project's AMD machines' MKL does)."""
     cfg = get_preset(preset)
     model = build_model(cfg).eval()
     ids, mask = left_padded(cfg)
@@ -57,7 +59,7 @@ def test_prefill_through_the_cache_is_the_plain_forward(preset):
     with torch.no_grad():
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cached = model(ids, mask, position_ids=positions, cache=cache, logits_to_keep=1).logits
-        plain = model(ids, mask, position_ids=positions).logits[:, -1:]
+        plain = model(ids, mask, position_ids=positions, logits_to_keep=1).logits
     assert_bitwise_equal(cached, plain, "prefill logits")
     assert [layer.keys.shape[2] for layer in cache.layers] == [9] * cfg.num_hidden_layers
 
