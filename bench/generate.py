@@ -300,7 +300,7 @@ def make_plan(*, model: str = "qwen3-tiny", attention: str = "eager", dtype: str
         checkpoint=spec.path, attention=attention, dtype=torch_name(torch_dtype), device=str(device), seed=seed,
         data_seed=data_seed, near_ties=float(near_ties), prompt_len=prompt_len, new_tokens=new_tokens,
         completions=completions, max_batch=max_batch, padding=paddings, modes=modes, rows=rows,
-        use_cache=use_cache, threads=threads or torch.get_numtorch_threads(), out=out)
+        use_cache=use_cache, threads=threads or torch.get_num_threads(), out=out)
     prompt = draw_prompt(spec.config.vocab_size, prompt_len, data_seed)
     batches = plan_batches(completions=completions, max_batch=max_batch, paddings=paddings, prompt_len=prompt_len,
                            data_seed=data_seed)
