@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -34,8 +35,10 @@ def test_part_1_alone_answers_the_headline(tmp_path, capsys):
     # tests-core ran its (dry-run) cases for real and all passed
     assert answers["Do"].startswith("yes: ") and " passed" in answers["Do"], answers
     # The dry run plants a fault in one MLP projection, so eager diverges too: the answer is "no", and says why.
+    # The step is the first whose two repeats drew different chunk orders: usually 1, step 2 or later when the
+    # OS shuffle gave both repeats the same order at step 1 (about 1 in 12).
     plant = gpu_check.DRY_RUN_PLANT
-    assert answers["Does"].startswith(f"no: eager DIVERGED at step 1 x2 (planted: {plant})"), answers
+    assert re.match(rf"no: eager DIVERGED at step \d+ x2 \(planted: {re.escape(plant)}\)", answers["Does"]), answers
     assert answers["Which"] == ("linear/planted-nondet at model.layers.1.mlp.down_proj (forward), from trace-compare"
                                 " - the planted fault")
     text = (out / "summary.md").read_text()
