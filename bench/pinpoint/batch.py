@@ -3,8 +3,14 @@
 Two runs of the same function differ only in the batch around one prompt: the *reference* is the prompt
 alone (one row, no padding), the other run holds it as row ``row`` of a batch of ``B`` rows, left-padded by
 ``pad`` positions (its batch is ``pad`` longer than the prompt). Both run under a dispatch mode that records
-every aten op in execution order; the runs are aligned op by op and, in each op's inputs and outputs, only
-the elements that belong to the prompt are compared (fingerprinted, :mod:`bench.pinpoint.fingerprint`).
+every aten op that computes and every registry call (the aten ops it ran nested in it), in execution order;
+views and pure data movement are left out (whether a reshape copies or views depends on the batch size, and
+they cannot change a value). The two sequences are paired by their longest common subsequence of (op,
+module, step): ops that ran in one run only - transformers' padding checks, a mask built only for a padded
+batch - stay unpaired and are counted. In each paired op's inputs and outputs only the elements that belong
+to the prompt are compared (fingerprinted, :mod:`bench.pinpoint.fingerprint`). Inside a paired registry call
+the ops are paired one by one; where they part (a backend choosing its computation from the shape) the call
+is compared whole.
 
 Which elements belong to the prompt is decided per tensor and per dimension, from its shape in both runs
 (:func:`prompt_index`): a dimension of the same size in both is kept whole; one ``B`` times larger in the
@@ -14,8 +20,9 @@ larger is a position dimension (the prompt's positions are the last ones) and on
 batch and positions folded together. A dimension that fits none of these, or more than one, leaves the
 tensor unmapped: an op with an unmapped input can be a consequence but never the root cause, and the
 report counts them. The batch must be the outer factor of a folded dimension (as ``reshape`` of a
-``(B, S, ...)`` tensor makes it); a layout that folds it inside would select other rows and show up as a
-data-movement op "changing" its output - such events are counted as selection failures, never named.
+``(B, S, ...)`` tensor makes it); where a layout folds it inside, the elements selected are not the
+prompt's, that op's inputs differ from the reference's, and it can only show as a first difference without
+a root cause - never be named as one.
 
 The *root cause* is the first op whose prompt inputs were bitwise equal and whose prompt outputs differ:
 its reduction order for the prompt's rows depended on the other rows (a matmul blocked by the number of
