@@ -83,11 +83,9 @@ def test_replay_names_the_planted_op(tmp_path, planted_registry, place):
     assert not report.errors
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("place", list(PLACES))
-def test_trace_compare_names_the_planted_op(tmp_path, planted_registry, place):
-    plant, (level, op, module, phase), data = PLACES[place]
-    job = PlantedSFT(tmp_path, plant, data)
+def compare_planted(job: "PlantedSFT", **kw):
+    """Two runs of the planted job compared (compare_runs(..., **kw)), checking that the planted op's random
+    orders were strong enough: the runs agree only if each of run 0's calls agreed by chance."""
     spy = OrderSpy()
     n_calls = []
 
@@ -96,9 +94,17 @@ def test_trace_compare_names_the_planted_op(tmp_path, planted_registry, place):
         return job.setup()
 
     with spy.installed():
-        report = pinpoint.compare_runs(job.run, runs=2, setup=setup)
-    miss = spy.miss_probability(spy.calls[:n_calls[1]])  # run 0's calls: the runs agree only if each agreed
+        report = pinpoint.compare_runs(job.run, runs=2, setup=setup, **kw)
+    miss = spy.miss_probability(spy.calls[:n_calls[1]])
     assert miss < MAX_MISS, f"test too weak: it would miss with probability {miss:.2e}"
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("place", list(PLACES))
+def test_trace_compare_names_the_planted_op(tmp_path, planted_registry, place):
+    plant, (level, op, module, phase), data = PLACES[place]
+    report = compare_planted(PlantedSFT(tmp_path, plant, data))
     assert not report.identical
     root = report.root_cause
     kinds = {"registry": "registry", "autograd.Function": "autograd.Function"}

@@ -18,8 +18,8 @@ from bench.pinpoint.fingerprint import FP_SMALL, Coefficients, Fingerprints
 from bench.pinpoint.ops import cpu_flags
 from bench.planted import planted_registered
 
-from .planted_checks import MAX_MISS, PLACES, OrderSpy
-from .test_pinpoint import Net, PlantedSFT, _assert_overflow_found, _overflow_job
+from .planted_checks import PLACES
+from .test_pinpoint import Net, PlantedSFT, _assert_overflow_found, _overflow_job, compare_planted
 
 # ------------------------------------------------------------------------------------------------
 # the CPU fingerprint: two readings, one coefficient vector, each case caught by one reading
@@ -206,17 +206,7 @@ def planted_registry():
 @pytest.mark.slow
 def test_coarse_compare_of_differing_runs_names_the_planted_op(tmp_path, planted_registry):
     plant, (level, op, module, phase), data = PLACES["linear-fwd"]
-    job = PlantedSFT(tmp_path, plant, data)
-    spy = OrderSpy()
-    n_calls = []
-
-    def setup():
-        n_calls.append(len(spy.calls))
-        return job.setup()
-
-    with spy.installed():
-        report = pinpoint.compare_runs(job.run, runs=2, setup=setup, coarse=True)
-    assert spy.miss_probability(spy.calls[:n_calls[1]]) < MAX_MISS
+    report = compare_planted(PlantedSFT(tmp_path, plant, data), coarse=True)
     assert report.levels == "ops" and not report.identical
     assert (report.root_cause["op"], report.root_cause["module"]) == (op, module)
     first = report.coarse["first_difference"]

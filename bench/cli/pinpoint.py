@@ -244,8 +244,13 @@ def _pinpoint(args, device, out_dir) -> int:
         gpu = with_option(["detbench", *payload["command"][1:]], "--device", "cuda")
         for line in coverage_lines(payload["coverage"], gpu):
             console.print(line, highlight=False, soft_wrap=True)
+    return _emit(payload, args, console, out_dir, device, {"model": args.seed, "data": args.data_seed})
+
+
+def _emit(payload: dict, args, console: Console, out_dir, device, seeds: dict) -> int:
+    """Write the report into ``out_dir`` with the environment (printing its path), or print it as JSON."""
     if out_dir is not None:
-        env = capture_environment(device, seeds={"model": args.seed, "data": args.data_seed})
+        env = capture_environment(device, seeds=seeds)
         payload["environment"] = env
         path = write_json_atomic(result_path(out_dir, "pinpoint", device_label(env), new_run_id()), payload)
         if not args.json:
@@ -304,12 +309,4 @@ def _pinpoint_batch(args) -> int:
     payload = {"schema": "detbench.pinpoint/1", "subject": desc, "device": s.device if device is None else str(device),
                "command": recorded_argv(args), "generate_result": str(args.batch_of), "batch": spec.index,
                "batch_variance": report.to_dict()}
-    if out_dir is not None:
-        env = capture_environment(device or s.device, seeds={"model": s.seed, "data": s.data_seed})
-        payload["environment"] = env
-        path = write_json_atomic(result_path(out_dir, "pinpoint", device_label(env), new_run_id()), payload)
-        if not args.json:
-            console.print(f"report: {path}")
-    if args.json:
-        print(json.dumps(to_json(payload), indent=1))
-    return 0
+    return _emit(payload, args, console, out_dir, device or s.device, {"model": s.seed, "data": s.data_seed})
