@@ -798,17 +798,25 @@ class Stateful(nn.Module):
         return self.drop(nn.functional.relu_(h)).sum(-1)
 
 
-@pytest.mark.parametrize("units", ["leaves", "modules"])
-def test_module_replays_leave_results_buffers_and_generator_state_as_a_plain_run(units):
+def stateful_step(n: int):
+    """(step, net, ...): ``n`` Stateful nets with the same weights and buffers, and a step (forward,
+    backward, forward again) on one fixed input."""
     torch.manual_seed(0)
-    plain, replayed = Stateful(), Stateful()
-    replayed.load_state_dict(plain.state_dict())
+    nets = [Stateful() for _ in range(n)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
     x = torch.randn(6, 8)
 
     def step(net):
         net(x).square().mean().backward()
         return net(x)
 
+    return (step, *nets)
+
+
+@pytest.mark.parametrize("units", ["leaves", "modules"])
+def test_module_replays_leave_results_buffers_and_generator_state_as_a_plain_run(units):
+    step, plain, replayed = stateful_step(2)
     torch.manual_seed(5)
     want = step(plain)
     want_rng = torch.get_rng_state()
@@ -826,16 +834,7 @@ def test_ops_that_update_running_statistics_run_once_on_them():
     """aten.native_batch_norm writes running_mean and running_var although its schema marks neither as
     written: replayed op by op (units="ops") it must replay on copies, and trace must describe both the
     statistics it wrote and its outputs."""
-    torch.manual_seed(0)
-    plain, replayed, traced = Stateful(), Stateful(), Stateful()
-    replayed.load_state_dict(plain.state_dict())
-    traced.load_state_dict(plain.state_dict())
-    x = torch.randn(6, 8)
-
-    def step(net):
-        net(x).square().mean().backward()
-        return net(x)
-
+    step, plain, replayed, traced = stateful_step(3)
     torch.manual_seed(5)
     want = step(plain)
     torch.manual_seed(5)
