@@ -126,7 +126,7 @@ def add_parser(sub) -> None:
                    help="batch variance instead of run-to-run: rebuild a detbench generate result's model and prompt, "
                         "decode the prompt alone and in one of its batches, and name the first op whose result for "
                         "the prompt's rows changed with the batch (module, prefill or decode step); --plant routes ops "
-                        "of the rebuilt model, the other options are the result's")
+                        "of the rebuilt model, --device moves it; model, seeds, dtype and threads are the result's")
     p.add_argument("--batch", type=int, metavar="N",
                    help="with --batch-of: the batch to compare (default: the smallest whose completion differed)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
