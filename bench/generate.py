@@ -42,6 +42,7 @@ from bench.compare import bits, ulp_distance
 from bench.dtypes import parse_dtype, torch_name
 from bench.errors import InputError
 from bench.invariant import BLOCK_ROWS, batch_invariant, describe_mode
+from bench.pinpoint.batch import BatchVarianceReport, pinpoint_batch
 from bench.results import (
     capture_environment,
     check_out_dir,
@@ -51,7 +52,7 @@ from bench.results import (
     result_path,
     write_json_atomic,
 )
-from bench.sft import SEED_END, ModelSpec, build, check_attention, check_seed, parse_model
+from bench.sft import SEED_END, ModelSpec, apply_plants, build, check_attention, check_seed, parse_model
 from bench.timing import measure, torch_threads
 from qwen_layers.model import QwenForCausalLM
 
@@ -616,14 +617,12 @@ def pick_batch(result: GenerateResult, batch: int | None = None) -> tuple[BatchS
 
 
 def pinpoint_batch_of(result: GenerateResult, batch: int | None = None, plants: Sequence[Any] = (),
-                      device: torch.device | str | None = None):
+                      device: torch.device | str | None = None
+                      ) -> tuple[BatchVarianceReport, BatchSpec, Completion, int]:
     """Rebuild ``result``'s model, prompt and batch ``batch`` (:func:`pick_batch`), then compare the prompt alone
     with the prompt in that batch op by op (:func:`bench.pinpoint.batch.pinpoint_batch`), decoding up to the first
     step whose logits differed. ``plants`` (:class:`bench.sft.Plant`, planted backends registered) route ops of
     the rebuilt model. Returns (report, the batch, its completion, new tokens decoded)."""
-    from bench.pinpoint.batch import pinpoint_batch
-    from bench.sft import apply_plants
-
     s = result.settings
     spec, completion = pick_batch(result, batch)
     plan = make_plan(model=s.model, attention=s.attention, dtype=s.dtype, device=device or s.device, seed=s.seed,

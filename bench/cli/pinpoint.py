@@ -15,6 +15,7 @@ from bench.cli.sft import add_common_model_args, plan_from_args
 from bench.coverage import device_coverage
 from bench.data import batch_for_step, on_device
 from bench.dtypes import parse_dtype, torch_name
+from bench.generate import load, pinpoint_batch_of
 from bench.modes import MODES, apply_mode
 from bench.pinpoint import CompareReport, ReplayReport, compare_runs, replay
 from bench.pinpoint.batch import BatchVarianceReport
@@ -282,8 +283,6 @@ def batch_tables(report: BatchVarianceReport) -> Group:
 
 
 def _pinpoint_batch(args) -> int:
-    from bench.generate import load, pinpoint_batch_of
-
     if args.subject != "sft" or args.method != "both" or args.coarse or args.exact:
         raise UsageError("--batch-of compares the prompt alone with the prompt in a batch; --subject, --method, "
                          "--coarse and --exact are for run-to-run pinpointing: drop them")
