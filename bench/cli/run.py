@@ -138,7 +138,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present, else cpu)")
     p.add_argument("--preset", help=f"model preset for the shapes (default {DEFAULT_PRESET}; {QUICK_PRESET} with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny preset and tiny shapes (the linear subject keeps K=4096 x 2048 rows); one to three "
+                   help="tiny preset and tiny shapes (the linear subject keeps K=4096 x 512 rows); one to three "
                         "minutes on 2 CPU cores")
     p.add_argument("--route", action="append", metavar="OP=BACKEND",
                    help="backend of an op a subject calls besides its primary op, e.g. --route linear=triton for "
