@@ -348,6 +348,7 @@ def test_interpreter_mode_is_refused_with_a_reason(capsys):
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_target_from_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--targets", "sm_90"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)

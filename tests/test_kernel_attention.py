@@ -141,6 +141,7 @@ def test_matches_float64_reference(dtype, shape, causal):
     check_accuracy(ka.attention, *make(*shape, dtype), causal=causal)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_small_tiles_match_reference(dtype, causal):
@@ -174,6 +175,7 @@ def test_padding_mask_matches_reference(dtype, kind, config):
     check_accuracy(triton_fn(config=config), q, k, v, do, dead=dead, attn_mask=mask)
 
 
+@pytest.mark.slow
 def test_fully_masked_rows_output_zero_and_add_nothing():
     """Rows with no key: o = 0 and dQ = 0 exactly, no NaN, and their upstream gradient does not reach
     dK/dV (bitwise the same as with that gradient zeroed)."""

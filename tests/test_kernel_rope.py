@@ -93,6 +93,7 @@ def test_general_tables_and_backward_transpose():
     check_against_reference(q, k, cos, sin, dq, dk, "general tables")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_repeats_are_bitwise_equal(dtype):
     """20 runs, fixed upstream gradients: both outputs and both gradients bitwise equal to the first."""
@@ -100,6 +101,7 @@ def test_repeats_are_bitwise_equal(dtype):
     assert_repeats_bitwise(lambda: run(rope, *inputs), NAMES, "rope/triton")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_batch_is_invariant(dtype):
     """The first k sequences of a batch of 5 are bitwise those of the k sequences alone."""

@@ -64,6 +64,7 @@ def test_matches_float64_reference(dtype, rows):
         assert_close_to_reference(out, r, e, f"{name} {dtype} rows={rows}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_repeats_are_bitwise_equal(dtype):
     """20 runs, fixed upstream gradient: y, d gate and d up bitwise equal to the first run."""

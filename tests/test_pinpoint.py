@@ -157,6 +157,7 @@ def test_cli_pinpoint_tables_name_the_planted_op(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_false_positives_on_the_unplanted_model(tmp_path):
     """Eager fp32 tiny model, 4 SFT steps: replay flags nothing; 4 traced runs are identical."""
     job = PlantedSFT(tmp_path, None, (2, 16, 4, 4))
@@ -432,6 +433,7 @@ def test_fingerprints_are_reproducible_integers():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reports_serialise_to_json_and_print(tmp_path, planted_registry):
     plant, _, data = PLACES["linear-fwd"]
     job = PlantedSFT(tmp_path, plant, data)
