@@ -445,7 +445,8 @@ def pinpoint_batch(fn: Callable, reference: tuple, batch: tuple, row: int, *, mo
     mapping = _align(ref, _record(fn, batch, model, coefficients, layout=layout, describe=False).ops)
     ops = _record(fn, batch, model, coefficients, ref, mapping, layout).ops
     paired = [(b.ref_op, b) for b in ops]
-    unpaired_ref = [a for a in ref if a.index not in set(mapping.values())]
+    paired_ref = set(mapping.values())
+    unpaired_ref = [a for a in ref if a.index not in paired_ref]
     unpaired = [k for k in range(max((b.index for b in ops), default=-1) + 1) if k not in mapping]
 
     def ev(a: _Op, b: _Op, j: int | None = None) -> dict:
